@@ -1,0 +1,197 @@
+"""The pooler's configuration: one pydantic model, the schema of the config file.
+
+Setting names and meanings are PgBouncer's wherever PgBouncer has the setting, so that
+a PgBouncer user can read a pgfleet config without a dictionary. Durations are seconds
+(floats allowed). The operator renders exactly this model into the pooler's ConfigMap.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(ge=0)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class PoolMode(str, Enum):
+    SESSION = "session"
+    TRANSACTION = "transaction"
+    STATEMENT = "statement"
+
+
+class AuthType(str, Enum):
+    TRUST = "trust"
+    ANY = "any"
+    PLAIN = "plain"
+    MD5 = "md5"
+    SCRAM_SHA_256 = "scram-sha-256"
+
+
+class _Strict(BaseModel):
+    # A misspelt key is an error that names it, never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+
+class DatabaseConfig(_Strict):
+    """One entry of `databases:`: where a client-visible database name leads."""
+
+    host: str = "127.0.0.1"
+    port: Port = 5432
+    dbname: str | None = Field(default=None, description="Server database name; defaults to the client-visible name.")
+    user: str | None = Field(default=None, description="Log in to the server as this user instead of the client's.")
+    password: str | None = Field(default=None, description="Password for `user`; else taken from auth_file.")
+    pool_size: Count | None = Field(default=None, description="Overrides default_pool_size for this database.")
+    min_pool_size: Count | None = None
+    reserve_pool_size: Count | None = None
+    pool_mode: PoolMode | None = None
+    max_db_connections: Count | None = Field(default=None, description="Overrides max_db_connections.")
+    connect_query: str | None = Field(default=None, description="SQL run once on every new server connection.")
+
+
+class UserConfig(_Strict):
+    """One entry of `users:` (PgBouncer's [users] section)."""
+
+    pool_mode: PoolMode | None = None
+    max_user_connections: Count | None = None
+    pool_size: Count | None = None
+
+
+def _split_list(value: Any) -> Any:
+    # PgBouncer writes lists as comma-separated strings; YAML users write lists.
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class PoolerConfig(_Strict):
+    """Schema of the pooler config file (YAML, or PgBouncer INI)."""
+
+    # Where clients connect.
+    listen_addr: str = Field(default="127.0.0.1", description="Address to listen on; `*` or 0.0.0.0 for all.")
+    listen_port: Port = 6432
+    unix_socket_dir: str | None = Field(default=None, description="Also listen on .s.PGSQL.<port> in this directory.")
+
+    # How clients authenticate.
+    auth_type: AuthType = AuthType.MD5
+    auth_file: str | None = Field(default=None, description="PgBouncer userlist: lines of \"user\" \"secret\".")
+    admin_users: list[str] = Field(default_factory=list)
+    stats_users: list[str] = Field(default_factory=list)
+
+    # Pooling.
+    pool_mode: PoolMode = PoolMode.TRANSACTION
+    max_client_conn: Count = 100
+    default_pool_size: Count = 20
+    min_pool_size: Count = 0
+    reserve_pool_size: Count = 0
+    reserve_pool_timeout: Seconds = 5.0
+    max_db_connections: Count = Field(default=0, description="0 means unlimited.")
+    max_user_connections: Count = Field(default=0, description="0 means unlimited.")
+    max_prepared_statements: Count = Field(default=200, description="Server-side prepared statements kept per server connection; 0 disables tracking.")
+
+    # Server connection life cycle.
+    server_reset_query: str = "DISCARD ALL"
+    server_reset_query_always: bool = False
+    server_idle_timeout: Seconds = 600.0
+    server_lifetime: Seconds = 3600.0
+    server_connect_timeout: Seconds = 15.0
+    server_login_retry: Seconds = 15.0
+
+    # Client time limits (0 disables).
+    query_wait_timeout: Seconds = 120.0
+    query_timeout: Seconds = 0.0
+    client_idle_timeout: Seconds = 0.0
+    client_login_timeout: Seconds = 60.0
+    idle_transaction_timeout: Seconds = 0.0
+    shutdown_timeout: Seconds = Field(default=30.0, description="Longest a SIGTERM drain waits for clients.")
+
+    ignore_startup_parameters: list[str] = Field(default_factory=list)
+
+    # Control surface.
+    http_listen_addr: str = "127.0.0.1"
+    http_listen_port: Annotated[int, Field(ge=0, le=65535)] = Field(default=0, description="0 disables the HTTP port.")
+    http_token_file: str | None = Field(default=None, description="Bearer token for PUT /limits and POST /drain.")
+    stats_period: Annotated[float, Field(gt=0)] = 60.0
+
+    # Logging.
+    log_connections: bool = True
+    log_disconnections: bool = True
+    log_pooler_errors: bool = True
+    verbose: Annotated[int, Field(ge=0, le=3)] = 0
+
+    databases: dict[str, DatabaseConfig] = Field(default_factory=dict)
+    users: dict[str, UserConfig] = Field(default_factory=dict)
+
+    _split = field_validator("admin_users", "stats_users", "ignore_startup_parameters", mode="before")(
+        lambda cls, v: _split_list(v)
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PoolerConfig:
+        if self.auth_type not in (AuthType.TRUST, AuthType.ANY) and not self.auth_file:
+            raise ValueError(f"auth_type {self.auth_type.value} needs auth_file")
+        if self.min_pool_size > self.default_pool_size:
+            raise ValueError("min_pool_size must not exceed default_pool_size")
+        return self
+
+    def database(self, name: str) -> DatabaseConfig | None:
+        """The entry for a client-visible database name, falling back to `*`."""
+        return self.databases.get(name) or self.databases.get("*")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the bad key."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> PoolerConfig:
+    try:
+        return PoolerConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def load_config(path: str | Path) -> PoolerConfig:
+    """Read a YAML config file (or a PgBouncer INI file, by its extension)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if path.suffix == ".ini":
+        from .ini import ini_to_dict  # PgBouncer drop-in; kept apart from the YAML path
+
+        data = ini_to_dict(text, str(path))
+    else:
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    config = parse_config(data, str(path))
+    if config.auth_file and not Path(config.auth_file).is_absolute():
+        # Relative to the config file, as PgBouncer resolves its include paths.
+        config = config.model_copy(update={"auth_file": str(path.parent / config.auth_file)})
+    return config
+
+
+def dump_config(config: PoolerConfig) -> str:
+    """YAML text of a config, omitting defaults (what the operator writes)."""
+    data = config.model_dump(mode="json", exclude_defaults=True)
+    return yaml.safe_dump(data, sort_keys=True)

@@ -1,0 +1,97 @@
+"""The untyped packets a connection may open with: startup, SSL/GSS requests, cancel."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from .errors import ProtocolError
+from .framing import cstring, read_cstring
+
+PROTOCOL_V3 = 196608  # 3.0
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+
+@dataclass(frozen=True, slots=True)
+class StartupMessage:
+    params: dict[str, str] = field(default_factory=dict)
+    minor_version: int = 0
+
+    @property
+    def user(self) -> str:
+        return self.params.get("user", "")
+
+    @property
+    def database(self) -> str:
+        # PostgreSQL defaults the database to the user name.
+        return self.params.get("database") or self.user
+
+
+@dataclass(frozen=True, slots=True)
+class SSLRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GSSENCRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    process_id: int
+    secret_key: int
+
+
+StartupPacket = StartupMessage | SSLRequest | GSSENCRequest | CancelRequest
+
+
+def parse_startup_packet(body: bytes) -> StartupPacket:
+    """Parse the body (after the length word) of a connection's first packet."""
+    if len(body) < 4:
+        raise ProtocolError("startup packet too short")
+    code = int.from_bytes(body[:4], "big")
+    if code == SSL_REQUEST_CODE and len(body) == 4:
+        return SSLRequest()
+    if code == GSSENC_REQUEST_CODE and len(body) == 4:
+        return GSSENCRequest()
+    if code == CANCEL_REQUEST_CODE:
+        if len(body) != 12:
+            raise ProtocolError("malformed cancel request")
+        pid, key = struct.unpack("!ii", body[4:12])
+        return CancelRequest(pid, key)
+    major, minor = code >> 16, code & 0xFFFF
+    if major != 3:
+        raise ProtocolError(
+            f"unsupported frontend protocol {major}.{minor}: server supports 3.0",
+            "0A000",
+        )
+    params: dict[str, str] = {}
+    pos = 4
+    while True:
+        if pos >= len(body):
+            raise ProtocolError("startup packet has no terminator")
+        if body[pos] == 0:
+            break
+        name, pos = read_cstring(body, pos)
+        value, pos = read_cstring(body, pos)
+        params[name] = value
+    if "user" not in params or not params["user"]:
+        raise ProtocolError("no PostgreSQL user name specified in startup packet", "28000")
+    return StartupMessage(params, minor)
+
+
+def build_startup_message(params: dict[str, str]) -> bytes:
+    body = PROTOCOL_V3.to_bytes(4, "big")
+    body += b"".join(cstring(k) + cstring(v) for k, v in params.items()) + b"\x00"
+    return (len(body) + 4).to_bytes(4, "big") + body
+
+
+def build_cancel_request(process_id: int, secret_key: int) -> bytes:
+    return struct.pack("!iiii", 16, CANCEL_REQUEST_CODE, process_id, secret_key)
+
+
+def build_ssl_request() -> bytes:
+    return struct.pack("!ii", 8, SSL_REQUEST_CODE)
