@@ -79,7 +79,7 @@ class PoolerConfig(_Strict):
 
     # How clients authenticate.
     auth_type: AuthType = AuthType.MD5
-    auth_file: str | None = Field(default=None, description="PgBouncer userlist: lines of \"user\" \"secret\".")
+    auth_file: str | None = Field(default=None, description='PgBouncer userlist: lines of "user" "secret".')
     admin_users: list[str] = Field(default_factory=list)
     stats_users: list[str] = Field(default_factory=list)
 
@@ -92,7 +92,9 @@ class PoolerConfig(_Strict):
     reserve_pool_timeout: Seconds = 5.0
     max_db_connections: Count = Field(default=0, description="0 means unlimited.")
     max_user_connections: Count = Field(default=0, description="0 means unlimited.")
-    max_prepared_statements: Count = Field(default=200, description="Server-side prepared statements kept per server connection; 0 disables tracking.")
+    max_prepared_statements: Count = Field(
+        default=200, description="Server-side prepared statements kept per server connection; 0 disables tracking."
+    )
 
     # Server connection life cycle.
     server_reset_query: str = "DISCARD ALL"

@@ -1,0 +1,143 @@
+"""Password checks for clients and password answers to servers (md5, SCRAM-SHA-256).
+
+SCRAM itself is scramp's; this module only adapts it to the stored secrets PgBouncer's
+auth_file may hold: plaintext, `md5<hex>` and `SCRAM-SHA-256$<iter>:<salt>$<stored>:<server>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from scramp import ScramClient, ScramException, ScramMechanism
+
+SCRAM = "SCRAM-SHA-256"
+_MECHANISM = ScramMechanism(SCRAM)
+
+
+class AuthFailed(Exception):
+    """The peer's proof did not match; the message is safe to show to the client."""
+
+
+def md5_secret(user: str, password: str) -> str:
+    """PostgreSQL's stored md5 form: 'md5' + md5(password || user)."""
+    return "md5" + hashlib.md5((password + user).encode()).hexdigest()
+
+
+def md5_response(user: str, secret: str, salt: bytes) -> str:
+    """The answer to AuthenticationMD5Password, from a plaintext or md5 secret."""
+    inner = secret if is_md5(secret) else md5_secret(user, secret)
+    return "md5" + hashlib.md5(inner[3:].encode() + salt).hexdigest()
+
+
+def is_md5(secret: str) -> bool:
+    return len(secret) == 35 and secret.startswith("md5")
+
+
+def is_scram(secret: str) -> bool:
+    return secret.startswith(SCRAM + "$")
+
+
+def is_plaintext(secret: str) -> bool:
+    return not (is_md5(secret) or is_scram(secret))
+
+
+@dataclass(frozen=True, slots=True)
+class ScramVerifier:
+    salt: bytes
+    stored_key: bytes
+    server_key: bytes
+    iterations: int
+
+
+def parse_scram_secret(secret: str) -> ScramVerifier:
+    try:
+        _, iter_salt, keys = secret.split("$")
+        iterations, salt = iter_salt.split(":")
+        stored, server = keys.split(":")
+        return ScramVerifier(
+            base64.b64decode(salt), base64.b64decode(stored), base64.b64decode(server), int(iterations)
+        )
+    except ValueError as exc:
+        raise AuthFailed("malformed SCRAM secret in auth_file") from exc
+
+
+@functools.lru_cache(maxsize=1024)
+def _verifier_for_password(password: str) -> ScramVerifier:
+    # PBKDF2 with 4096 rounds costs milliseconds; a connection storm would pay it per
+    # login, so the verifier derived from a plaintext secret is computed once.
+    salt, stored, server, iterations = _MECHANISM.make_auth_info(password)
+    return ScramVerifier(salt, stored, server, iterations)
+
+
+def scram_verifier(secret: str) -> ScramVerifier:
+    if is_scram(secret):
+        return parse_scram_secret(secret)
+    if is_md5(secret):
+        raise AuthFailed("SCRAM authentication needs a plaintext or SCRAM secret, auth_file has md5")
+    return _verifier_for_password(secret)
+
+
+class ScramServerExchange:
+    """Server side of one SCRAM-SHA-256 exchange with a client (no channel binding)."""
+
+    def __init__(self, secret: str) -> None:
+        verifier = scram_verifier(secret)
+        self._server = _MECHANISM.make_server(
+            lambda _username: (verifier.salt, verifier.stored_key, verifier.server_key, verifier.iterations)
+        )
+
+    def first(self, client_first: bytes) -> bytes:
+        try:
+            self._server.set_client_first(client_first.decode())
+            return str(self._server.get_server_first()).encode()
+        except (ScramException, UnicodeDecodeError) as exc:
+            raise AuthFailed(f"malformed SCRAM message: {exc}") from exc
+
+    def final(self, client_final: bytes) -> bytes:
+        try:
+            self._server.set_client_final(client_final.decode())
+            return str(self._server.get_server_final()).encode()
+        except (ScramException, UnicodeDecodeError) as exc:
+            raise AuthFailed("SCRAM proof did not match") from exc
+
+
+class ScramClientExchange:
+    """Client side of SCRAM-SHA-256 when the proxy logs in to a server."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self._client = ScramClient([SCRAM], user, password)
+
+    def first(self) -> bytes:
+        return str(self._client.get_client_first()).encode()
+
+    def final(self, server_first: bytes) -> bytes:
+        try:
+            self._client.set_server_first(server_first.decode())
+            return str(self._client.get_client_final()).encode()
+        except (ScramException, UnicodeDecodeError) as exc:
+            raise AuthFailed(f"server sent a bad SCRAM message: {exc}") from exc
+
+    def verify(self, server_final: bytes) -> None:
+        try:
+            self._client.set_server_final(server_final.decode())
+        except (ScramException, UnicodeDecodeError) as exc:
+            raise AuthFailed(f"server's SCRAM signature did not verify: {exc}") from exc
+
+
+def check_plain_password(user: str, secret: str, given: str) -> bool:
+    """A cleartext password (auth_type plain) against any stored secret form."""
+    if is_md5(secret):
+        return hmac.compare_digest(md5_secret(user, given), secret)
+    if is_scram(secret):
+        verifier = parse_scram_secret(secret)
+        salt, stored, _, _ = _MECHANISM.make_auth_info(given, verifier.iterations, verifier.salt)
+        return hmac.compare_digest(stored, verifier.stored_key)
+    return hmac.compare_digest(secret, given)
+
+
+def check_md5_password(user: str, secret: str, salt: bytes, given: str) -> bool:
+    return hmac.compare_digest(md5_response(user, secret, salt), given)

@@ -1,0 +1,516 @@
+"""Handling of client connections: startup and login, then the per-message hot path.
+
+A client link moves STARTUP → LOGIN → IDLE ⇄ WAITING → ACTIVE → … → CLOSED. IDLE means
+logged in with no server; WAITING means queued in its pool for one; ACTIVE means linked
+to a server. Client messages are framed (header only) to count the replies the client
+waits for; the server goes back to the pool when the last of them arrives and the
+transaction is over (see `server_ready`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import struct
+from typing import TYPE_CHECKING, cast
+
+from . import auth, params
+from .config import AuthType, PoolMode
+from .protocol import backend
+from .protocol import errors as sqlstate
+from .protocol.backend import IDLE
+from .protocol.errors import ProtocolError
+from .protocol.framing import MAX_MESSAGE_LENGTH, MessageReader, StartupReader
+from .protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, parse_startup_packet
+from .server import ServerConnection, ServerLoginError
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .pooler import Pooler
+
+log = logging.getLogger("pgfleet.client")
+
+_unpack_length = struct.Struct("!i").unpack_from
+
+_Q, _S, _X, _F, _H = ord("Q"), ord("S"), ord("X"), ord("F"), ord("H")
+# Extended-protocol messages: after one of them the server is busy until the next Sync.
+_EXTENDED = frozenset(map(ord, "PBDEC"))
+_COPY = frozenset(map(ord, "dcf"))
+_ADMIN_DATABASE = "pgbouncer"
+
+
+class ClientState(enum.Enum):
+    STARTUP = "startup"
+    LOGIN = "login"
+    IDLE = "idle"  # logged in, no server
+    WAITING = "waiting"  # in pool.waiting
+    ACTIVE = "active"  # linked to a server
+    CLOSED = "closed"
+
+
+class ClientError(Exception):
+    """Ends a client's login with an ErrorResponse (FATAL) carrying this SQLSTATE."""
+
+    def __init__(self, code: str, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = detail
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_handshake",
+        "_login_waiter",
+        "_pending",
+        "_reading_paused",
+        "_startup",
+        "_write_paused",
+        "address",
+        "cancel_key",
+        "close_at_boundary",
+        "connect_time",
+        "database",
+        "is_admin",
+        "last_activity",
+        "params",
+        "pool",
+        "pooler",
+        "request_time",
+        "server",
+        "state",
+        "transport",
+        "unsynced",
+        "user",
+        "wait_start",
+    )
+
+    def __init__(self, pooler: Pooler) -> None:
+        self.pooler = pooler
+        self.state = ClientState.STARTUP
+        self.transport: asyncio.Transport | None = None
+        self.pool: Pool | None = None
+        self.server: ServerConnection | None = None
+        self.params: dict[str, str] = {}
+        self.user = ""
+        self.database = ""
+        self.is_admin = False
+        self.cancel_key = (0, 0)
+        self.address: tuple[str, int] = ("", 0)
+        now = pooler.loop.time()
+        self.connect_time = now
+        self.last_activity = now
+        self.request_time = now
+        self.wait_start = 0.0
+        # An extended-protocol message went out and its Sync has not yet.
+        self.unsynced = False
+        self.close_at_boundary = False
+        self._pending = b""
+        self._reading_paused = False
+        self._write_paused = False
+        self._startup: StartupReader | MessageReader | None = StartupReader()
+        self._handshake: asyncio.Task[None] | None = None
+        self._login_waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.address = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("unix", 0)
+        self.pooler.client_connected(self)
+        self._handshake = self.pooler.loop.create_task(self._run_handshake())
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is ClientState.ACTIVE:
+            self.last_activity = self.pooler.loop.time()
+            if self._pending:
+                data, self._pending = self._pending + data, b""
+            self._forward(data)
+        elif self.state is ClientState.IDLE or self.state is ClientState.WAITING:
+            self.last_activity = self.pooler.loop.time()
+            self._pending += data
+            self._need_server()
+        elif self.state is not ClientState.CLOSED:
+            self._pending += data
+            waiter = self._login_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        previous = self.state
+        self.state = ClientState.CLOSED
+        if self._handshake is not None and not self._handshake.done():
+            self._handshake.cancel()
+        waiter = self._login_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        server, self.server = self.server, None
+        if server is not None and self.pool is not None:
+            server.client = None
+            self.pool.release(server, self.unsynced)
+        self.pooler.client_disconnected(self, previous)
+
+    def pause_writing(self) -> None:
+        # The client reads slower than its server answers: stop reading the server.
+        self._write_paused = True
+        if self.server is not None:
+            self.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.server is not None:
+            self.server.resume_reading()
+
+    # -- login ---------------------------------------------------------------------------
+    async def _run_handshake(self) -> None:
+        timeout = self.pooler.config.client_login_timeout or None
+        try:
+            async with asyncio.timeout(timeout):
+                await self._login()
+        except ClientError as exc:
+            self.fatal(exc.code, str(exc), exc.detail)
+        except ProtocolError as exc:
+            self.fatal(exc.code, str(exc))
+        except ServerLoginError as exc:
+            self.fatal_fields(exc.fields)
+        except TimeoutError:
+            self.fatal(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout (server down or wrong password?)")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unexpected error during login of client %s", self.address)
+            self.fatal(sqlstate.INTERNAL_ERROR, "pgfleet: internal error during login")
+        finally:
+            self._handshake = None
+
+    async def _read_startup_packet(self) -> bytes:
+        reader = self._startup
+        assert isinstance(reader, StartupReader)
+        while True:
+            data, self._pending = self._pending, b""
+            packet = reader.feed(data)
+            if packet is not None:
+                body, self._pending = packet
+                return body
+            await self._wait_for_data()
+
+    async def _read_message(self) -> tuple[int, bytes]:
+        reader = self._startup
+        assert isinstance(reader, MessageReader)
+        while True:
+            reader.feed(self._pending)
+            self._pending = b""
+            messages = reader.messages()
+            if messages:
+                if len(messages) > 1:
+                    raise ProtocolError("unexpected message during authentication")
+                return messages[0]
+            await self._wait_for_data()
+
+    async def _wait_for_data(self) -> None:
+        if self.state is ClientState.CLOSED:
+            raise asyncio.CancelledError
+        self._login_waiter = self.pooler.loop.create_future()
+        await self._login_waiter
+        self._login_waiter = None
+        if self.state is ClientState.CLOSED:
+            raise asyncio.CancelledError
+
+    async def _login(self) -> None:
+        assert self.transport is not None
+        while True:
+            packet = parse_startup_packet(await self._read_startup_packet())
+            if isinstance(packet, SSLRequest | GSSENCRequest):
+                # No TLS yet: 'N' tells the client to go on in the clear (or give up).
+                self.transport.write(b"N")
+                continue
+            break
+        if isinstance(packet, CancelRequest):
+            self.pooler.forward_cancel(packet.process_id, packet.secret_key)
+            self.transport.close()
+            return
+        assert isinstance(packet, StartupMessage)
+        self.state = ClientState.LOGIN
+        self.user, self.database = packet.user, packet.database
+        config = self.pooler.config
+        if self.pooler.draining:
+            raise ClientError(sqlstate.CANNOT_CONNECT_NOW, "pgfleet is shutting down")
+        if self.pooler.logged_in_clients >= config.max_client_conn:
+            raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
+        startup_params = self._check_startup_params(packet.params)
+        self._startup = MessageReader(max_length=10_000)
+        if self.database == _ADMIN_DATABASE:
+            await self._authenticate()
+            await self.pooler.admin_login(self)
+            return
+        db_config = config.database(self.database)
+        if db_config is None:
+            raise ClientError(sqlstate.INVALID_CATALOG_NAME, f'no such database: "{self.database}"')
+        await self._authenticate()
+        pool = self.pooler.get_pool(self.database, self.user)
+        welcome = await pool.welcome_params()
+        self.pool = pool
+        self.params = {name: welcome[name] for name in params.TRACKED if name in welcome}
+        self.params.update(startup_params)
+        self.cancel_key = self.pooler.register_cancel_key(self)
+        out = [backend.parameter_status(name, value) for name, value in {**welcome, **self.params}.items()]
+        out.append(backend.backend_key_data(*self.cancel_key))
+        out.append(backend.ready_for_query(IDLE))
+        self.transport.write(b"".join(out))
+        self._startup = None
+        self.state = ClientState.IDLE
+        pool.client_logged_in(self)
+        if config.log_connections:
+            log.info("login: %s@%s from %s:%s", self.user, self.database, *self.address)
+        if self._pending:
+            self._need_server()
+
+    def _check_startup_params(self, startup: dict[str, str]) -> dict[str, str]:
+        tracked: dict[str, str] = {}
+        ignored = {name.lower() for name in self.pooler.config.ignore_startup_parameters}
+        for name, value in startup.items():
+            if name in ("user", "database"):
+                continue
+            canonical = params.canonical(name)
+            if canonical is not None:
+                tracked[canonical] = value
+            elif name.lower() not in ignored:
+                raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"unsupported startup parameter: {name}")
+        return tracked
+
+    async def _authenticate(self) -> None:
+        assert self.transport is not None
+        config = self.pooler.config
+        method = config.auth_type
+        user = self.user
+        secret = self.pooler.userlist.get(user)
+        if method is AuthType.ANY:
+            pass
+        elif method is AuthType.TRUST:
+            if config.auth_file and secret is None:
+                raise ClientError(sqlstate.INVALID_AUTHORIZATION, f'no such user: "{user}"')
+        elif secret is None:
+            # Same answer as a wrong password: do not tell which user names exist.
+            raise ClientError(sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
+        elif method is AuthType.PLAIN:
+            self.transport.write(backend.authentication_cleartext())
+            given = await self._read_password()
+            if not auth.check_plain_password(user, secret, given.rstrip(b"\x00").decode(errors="replace")):
+                raise self._auth_failed()
+        elif method is AuthType.MD5 and not auth.is_scram(secret):
+            salt = self.pooler.random_bytes(4)
+            self.transport.write(backend.authentication_md5(salt))
+            given = (await self._read_password()).rstrip(b"\x00").decode(errors="replace")
+            if not auth.check_md5_password(user, secret, salt, given):
+                raise self._auth_failed()
+        else:
+            await self._authenticate_scram(secret)
+        self.transport.write(backend.authentication_ok())
+
+    def _auth_failed(self) -> ClientError:
+        return ClientError(sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"')
+
+    async def _read_password(self) -> bytes:
+        msg_type, body = await self._read_message()
+        if msg_type != ord("p"):
+            raise ProtocolError(f"expected password message, got {chr(msg_type)!r}")
+        return body
+
+    async def _authenticate_scram(self, secret: str) -> None:
+        assert self.transport is not None
+        try:
+            exchange = auth.ScramServerExchange(secret)
+        except auth.AuthFailed as exc:
+            log.warning("cannot authenticate %s with SCRAM: %s", self.user, exc)
+            raise self._auth_failed() from None
+        self.transport.write(backend.authentication_sasl([auth.SCRAM]))
+        body = await self._read_password()
+        mechanism_end = body.find(b"\x00")
+        if mechanism_end < 0 or len(body) < mechanism_end + 5:
+            raise ProtocolError("malformed SASLInitialResponse")
+        mechanism = body[:mechanism_end].decode(errors="replace")
+        if mechanism != auth.SCRAM:
+            raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"unsupported SASL mechanism: {mechanism}")
+        length = int.from_bytes(body[mechanism_end + 1 : mechanism_end + 5], "big", signed=True)
+        client_first = body[mechanism_end + 5 :]
+        if length != len(client_first):
+            raise ProtocolError("malformed SASLInitialResponse length")
+        try:
+            self.transport.write(backend.authentication_sasl_continue(exchange.first(client_first)))
+            client_final = await self._read_password()
+            server_final = exchange.final(client_final)
+        except auth.AuthFailed:
+            raise self._auth_failed() from None
+        self.transport.write(backend.authentication_sasl_final(server_final))
+
+    # -- hot path ---------------------------------------------------------------------------
+    def _need_server(self) -> None:
+        """Unlinked with bytes pending: get a server (or close on Terminate)."""
+        pending = self._pending
+        if len(pending) < 5 or self.state is not ClientState.IDLE:
+            return
+        if pending[0] == _X:
+            self.close()
+            return
+        if pending[0] == _H and len(pending) == 5:
+            # A lone Flush asks nothing of a server.
+            self._pending = b""
+            return
+        pool = self.pool
+        assert pool is not None
+        self.request_time = self.pooler.loop.time()
+        self.pause_reading()
+        self.state = ClientState.WAITING
+        pool.acquire(self)
+
+    def link(self, server: ServerConnection) -> None:
+        """The pool hands this client a server: sync its session, send what waited."""
+        self.server = server
+        server.client = self
+        self.state = ClientState.ACTIVE
+        server.refuse_blocks = self.pool is not None and self.pool.mode is PoolMode.STATEMENT
+        sync = params.sync_statement(self.params, server.params)
+        if sync is not None:
+            server.run_internal(sync)
+        if self._write_paused:
+            server.pause_reading()
+        self.resume_reading()
+        data, self._pending = self._pending, b""
+        if data:
+            self._forward(data)
+
+    def _forward(self, data: bytes) -> None:
+        """Frame complete messages, count the replies they ask for, send them on."""
+        server = self.server
+        assert server is not None
+        n = len(data)
+        pos = 0
+        replies = 0
+        while n - pos >= 5:
+            msg_type = data[pos]
+            length = _unpack_length(data, pos + 1)[0]
+            if length < 4 or length > MAX_MESSAGE_LENGTH:
+                self._protocol_violation(f"invalid message length {length}")
+                return
+            end = pos + 1 + length
+            if end > n:
+                break
+            if msg_type == _Q or msg_type == _F:
+                replies += 1
+            elif msg_type in _EXTENDED:
+                self.unsynced = True
+            elif msg_type == _S:
+                replies += 1
+                self.unsynced = False
+            elif msg_type == _X:
+                if pos:
+                    server.outstanding += replies
+                    server.write(data[:pos])
+                self.close()
+                return
+            elif msg_type != _H and msg_type not in _COPY:
+                self._protocol_violation(f"unknown message type {chr(msg_type)!r}")
+                return
+            pos = end
+        if pos:
+            if replies:
+                server.outstanding += replies
+                self.request_time = self.last_activity
+            server.write(data if pos == n else data[:pos])
+            if self.pool is not None:
+                self.pool.stats.bytes_received += pos
+        if pos < n:
+            self._pending = data[pos:]
+
+    def server_ready(self, server: ServerConnection) -> None:
+        """ReadyForQuery arrived for this client: decide whether the server goes back.
+
+        Transaction mode releases at 'I' with no reply outstanding and no extended
+        message unsynced (a pipelining client may still wait for more); statement mode
+        also refuses transaction blocks; session mode keeps the server until logout.
+        """
+        pool = self.pool
+        assert pool is not None
+        pool.stats.query_count += 1
+        if server.outstanding > 0 or self.unsynced or server.busy_internally:
+            return
+        if server.tx_status != IDLE:
+            if server.refuse_blocks:
+                pool.refuse_transaction_block(self, server)
+            return
+        if pool.mode is PoolMode.SESSION:
+            return
+        self._release()
+
+    def _release(self) -> None:
+        server, self.server = self.server, None
+        assert server is not None and self.pool is not None
+        server.client = None
+        self.state = ClientState.IDLE
+        self.pool.release(server, False)
+        if self.close_at_boundary:
+            self.terminate(sqlstate.ADMIN_SHUTDOWN, "pgfleet is shutting down; reconnect")
+        elif self._pending:
+            self._need_server()
+
+    def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+            if self.pool is not None:
+                self.pool.stats.bytes_sent += len(data)
+
+    def parameter_changed(self, name: str, value: str) -> None:
+        if name in self.params or params.canonical(name) == name:
+            self.params[name] = value
+
+    def server_lost(self, server: ServerConnection) -> None:
+        """The linked server went away mid-transaction: say so and end this client."""
+        self.server = None
+        self.terminate(sqlstate.CONNECTION_FAILURE, "pgfleet: server connection lost; the transaction is gone")
+
+    # -- pool callbacks ------------------------------------------------------------------------
+    def fail_wait(self, fields: dict[str, str]) -> None:
+        """The pool cannot serve this waiting client (database down, timeout)."""
+        self.fatal_fields(fields)
+
+    # -- flow control and closing --------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and self.state is not ClientState.CLOSED:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and self.state is not ClientState.CLOSED:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _protocol_violation(self, message: str) -> None:
+        log.warning("client %s:%s: %s", *self.address, message)
+        self.terminate(sqlstate.PROTOCOL_VIOLATION, message)
+
+    def fatal(self, code: str, message: str, detail: str | None = None) -> None:
+        self.terminate(code, message, detail)
+
+    def fatal_fields(self, fields: dict[str, str]) -> None:
+        self.terminate(fields.get("C", sqlstate.CONNECTION_FAILURE), fields.get("M", "error"), fields.get("D"))
+
+    def terminate(self, code: str, message: str, detail: str | None = None) -> None:
+        """Send a FATAL ErrorResponse and close the connection."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(backend.error_response(code, message, "FATAL", detail))
+        self.close()
+
+    def send_error(self, code: str, message: str) -> None:
+        """A non-fatal ErrorResponse followed by ReadyForQuery: the client carries on."""
+        self.send(backend.error_response(code, message) + backend.ready_for_query(IDLE))
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def __repr__(self) -> str:
+        return f"<client {self.user}@{self.database} {self.state.value} {self.address}>"

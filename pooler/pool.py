@@ -1,0 +1,388 @@
+"""Pools: one per (database, user) — idle servers, a FIFO of waiting clients, limits.
+
+Limits can change at run time (`configure`): a lower limit closes idle servers at once
+and busy ones as they come back (`release`); nothing in flight is ever cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import TYPE_CHECKING
+
+from .config import DatabaseConfig, PoolerConfig, PoolMode
+from .protocol import errors as sqlstate
+from .protocol.backend import IDLE
+from .protocol.frontend import SYNC
+from .server import ServerConnection, ServerLoginError, ServerState
+from .stats import PoolStats
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .pooler import Pooler
+
+log = logging.getLogger("pgfleet.pool")
+
+
+class Pool:
+    def __init__(self, pooler: Pooler, database: str, user: str) -> None:
+        self.pooler = pooler
+        self.database = database
+        self.user = user
+        self.name = f"{database}/{user}"
+        self.idle: collections.deque[ServerConnection] = collections.deque()
+        self.active: set[ServerConnection] = set()
+        self.connecting = 0
+        self.waiting: collections.deque[ClientConnection] = collections.deque()
+        self.clients: set[ClientConnection] = set()
+        self.stats = PoolStats()
+        self.server_params: dict[str, str] | None = None
+        self.paused = False
+        # After a failed login the pool answers at once instead of hammering the server.
+        self.last_error: ServerLoginError | None = None
+        self.error_until = 0.0
+        self.reserve_in_use = False
+        self._params_waiters: list[asyncio.Future[dict[str, str]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.configure(pooler.config)
+
+    # -- limits ---------------------------------------------------------------------------
+    def configure(self, config: PoolerConfig) -> None:
+        """(Re)read this pool's limits; apply a lower limit to idle servers now."""
+        db = config.database(self.database) or DatabaseConfig()
+        user = config.users.get(self.user)
+        self.db_config = db
+        self.server_dbname = db.dbname or self.database
+        self.server_user = db.user or self.user
+        self.mode: PoolMode = (user and user.pool_mode) or db.pool_mode or config.pool_mode
+        size = config.default_pool_size
+        if db.pool_size is not None:
+            size = db.pool_size
+        if user is not None and user.pool_size is not None:
+            size = user.pool_size
+        self.pool_size = size
+        self.min_pool_size = min(db.min_pool_size if db.min_pool_size is not None else config.min_pool_size, size)
+        self.reserve_pool_size = db.reserve_pool_size if db.reserve_pool_size is not None else config.reserve_pool_size
+        self.max_db_connections = (
+            db.max_db_connections if db.max_db_connections is not None else config.max_db_connections
+        )
+        self.max_user_connections = (
+            user.max_user_connections
+            if user is not None and user.max_user_connections is not None
+            else config.max_user_connections
+        )
+        self.trim()
+        self.launch_for_waiters()
+
+    @property
+    def limit(self) -> int:
+        return self.pool_size + (self.reserve_pool_size if self.reserve_in_use else 0)
+
+    @property
+    def server_count(self) -> int:
+        return len(self.idle) + len(self.active) + self.connecting
+
+    def trim(self) -> None:
+        """Close idle servers above the current limit."""
+        while self.idle and self.server_count > self.limit:
+            self._close(self.idle.popleft(), "pool size lowered")
+
+    def _room(self) -> bool:
+        if self.server_count >= self.limit:
+            return False
+        pooler = self.pooler
+        if self.max_db_connections and pooler.database_server_count(self.database) >= self.max_db_connections:
+            return pooler.evict_idle(self, by_database=True)
+        if self.max_user_connections and pooler.user_server_count(self.user) >= self.max_user_connections:
+            return pooler.evict_idle(self, by_database=False)
+        return True
+
+    # -- serving clients --------------------------------------------------------------------
+    def client_logged_in(self, client: ClientConnection) -> None:
+        self.clients.add(client)
+
+    def client_gone(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        # Waiting clients that left are skipped when their turn comes (O(1) here).
+
+    def acquire(self, client: ClientConnection) -> None:
+        """Link `client` to an idle server now, or queue it (FIFO) until one frees up."""
+        loop_time = self.pooler.loop.time()
+        client.wait_start = loop_time
+        if not self.paused:
+            while self.idle:
+                server = self.idle.pop()  # most recently used: warm caches, lets the rest age out
+                if server.state is not ServerState.IDLE:
+                    continue
+                if (
+                    self.pooler.config.server_lifetime
+                    and loop_time - server.created_at > self.pooler.config.server_lifetime
+                ):
+                    self._close(server, "server_lifetime")
+                    continue
+                self._activate(server, client)
+                return
+        if self.last_error is not None and loop_time < self.error_until and not self.active and not self.connecting:
+            client.fail_wait(self.last_error.fields)
+            return
+        self.waiting.append(client)
+        self.launch_for_waiters()
+
+    def _activate(self, server: ServerConnection, client: ClientConnection) -> None:
+        server.state = ServerState.ACTIVE
+        self.active.add(server)
+        now = self.pooler.loop.time()
+        waited = now - client.wait_start
+        if waited > 0:
+            self.stats.wait_time += int(waited * 1_000_000)
+            self.stats.wait_count += 1
+            self.pooler.observe_wait(self, waited)
+        server.link_time = now
+        client.link(server)
+
+    def release(self, server: ServerConnection, unsynced: bool) -> None:
+        """A client is done with `server` (transaction over, or the client left)."""
+        now = self.pooler.loop.time()
+        if server.link_time:
+            self.stats.xact_count += 1
+            self.stats.xact_time += int((now - server.link_time) * 1_000_000)
+            server.link_time = 0.0
+        server.last_used = now
+        if server.state is ServerState.CLOSED:
+            return
+        if server.outstanding > 0 or server.close_needed:
+            # The client left while the server still owes it replies: nobody can vouch for
+            # what state the server ends up in, so it is closed rather than reused.
+            self._close(server, "client left with a request in flight")
+            return
+        server.outstanding = 0
+        if unsynced:
+            # An extended-protocol exchange was left open: a Sync closes it.
+            server._swallow.append(None)
+            server.write(SYNC)
+        if server.tx_status != IDLE:
+            # Left inside a transaction: roll it back before anyone else gets the server.
+            server.run_internal("ROLLBACK", lambda: self._give(server))
+        elif self.mode is PoolMode.SESSION or self.pooler.config.server_reset_query_always:
+            reset = self.pooler.config.server_reset_query
+            if reset:
+                server.run_internal(reset, lambda: self._give(server))
+            else:
+                self._give(server)
+        elif server.busy_internally:
+            server._swallow[-1] = lambda: self._give(server)
+        else:
+            self._give(server)
+
+    def _give(self, server: ServerConnection) -> None:
+        """Hand a clean server to the first waiting client, or put it on the idle list."""
+        if server.state is ServerState.CLOSED:
+            return
+        config = self.pooler.config
+        now = self.pooler.loop.time()
+        if server.close_needed or not server.is_clean:
+            self._close(server, "server not clean")
+            return
+        if self.server_count > self.limit:
+            self._close(server, "pool size lowered")
+            return
+        if config.server_lifetime and now - server.created_at > config.server_lifetime:
+            self._close(server, "server_lifetime")
+            self.launch_for_waiters()
+            return
+        if not self.paused:
+            while self.waiting:
+                client = self.waiting.popleft()
+                if client.transport is None or client.transport.is_closing() or client.server is not None:
+                    continue
+                server.state = ServerState.ACTIVE
+                self.active.add(server)
+                self._activate(server, client)
+                return
+        self.active.discard(server)
+        server.state = ServerState.IDLE
+        server.last_used = now
+        self.idle.append(server)
+        if self.reserve_in_use and not self.waiting:
+            self.reserve_in_use = False
+            self.trim()
+
+    def refuse_transaction_block(self, client: ClientConnection, server: ServerConnection) -> None:
+        """Statement mode: a statement opened a transaction. Roll it back and say why."""
+
+        def done() -> None:
+            client.send_error(
+                sqlstate.FEATURE_NOT_SUPPORTED, "transaction blocks not allowed in statement pooling mode"
+            )
+            if client.server is server:
+                client._release()
+
+        server.run_internal("ROLLBACK", done)
+
+    # -- opening and closing servers -------------------------------------------------------------
+    def launch_for_waiters(self) -> None:
+        if self.paused:
+            return
+        if self.last_error is not None and self.pooler.loop.time() < self.error_until:
+            return
+        while len(self.waiting) > self.connecting and self._room():
+            self.launch()
+
+    def launch(self) -> None:
+        self.connecting += 1
+        task = self.pooler.loop.create_task(self._open())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open(self) -> None:
+        loop = self.pooler.loop
+        config = self.pooler.config
+        db = self.db_config
+        server = ServerConnection(self)
+        try:
+            async with asyncio.timeout(config.server_connect_timeout or None):
+                if db.host.startswith("/"):
+                    await loop.create_unix_connection(lambda: server, f"{db.host}/.s.PGSQL.{db.port}")
+                else:
+                    await loop.create_connection(lambda: server, db.host, db.port)
+                await server.login(self.server_user, self.server_dbname, self._server_secret())
+                if db.connect_query:
+                    done = loop.create_future()
+                    server.run_internal(db.connect_query, lambda: done.set_result(None))
+                    await done
+        except (OSError, TimeoutError, ServerLoginError) as exc:
+            self.connecting -= 1
+            server.state = ServerState.CLOSED
+            server.abort()
+            self._login_failed(exc)
+            return
+        except BaseException:
+            self.connecting -= 1
+            server.state = ServerState.CLOSED
+            server.abort()
+            raise
+        self.connecting -= 1
+        self.last_error = None
+        if server.state is ServerState.CLOSED:
+            return
+        if self.server_params is None:
+            self.server_params = dict(server.params)
+        for waiter in self._params_waiters:
+            if not waiter.done():
+                waiter.set_result(self.server_params)
+        self._params_waiters.clear()
+        self.active.add(server)  # so that _give can move it wherever it belongs
+        server.state = ServerState.ACTIVE
+        self._give(server)
+
+    def _server_secret(self) -> str | None:
+        if self.db_config.password is not None:
+            return self.db_config.password
+        return self.pooler.userlist.get(self.server_user)
+
+    def _login_failed(self, exc: Exception) -> None:
+        if isinstance(exc, ServerLoginError):
+            error = exc
+        elif isinstance(exc, TimeoutError):
+            error = ServerLoginError("pgfleet: server_connect_timeout: the database did not answer in time")
+        else:
+            error = ServerLoginError(f"pgfleet: cannot connect to the database: {exc}")
+        if self.pooler.config.log_pooler_errors:
+            log.warning("pool %s: server login failed: %s", self.name, error)
+        self.last_error = error
+        self.error_until = self.pooler.loop.time() + self.pooler.config.server_login_retry
+        for waiter in self._params_waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._params_waiters.clear()
+        if not self.active and not self.idle and not self.connecting:
+            # Nobody can serve the queue: say so now rather than at query_wait_timeout.
+            waiting, self.waiting = self.waiting, collections.deque()
+            for client in waiting:
+                client.fail_wait(error.fields)
+
+    async def welcome_params(self) -> dict[str, str]:
+        """The server's ParameterStatus set a new client is greeted with."""
+        if self.server_params is not None:
+            return self.server_params
+        loop = self.pooler.loop
+        if self.last_error is not None and loop.time() < self.error_until:
+            raise self.last_error
+        waiter: asyncio.Future[dict[str, str]] = loop.create_future()
+        self._params_waiters.append(waiter)
+        if not self.connecting and self._room():
+            self.launch()
+        return await waiter
+
+    def server_closed(self, server: ServerConnection, previous: ServerState) -> None:
+        """connection_lost of a server this pool still counted."""
+        if previous is ServerState.IDLE:
+            try:
+                self.idle.remove(server)
+            except ValueError:
+                pass
+        elif previous is ServerState.ACTIVE:
+            self.active.discard(server)
+        else:
+            return
+        self.pooler.server_slot_freed(self)
+
+    def _close(self, server: ServerConnection, reason: str) -> None:
+        """Close a server this pool counts, and stop counting it now."""
+        self.active.discard(server)
+        server.state = ServerState.CLOSED
+        server.close(reason)
+        self.pooler.server_slot_freed(self)
+
+    def close_idle(self, count: int = 1) -> int:
+        closed = 0
+        while self.idle and closed < count:
+            self._close(self.idle.popleft(), "evicted for another pool")
+            closed += 1
+        return closed
+
+    def close_all(self, reason: str, *, active: bool = False) -> None:
+        while self.idle:
+            self._close(self.idle.popleft(), reason)
+        if active:
+            for server in list(self.active):
+                if server.client is not None:
+                    server.client.server = None
+                    server.client.terminate(sqlstate.ADMIN_SHUTDOWN, reason)
+                    server.client = None
+                self._close(server, reason)
+
+    # -- maintenance (called by the pooler's janitor) ---------------------------------------------
+    def maintain(self, now: float) -> None:
+        config = self.pooler.config
+        if config.query_wait_timeout and self.waiting:
+            while self.waiting and now - self.waiting[0].wait_start > config.query_wait_timeout:
+                client = self.waiting.popleft()
+                client.fatal(sqlstate.QUERY_CANCELED, "query_wait_timeout: no server connection was free in time")
+        if self.waiting and self.reserve_pool_size and not self.reserve_in_use:
+            if now - self.waiting[0].wait_start > config.reserve_pool_timeout:
+                self.reserve_in_use = True
+                log.info("pool %s: using reserve pool", self.name)
+        if self.waiting:
+            self.launch_for_waiters()
+        for server in list(self.idle):
+            age = now - server.created_at
+            idle_for = now - server.last_used
+            if config.server_lifetime and age > config.server_lifetime:
+                self.idle.remove(server)
+                self._close(server, "server_lifetime")
+            elif (
+                config.server_idle_timeout
+                and idle_for > config.server_idle_timeout
+                and self.server_count > self.min_pool_size
+            ):
+                self.idle.remove(server)
+                self._close(server, "server_idle_timeout")
+        if self.min_pool_size and self.clients and not self.paused:
+            while (
+                self.server_count < self.min_pool_size
+                and self._room()
+                and not (self.last_error and now < self.error_until)
+            ):
+                self.launch()

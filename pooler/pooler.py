@@ -1,0 +1,322 @@
+"""The pooler process: listeners, the pools, cancel keys, maintenance, reload and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError, PoolerConfig, load_config, parse_config
+from .pool import Pool
+from .protocol import errors as sqlstate
+from .protocol.startup import build_cancel_request
+from .userlist import load_userlist
+
+if TYPE_CHECKING:
+    from .client import ClientConnection, ClientState
+
+log = logging.getLogger("pgfleet.pooler")
+
+# Settings that cannot change without a restart (the sockets are already bound).
+RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_addr", "http_listen_port")
+
+
+class Pooler:
+    def __init__(self, config: PoolerConfig, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.loop = asyncio.get_running_loop()
+        self.userlist: dict[str, str] = load_userlist(config.auth_file) if config.auth_file else {}
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.clients: set[ClientConnection] = set()
+        self.logged_in_clients = 0
+        self.draining = False
+        self.started_at = self.loop.time()
+        self._cancel_keys: dict[int, tuple[int, ClientConnection]] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._janitor: asyncio.TimerHandle | None = None
+        self._stopped = self.loop.create_future()
+        self._drain_deadline: asyncio.TimerHandle | None = None
+        # Hooks the admin surface fills in (kept here so the core does not import it).
+        self.admin: Any = None
+        self.wait_observers: list[Any] = []
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        config = self.config
+        from .client import ClientConnection
+
+        def factory() -> ClientConnection:
+            return ClientConnection(self)
+
+        host: str | None = None if config.listen_addr in ("*", "") else config.listen_addr
+        server = await self.loop.create_server(factory, host, config.listen_port, reuse_address=True, backlog=4096)
+        self._servers.append(server)
+        if config.unix_socket_dir:
+            path = Path(config.unix_socket_dir) / f".s.PGSQL.{config.listen_port}"
+            path.unlink(missing_ok=True)
+            self._servers.append(await self.loop.create_unix_server(factory, str(path), backlog=4096))
+        self._schedule_janitor()
+        log.info("listening on %s:%s", config.listen_addr, self.port)
+
+    @property
+    def port(self) -> int:
+        for server in self._servers:
+            for sock in server.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    return int(sock.getsockname()[1])
+        return self.config.listen_port
+
+    async def wait_stopped(self) -> None:
+        await asyncio.shield(self._stopped)
+
+    async def stop(self) -> None:
+        """Stop now: close listeners, clients and servers (SIGINT)."""
+        self._close_listeners()
+        for client in list(self.clients):
+            client.terminate(sqlstate.ADMIN_SHUTDOWN, "pgfleet is shutting down")
+        for pool in self.pools.values():
+            pool.close_all("pooler stopping", active=True)
+        if self._janitor is not None:
+            self._janitor.cancel()
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _close_listeners(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
+    def drain(self) -> None:
+        """SIGTERM: stop accepting; let each client finish its transaction, then close it."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d clients", len(self.clients))
+        self._close_listeners()
+        from .client import ClientState
+
+        for client in list(self.clients):
+            client.close_at_boundary = True
+            if client.state in (ClientState.IDLE, ClientState.STARTUP, ClientState.LOGIN) and not client._pending:
+                client.terminate(sqlstate.ADMIN_SHUTDOWN, "pgfleet is shutting down; reconnect")
+        if self.config.shutdown_timeout:
+            self._drain_deadline = self.loop.call_later(self.config.shutdown_timeout, self._drain_timeout)
+        self._check_drained()
+
+    def _drain_timeout(self) -> None:
+        log.warning("shutdown_timeout reached with %d clients left", len(self.clients))
+        self.loop.create_task(self.stop())
+
+    def _check_drained(self) -> None:
+        if self.draining and not self.clients and not self._stopped.done():
+            if self._drain_deadline is not None:
+                self._drain_deadline.cancel()
+            self.loop.create_task(self.stop())
+
+    # -- configuration ---------------------------------------------------------------------------
+    def reload(self) -> None:
+        """SIGHUP / RELOAD: read the config file again and apply what can change live."""
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            raise
+        self.apply_config(new)
+
+    def apply_config(self, new: PoolerConfig) -> list[str]:
+        """Switch to `new`; returns the settings that need a restart to take effect."""
+        userlist = load_userlist(new.auth_file) if new.auth_file else {}
+        pending = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
+        for key in pending:
+            log.warning("%s changed: takes effect after a restart", key)
+        self.config = new
+        self.userlist = userlist
+        for pool in list(self.pools.values()):
+            pool.configure(new)
+        self._schedule_janitor()
+        return pending
+
+    def set_limits(self, changes: dict[str, Any]) -> PoolerConfig:
+        """Merge `changes` (config terms) into the running config and apply them now."""
+        data = self.config.model_dump(mode="json")
+        for key, value in changes.items():
+            if key == "databases" and isinstance(value, dict):
+                for name, entry in value.items():
+                    if name not in data["databases"]:
+                        raise ConfigError(f"databases.{name}: no such database")
+                    if not isinstance(entry, dict):
+                        raise ConfigError(f"databases.{name}: expected a mapping")
+                    data["databases"][name].update(entry)
+            elif key == "users" and isinstance(value, dict):
+                for name, entry in value.items():
+                    if not isinstance(entry, dict):
+                        raise ConfigError(f"users.{name}: expected a mapping")
+                    data["users"].setdefault(name, {}).update(entry)
+            else:
+                data[key] = value
+        new = parse_config(data, "limits")
+        self.apply_config(new)
+        return new
+
+    # -- pools --------------------------------------------------------------------------------------
+    def get_pool(self, database: str, user: str) -> Pool:
+        key = (database, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = Pool(self, database, user)
+        return pool
+
+    def database_server_count(self, database: str) -> int:
+        return sum(p.server_count for p in self.pools.values() if p.database == database)
+
+    def user_server_count(self, user: str) -> int:
+        return sum(p.server_count for p in self.pools.values() if p.user == user)
+
+    def evict_idle(self, requester: Pool, *, by_database: bool) -> bool:
+        """Close an idle server of a sibling pool so `requester` may open one."""
+        for pool in self.pools.values():
+            if pool is requester or not pool.idle:
+                continue
+            if (pool.database == requester.database) if by_database else (pool.user == requester.user):
+                pool.close_idle(1)
+                return True
+        return False
+
+    def server_slot_freed(self, pool: Pool) -> None:
+        """A server closed: the pools it counted against may open one now."""
+        for other in self.pools.values():
+            if other.waiting and (other is pool or other.database == pool.database or other.user == pool.user):
+                other.launch_for_waiters()
+
+    def observe_wait(self, pool: Pool, seconds: float) -> None:
+        for observer in self.wait_observers:
+            observer(pool, seconds)
+
+    # -- clients --------------------------------------------------------------------------------------
+    def client_connected(self, client: ClientConnection) -> None:
+        self.clients.add(client)
+
+    def client_disconnected(self, client: ClientConnection, previous: ClientState) -> None:
+        self.clients.discard(client)
+        if client.cancel_key[0]:
+            self._cancel_keys.pop(client.cancel_key[0], None)
+            self.logged_in_clients -= 1
+        if client.pool is not None:
+            client.pool.client_gone(client)
+        if self.config.log_disconnections and client.cancel_key[0]:
+            log.info("logout: %s@%s from %s:%s", client.user, client.database, *client.address)
+        self._check_drained()
+
+    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        while True:
+            pid = secrets.randbits(31) or 1
+            if pid not in self._cancel_keys:
+                break
+        key = secrets.randbits(32) - (1 << 31)
+        self._cancel_keys[pid] = (key, client)
+        self.logged_in_clients += 1
+        return pid, key
+
+    def forward_cancel(self, pid: int, key: int) -> None:
+        """A CancelRequest: cancel whatever that client's server is running now."""
+        entry = self._cancel_keys.get(pid)
+        if entry is None or entry[0] != key:
+            return  # PostgreSQL too ignores cancel requests with a wrong key, silently
+        server = entry[1].server
+        if server is None or not server.backend_pid:
+            return
+        task = self.loop.create_task(
+            self._send_cancel(
+                server.pool.db_config.host, server.pool.db_config.port, server.backend_pid, server.backend_key
+            )
+        )
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _send_cancel(self, host: str, port: int, pid: int, key: int) -> None:
+        try:
+            async with asyncio.timeout(self.config.server_connect_timeout or 15):
+                if host.startswith("/"):
+                    reader, writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+                else:
+                    reader, writer = await asyncio.open_connection(host, port)
+                writer.write(build_cancel_request(pid, key))
+                await writer.drain()
+                await reader.read()  # the server closes the connection when done
+                writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("cancel request to %s:%s failed: %s", host, port, exc)
+
+    async def admin_login(self, client: ClientConnection) -> None:
+        if self.admin is None:
+            from .client import ClientError
+
+            raise ClientError(sqlstate.INVALID_CATALOG_NAME, 'no such database: "pgbouncer"')
+        await self.admin.login(client)
+
+    @staticmethod
+    def random_bytes(count: int) -> bytes:
+        return os.urandom(count)
+
+    # -- maintenance ----------------------------------------------------------------------------------
+    def _janitor_period(self) -> float:
+        config = self.config
+        timeouts = [
+            t
+            for t in (
+                config.query_wait_timeout,
+                config.client_idle_timeout,
+                config.idle_transaction_timeout,
+                config.query_timeout,
+                config.server_idle_timeout,
+                config.reserve_pool_timeout,
+                config.server_login_retry,
+            )
+            if t
+        ]
+        return max(0.05, min([1.0, *(t / 4 for t in timeouts)]))
+
+    def _schedule_janitor(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
+        self._janitor = self.loop.call_later(self._janitor_period(), self._run_janitor)
+
+    def _run_janitor(self) -> None:
+        try:
+            self.maintain()
+        except Exception:
+            log.exception("maintenance failed")
+        self._janitor = self.loop.call_later(self._janitor_period(), self._run_janitor)
+
+    def maintain(self) -> None:
+        now = self.loop.time()
+        for pool in list(self.pools.values()):
+            pool.maintain(now)
+        self._check_client_timeouts(now, self.clients)
+
+    def _check_client_timeouts(self, now: float, clients: Iterable[ClientConnection]) -> None:
+        from .client import ClientState
+
+        config = self.config
+        if not (config.client_idle_timeout or config.idle_transaction_timeout or config.query_timeout):
+            return
+        for client in list(clients):
+            idle_for = now - client.last_activity
+            if client.state is ClientState.IDLE:
+                if config.client_idle_timeout and idle_for > config.client_idle_timeout:
+                    client.terminate(sqlstate.ADMIN_SHUTDOWN, "client_idle_timeout")
+            elif client.state is ClientState.ACTIVE and client.server is not None:
+                server = client.server
+                if server.outstanding > 0:
+                    if config.query_timeout and now - client.request_time > config.query_timeout:
+                        client.request_time = now  # one cancel per timeout period
+                        self.forward_cancel(*client.cancel_key)
+                elif config.idle_transaction_timeout and idle_for > config.idle_transaction_timeout:
+                    client.terminate(sqlstate.IDLE_IN_TRANSACTION_TIMEOUT, "idle_transaction_timeout")

@@ -1,0 +1,347 @@
+"""Handling of server connections: login, then forwarding responses to a linked client.
+
+A server link lives in one of the states below; the pool owns the lists that the
+IDLE and ACTIVE states stand for. Responses are forwarded in the chunks they arrive
+in; only message headers are scanned, and only ReadyForQuery, ParameterStatus and
+ErrorResponse bodies are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from .auth import AuthFailed, ScramClientExchange, is_md5, is_plaintext, md5_response
+from .protocol import backend, frontend
+from .protocol.backend import IDLE
+from .protocol.errors import ProtocolError
+from .protocol.framing import MessageReader
+from .protocol.startup import build_startup_message
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .pool import Pool
+
+log = logging.getLogger("pgfleet.server")
+
+_unpack_length = struct.Struct("!i").unpack_from
+
+_Z, _S, _E = ord("Z"), ord("S"), ord("E")
+# Server messages whose body the forwarding scan must read.
+_WATCHED = frozenset((_Z, _S, _E))
+
+
+class ServerState(enum.Enum):
+    LOGIN = "login"  # connecting and authenticating; counted in pool.connecting
+    IDLE = "idle"  # in pool.idle, ready for a client
+    ACTIVE = "active"  # linked to a client (or running the pool's own query)
+    CLOSED = "closed"
+
+
+class ServerLoginError(Exception):
+    """Login to the server failed; `fields` are the server's ErrorResponse, if any."""
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields or {"S": "FATAL", "C": "08006", "M": message}
+
+
+class ServerConnection(asyncio.Protocol):
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.state = ServerState.LOGIN
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientConnection | None = None
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = 0
+        self.tx_status = IDLE
+        # Replies (ReadyForQuery) the linked client still waits for.
+        self.outstanding = 0
+        loop = asyncio.get_running_loop()
+        self.created_at = loop.time()
+        self.last_used = self.created_at
+        self.link_time = 0.0
+        self.address = ("", 0)
+        self.local_address = ("", 0)
+        # Set when the server must not go back to the pool (lifetime, lower limit, error).
+        self.close_needed = False
+        self.refuse_blocks = False  # statement mode: transaction blocks are refused
+        self.prepared: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Internal queries whose replies are swallowed, one callback per ReadyForQuery.
+        self._swallow: collections.deque[Callable[[], None] | None] = collections.deque()
+        self._partial = b""
+        self._skip = 0
+        self._reading_paused = False
+        self._login_reader: MessageReader | None = MessageReader()
+        self._login_queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._login_waiter: asyncio.Future[None] | None = None
+        self._lost: Exception | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        self.address = tuple(peer[:2]) if isinstance(peer, tuple) else (str(peer or "unix"), 0)
+        self.local_address = tuple(sock[:2]) if isinstance(sock, tuple) else (str(sock or "unix"), 0)
+
+    def data_received(self, data: bytes) -> None:
+        if self._login_reader is not None:
+            self._login_reader.feed(data)
+            try:
+                self._login_queue.extend(self._login_reader.messages())
+            except ProtocolError as exc:
+                self._fail_login(exc)
+                return
+            self._wake()
+            return
+        self._forward(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or ConnectionResetError("server closed the connection")
+        previous = self.state
+        self.state = ServerState.CLOSED
+        self._wake()
+        if not self._closed.done():
+            self._closed.set_result(None)
+        if previous is not ServerState.CLOSED:
+            self.pool.server_closed(self, previous)
+            client = self.client
+            if client is not None:
+                self.client = None
+                client.server_lost(self)
+
+    def pause_writing(self) -> None:
+        # The server does not read fast enough: stop reading from the client feeding it.
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading()
+
+    # -- login ----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._login_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail_login(self, exc: Exception) -> None:
+        self._lost = exc
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    async def _next_login_message(self) -> tuple[int, bytes]:
+        while not self._login_queue:
+            if self._lost is not None:
+                raise ServerLoginError(f"server closed the connection during login: {self._lost}")
+            self._login_waiter = asyncio.get_running_loop().create_future()
+            await self._login_waiter
+        return self._login_queue.popleft()
+
+    async def login(self, user: str, dbname: str, secret: str | None) -> None:
+        """Authenticate as `user` and read the server's parameters up to ReadyForQuery."""
+        assert self.transport is not None
+        self.transport.write(build_startup_message({"user": user, "database": dbname}))
+        scram: ScramClientExchange | None = None
+        while True:
+            msg_type, body = await self._next_login_message()
+            if msg_type == ord("R"):
+                request = backend.parse_authentication(body)
+                scram = self._answer_auth(request, user, secret, scram)
+            elif msg_type == _S:
+                name, value = backend.parse_parameter_status(body)
+                self.params[name] = value
+            elif msg_type == ord("K"):
+                self.backend_pid, self.backend_key = backend.parse_backend_key_data(body)
+            elif msg_type == _E:
+                fields = backend.parse_error_fields(body)
+                raise ServerLoginError(fields.get("M", "login failed"), fields)
+            elif msg_type == _Z:
+                break
+        self._login_reader = None
+        self._login_queue.clear()
+
+    def _answer_auth(
+        self, request: backend.AuthRequest, user: str, secret: str | None, scram: ScramClientExchange | None
+    ) -> ScramClientExchange | None:
+        assert self.transport is not None
+        code = request.code
+        if code == backend.AUTH_OK:
+            return scram
+        if secret is None:
+            raise ServerLoginError(f'server asks for a password for user "{user}" and none is configured')
+        if code == backend.AUTH_CLEARTEXT:
+            if not is_plaintext(secret):
+                raise ServerLoginError(f'server asks for a cleartext password; auth_file has no plaintext for "{user}"')
+            self.transport.write(frontend.password_message(secret))
+        elif code == backend.AUTH_MD5:
+            if not (is_plaintext(secret) or is_md5(secret)):
+                raise ServerLoginError(f'server asks for md5; auth_file has a SCRAM secret for "{user}"')
+            self.transport.write(frontend.password_message(md5_response(user, secret, request.data[:4])))
+        elif code == backend.AUTH_SASL:
+            if "SCRAM-SHA-256" not in backend.parse_sasl_mechanisms(request.data):
+                raise ServerLoginError("server offers no SASL mechanism pgfleet supports")
+            if not is_plaintext(secret):
+                raise ServerLoginError(f'server asks for SCRAM; auth_file needs a plaintext password for "{user}"')
+            scram = ScramClientExchange(user, secret)
+            self.transport.write(frontend.sasl_initial_response("SCRAM-SHA-256", scram.first()))
+        elif code == backend.AUTH_SASL_CONTINUE and scram is not None:
+            try:
+                self.transport.write(frontend.sasl_response(scram.final(request.data)))
+            except AuthFailed as exc:
+                raise ServerLoginError(str(exc)) from exc
+        elif code == backend.AUTH_SASL_FINAL and scram is not None:
+            try:
+                scram.verify(request.data)
+            except AuthFailed as exc:
+                raise ServerLoginError(str(exc)) from exc
+        else:
+            raise ServerLoginError(f"server asks for an unsupported authentication method ({code})")
+        return scram
+
+    # -- forwarding -------------------------------------------------------------------------
+    def _forward(self, data: bytes) -> None:
+        """Scan headers, forward to the linked client, act on ReadyForQuery."""
+        skip = self._skip
+        if skip:
+            if len(data) <= skip:
+                self._skip = skip - len(data)
+                self._emit(data)
+                return
+            pos = skip
+            self._skip = 0
+        else:
+            pos = 0
+            if self._partial:
+                data = self._partial + data
+                self._partial = b""
+        n = len(data)
+        seg = 0  # start of the run of bytes not yet forwarded
+        saw_ready = False
+        while n - pos >= 5:
+            msg_type = data[pos]
+            end = pos + 1 + _unpack_length(data, pos + 1)[0]
+            if self._swallow:
+                # Replies to the proxy's own queries never reach the client.
+                if end > n:
+                    break
+                self._emit(data[seg:pos])
+                seg = end
+                self._swallowed(msg_type, data, pos, end)
+            elif msg_type in _WATCHED:
+                if end > n:
+                    break
+                if msg_type == _Z:
+                    status = self.tx_status = data[pos + 5]
+                    self.outstanding -= 1
+                    saw_ready = True
+                    if status != IDLE and self.refuse_blocks:
+                        # Statement mode: the client hears of the refusal in place of this
+                        # ReadyForQuery, once the block is rolled back (pool.refuse_...).
+                        self._emit(data[seg:pos])
+                        seg = end
+                elif msg_type == _S:
+                    self._parameter_status(data[pos + 5 : end])
+                else:
+                    self.pool.stats.errors += 1
+            pos = end
+        if pos > n:
+            # A long message (rows, COPY data) continues in the next chunk.
+            self._skip = pos - n
+            self._emit(data[seg:])
+        else:
+            self._emit(data[seg:pos])
+            if pos < n:
+                self._partial = data[pos:]
+        if saw_ready and self.client is not None:
+            self.client.server_ready(self)
+
+    def _emit(self, chunk: bytes) -> None:
+        if chunk and self.client is not None:
+            self.client.send(chunk)
+
+    def _swallowed(self, msg_type: int, data: bytes, pos: int, end: int) -> None:
+        if msg_type == _Z:
+            self.tx_status = data[pos + 5]
+            then = self._swallow.popleft()
+            if then is not None:
+                then()
+        elif msg_type == _S:
+            self._parameter_status(data[pos + 5 : end])
+        elif msg_type == _E:
+            fields = backend.parse_error_fields(data[pos + 5 : end])
+            log.warning("internal query on server %s failed: %s", self.backend_pid, fields.get("M"))
+            self.close_needed = True
+
+    def _parameter_status(self, body: bytes) -> None:
+        name, value = backend.parse_parameter_status(body)
+        self.params[name] = value
+        if self.client is not None:
+            self.client.parameter_changed(name, value)
+
+    # -- the proxy's own queries ------------------------------------------------------------
+    def run_internal(self, sql: str, then: Callable[[], None] | None = None) -> None:
+        """Send a simple query whose replies are swallowed; call `then` at its ReadyForQuery.
+
+        Only sent where replies cannot interleave with a client's: before the client's
+        first message, or when nothing of the client's is outstanding.
+        """
+        assert self.transport is not None
+        self._swallow.append(then)
+        self.transport.write(frontend.query(sql))
+
+    @property
+    def busy_internally(self) -> bool:
+        return bool(self._swallow)
+
+    # -- flow control and closing -------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and self.state is not ServerState.CLOSED:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and self.state is not ServerState.CLOSED:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self, reason: str = "") -> None:
+        """Terminate politely; the pool hears about it through connection_lost."""
+        if self.transport is None or self.state is ServerState.CLOSED:
+            return
+        if reason:
+            log.debug("closing server %s: %s", self.backend_pid, reason)
+        if not self.transport.is_closing():
+            try:
+                self.transport.write(frontend.TERMINATE)
+            finally:
+                self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    @property
+    def is_clean(self) -> bool:
+        """Idle, outside a transaction, nothing outstanding: safe to hand to anyone."""
+        return self.tx_status == IDLE and self.outstanding == 0 and not self._swallow and not self.close_needed
+
+    def __repr__(self) -> str:
+        return f"<server pid={self.backend_pid} {self.state.value} {self.pool.name}>"
