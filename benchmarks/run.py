@@ -1,0 +1,520 @@
+"""pgbench through pgfleet, PgBouncer and straight to PostgreSQL, in one run.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--duration S] [--rounds N] [--out FILE.md]
+
+One throwaway PostgreSQL (`pgbench -i`), one pgfleet and one PgBouncer (if installed) in
+transaction mode with the same pool size in front of it. Each case (pgbench `-S` in a
+query mode at a client count, or a `-C` connection storm) runs once per target per
+round, the targets taking turns so that drift hits all of them alike. Then each pooler,
+started afresh, holds 10,000 idle clients while its resident memory is read. Tables go
+to stdout and to benchmarks/results/. See benchmarks/README.md for how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgfleet.devtools.idleclients import IdleClients
+from pgfleet.devtools.pgbench import PgbenchArgs, PgbenchResult, pgbench_init, pgbench_path, run_pgbench
+from pgfleet.devtools.procs import (
+    PoolerProcess,
+    ProcessFailed,
+    ToolMissing,
+    cpu_seconds,
+    free_port,
+    pgbouncer_path,
+    pgfleet_available,
+    raise_nofile,
+    rss_kib,
+    start_pgbouncer,
+    start_pgfleet,
+)
+from pgfleet.devtools.tempdb import TempPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+DB = "bench"
+DIRECT, PGFLEET, PGBOUNCER = "direct", "pgfleet", "pgbouncer"
+POOLERS = (PGFLEET, PGBOUNCER)
+
+
+# -- what runs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    args: PgbenchArgs
+
+
+def build_cases(modes: list[str], clients: list[int], storm_clients: int, duration: float) -> list[Case]:
+    """`-S` in each query mode at each client count, then a `-C` storm in simple mode."""
+    cases = [
+        Case(f"-S -M {mode}, {n} clients", PgbenchArgs(clients=n, jobs=2, duration=duration, mode=mode))
+        for mode in modes
+        for n in clients
+    ]
+    if storm_clients:
+        storm = PgbenchArgs(clients=storm_clients, jobs=2, duration=duration, mode="simple", connect=True)
+        cases.append(Case(f"-S -C (connection per txn), {storm_clients} clients", storm))
+    return cases
+
+
+@dataclass
+class Target:
+    """Somewhere pgbench can connect: PostgreSQL itself or a pooler we started (and can restart)."""
+
+    name: str
+    host: str
+    port: int
+    start: Callable[[], PoolerProcess] | None = None
+    proc: PoolerProcess | None = None
+    restarts: int = 0
+
+    def ensure_running(self, notes: list[str]) -> None:
+        if self.start is None or (self.proc is not None and self.proc.alive()):
+            return
+        if self.proc is not None:
+            notes.append(
+                f"{self.name} had exited (code {self.proc.popen.returncode}); restarted it. Log tail:\n"
+                + indent(self.proc.log_tail(15))
+            )
+            self.restarts += 1
+        self.proc = self.start()
+        self.port = self.proc.port
+
+
+@dataclass
+class Outcome:
+    runs: list[PgbenchResult] = field(default_factory=list)
+    cpu: float = 0.0  # pooler CPU seconds over all runs
+
+    @property
+    def failed(self) -> PgbenchResult | None:
+        return next((r for r in self.runs if not r.ok), None)
+
+    @property
+    def tps(self) -> float | None:
+        if not self.runs or self.failed:
+            return None
+        return statistics.fmean(r.tps or 0.0 for r in self.runs)
+
+    @property
+    def spread(self) -> float | None:
+        """(max - min) / mean of the rounds' tps, when there are several."""
+        values = [r.tps or 0.0 for r in self.runs]
+        mean = self.tps
+        if len(values) < 2 or not mean:
+            return None
+        return (max(values) - min(values)) / mean
+
+    def cpu_us_per_txn(self) -> float | None:
+        txns = sum(r.transactions for r in self.runs)
+        return self.cpu * 1e6 / txns if txns and not self.failed else None
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+
+def indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def fmt_num(value: float | None, digits: int = 0) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def fmt_ratio(value: float | None, base: float | None) -> str:
+    return "—" if value is None or not base else f"{value / base:.2f}x"
+
+
+def case_table(case: Case, outcomes: dict[str, Outcome], with_case: bool = False) -> list[str]:
+    direct = outcomes.get(DIRECT, Outcome()).tps
+    bouncer = outcomes.get(PGBOUNCER, Outcome()).tps
+    rows = []
+    for name, outcome in outcomes.items():
+        failed = outcome.failed
+        tps = f"fails: {shorten(failed.error or '')}" if failed else fmt_num(outcome.tps)
+        spread = outcome.spread
+        cells = [
+            tps,
+            "—" if spread is None else f"±{spread * 50:.0f}%",
+            fmt_ratio(outcome.tps, direct),
+            fmt_ratio(outcome.tps, bouncer),
+            fmt_num(outcome.cpu_us_per_txn(), 1) if name != DIRECT else "—",
+        ]
+        rows.append(([case.name] if with_case else []) + [name, *cells])
+    header = (["case"] if with_case else []) + [
+        "target",
+        "tps",
+        "spread",
+        "x direct",
+        "x PgBouncer",
+        "pooler CPU µs/txn",
+    ]
+    return markdown_table(header, rows)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    text = " ".join(text.replace("|", "/").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+def measure(target: Target, args: PgbenchArgs, notes: list[str]) -> tuple[PgbenchResult, float]:
+    """One pgbench run against `target`; returns the result and the pooler's CPU seconds during it."""
+    try:
+        target.ensure_running(notes)
+    except ProcessFailed as exc:
+        return PgbenchResult(ok=False, returncode=-1, error=f"{target.name} does not start: {exc}".splitlines()[0]), 0.0
+    pid = target.proc.pid if target.proc else None
+    before = cpu_seconds(pid) if pid else 0.0
+    result = run_pgbench(target.host, target.port, DB, args)
+    after = cpu_seconds(pid) if pid else 0.0
+    if target.proc is not None and not target.proc.alive():
+        notes.append(f"{target.name} exited during `{' '.join(args.argv())}`.")
+    return result, after - before
+
+
+def run_cases(targets: list[Target], cases: list[Case], rounds: int, notes: list[str]) -> dict[str, dict[str, Outcome]]:
+    results: dict[str, dict[str, Outcome]] = {}
+    for index, case in enumerate(cases):
+        outcomes = {t.name: Outcome() for t in targets}
+        for rnd in range(rounds):
+            shift = (index + rnd) % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                result, cpu = measure(target, case.args, notes)
+                outcomes[target.name].runs.append(result)
+                outcomes[target.name].cpu += cpu
+                status = (
+                    f"{result.tps:,.0f} tps" if result.ok and result.tps else f"FAILED: {shorten(result.error or '')}"
+                )
+                print(f"  [{case.name}] round {rnd + 1}/{rounds} {target.name}: {status}", flush=True)
+        results[case.name] = outcomes
+        print(f"\n### {case.name}\n" + "\n".join(case_table(case, outcomes)) + "\n", flush=True)
+    return results
+
+
+@dataclass
+class Memory:
+    target: str
+    before_kib: int = 0
+    after_kib: int = 0
+    connected: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    def per_client(self) -> float | None:
+        return (self.after_kib - self.before_kib) / self.connected if self.connected else None
+
+
+def measure_memory(name: str, start: Callable[[], PoolerProcess], count: int) -> Memory:
+    """Start a fresh pooler, log one client in and out, then hold `count` idle clients; read VmRSS."""
+    memory = Memory(name)
+    proc = None
+    try:
+        proc = start()
+        with IdleClients(proc.host, proc.port, 10, dbname=DB) as warm:
+            warm.wait_ready(60)
+        time.sleep(0.5)
+        memory.before_kib = rss_kib(proc.pid)
+        with IdleClients(proc.host, proc.port, count, dbname=DB) as idle:
+            ready = idle.wait_ready(600)
+            time.sleep(1.0)
+            memory.after_kib = rss_kib(proc.pid)
+            memory.connected, memory.failed, memory.seconds = ready.connected, ready.failed, ready.seconds
+            memory.error = ready.first_error
+        if not proc.alive():
+            memory.error = f"{name} exited (code {proc.popen.returncode}): {shorten(proc.log_tail(5), 200)}"
+    except (ProcessFailed, RuntimeError) as exc:
+        memory.error = shorten(str(exc), 200)
+    finally:
+        if proc is not None:
+            proc.stop()
+    return memory
+
+
+def memory_table(rows: list[Memory], count: int) -> list[str]:
+    body = []
+    for m in rows:
+        per = m.per_client()
+        body.append([
+            m.target,
+            fmt_num(m.before_kib),
+            fmt_num(m.after_kib) if m.connected else "—",
+            fmt_num(per, 2) if per is not None else "—",
+            f"{m.connected:,}/{count:,}" + (f" ({m.failed:,} failed)" if m.failed else ""),
+            fmt_num(m.seconds, 1),
+            shorten(m.error or "", 120),
+        ])  # fmt: skip
+    header = [
+        "target",
+        "RSS before KiB",
+        f"RSS with {count:,} idle KiB",
+        "KiB per idle client",
+        "clients",
+        "connect s",
+        "error",
+    ]
+    return markdown_table(header, body)
+
+
+# -- set-up --------------------------------------------------------------------------------
+
+
+def pooler_config(pg: TempPostgres, port: int, pool_size: int, max_clients: int) -> dict[str, Any]:
+    """The one config both poolers run: PgBouncer's setting names, transaction mode, trust."""
+    return {
+        "listen_addr": "127.0.0.1",
+        "listen_port": port,
+        "auth_type": "trust",
+        "pool_mode": "transaction",
+        "max_client_conn": max_clients,
+        "default_pool_size": pool_size,
+        "log_connections": False,  # a storm would otherwise be a benchmark of the log
+        "log_disconnections": False,
+        "databases": {DB: {"host": pg.host, "port": pg.port, "dbname": DB}},
+    }
+
+
+def starter(
+    kind: str, pg: TempPostgres, workroot: Path, pool_size: int, max_clients: int
+) -> Callable[[], PoolerProcess]:
+    """A function that starts a fresh pooler of `kind` on a new port in its own directory."""
+    launch = start_pgfleet if kind == PGFLEET else start_pgbouncer
+    counter = iter(range(1_000_000))
+
+    def start() -> PoolerProcess:
+        workdir = workroot / f"{kind}-{next(counter)}"
+        workdir.mkdir(mode=0o755)
+        return launch(pooler_config(pg, free_port(), pool_size, max_clients), workdir)
+
+    return start
+
+
+def versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        return out.splitlines()[0].strip() if out else "?"
+
+    found: dict[str, str] = {"pgbench": first_line([pgbench_path(), "--version"])}
+    exe = pgbouncer_path()
+    if exe:
+        found["PgBouncer"] = first_line([exe, "--version"])
+    found["python"] = platform.python_version()
+    try:
+        found["uvloop"] = importlib.metadata.version("uvloop")
+    except importlib.metadata.PackageNotFoundError:
+        found["uvloop"] = "not installed"
+    commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "pooler"], capture_output=True, text=True)
+    found["pgfleet commit"] = commit + (" (pooler/ has uncommitted changes)" if dirty.stdout.strip() else "")
+    return found
+
+
+def machine() -> str:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPUs ({model}), {mem_gib:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="pgbench: direct vs pgfleet vs PgBouncer")
+    parser.add_argument("--quick", action="store_true", help="short runs, one round (about 2 minutes)")
+    parser.add_argument("--duration", type=float, help="seconds per pgbench run (default 15, quick 3)")
+    parser.add_argument("--rounds", type=int, help="rounds over all targets per case (default 2, quick 1)")
+    parser.add_argument("--modes", default="simple,extended", help="query modes, comma-separated (add: prepared)")
+    parser.add_argument("--clients", default="10,50,200", help="client counts, comma-separated")
+    parser.add_argument("--storm-clients", type=int, default=50, help="clients of the -C case; 0 skips it")
+    parser.add_argument("--idle-clients", type=int, default=10_000, help="idle clients of the memory case; 0 skips it")
+    parser.add_argument("--pool-size", type=int, default=20, help="default_pool_size of both poolers")
+    parser.add_argument("--scale", type=int, default=5, help="pgbench -i scale factor")
+    parser.add_argument("--targets", default="direct,pgfleet,pgbouncer", help="which targets to run")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/<date>[-quick].md)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (pooler logs) and say where")
+    opts = parser.parse_args(argv)
+    opts.duration = opts.duration or (3.0 if opts.quick else 15.0)
+    opts.rounds = opts.rounds or (1 if opts.quick else 2)
+    if opts.out is None:
+        stamp = dt.date.today().isoformat() + ("-quick" if opts.quick else "")
+        opts.out = ROOT / "benchmarks" / "results" / f"{stamp}.md"
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    wanted = [t.strip() for t in opts.targets.split(",") if t.strip()]
+    modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
+    clients = [int(c) for c in opts.clients.split(",") if c.strip()]
+    cases = build_cases(modes, clients, opts.storm_clients, opts.duration)
+    notes: list[str] = []
+
+    try:
+        pgbench_path()
+    except ToolMissing as exc:
+        print(f"cannot benchmark: {exc}", file=sys.stderr)
+        return 2
+    if PGFLEET in wanted and not pgfleet_available():
+        notes.append("pgfleet was not measured: its pooler is not runnable here (`pgfleet.pooler.cli` missing).")
+        wanted.remove(PGFLEET)
+    if PGBOUNCER in wanted and pgbouncer_path() is None:
+        notes.append("PgBouncer was not measured: `pgbouncer` is not installed.")
+        wanted.remove(PGBOUNCER)
+
+    max_clients = max(opts.idle_clients, *clients, opts.storm_clients) + 1000
+    raise_nofile(max_clients + 1000)  # inherited by the poolers we spawn
+    started = time.monotonic()
+    workroot = Path(tempfile.mkdtemp(prefix="pgfleet-bench-"))
+    workroot.chmod(0o755)  # PgBouncer runs as `postgres` when we are root
+    pg: TempPostgres | None = None
+    targets: list[Target] = []
+    try:
+        with sigterm_as_interrupt():
+            print(f"starting PostgreSQL and pgbench -i -s {opts.scale} ...", flush=True)
+            pg = TempPostgres(max_connections=max(clients) + 2 * opts.pool_size + 60).start()
+            pg.sql(f"CREATE DATABASE {DB}")
+            pgbench_init(pg.host, pg.port, DB, scale=opts.scale)
+            starters = {k: starter(k, pg, workroot, opts.pool_size, max_clients) for k in POOLERS if k in wanted}
+            for name in wanted:
+                target = Target(name, pg.host, pg.port, starters.get(name))
+                target.ensure_running(notes)
+                targets.append(target)
+            print("targets: " + ", ".join(f"{t.name} on :{t.port}" for t in targets), flush=True)
+            for target in targets:  # fill the pools and warm the caches before anything is timed
+                measure(target, PgbenchArgs(clients=max(clients), duration=1), notes)
+
+            results = run_cases(targets, cases, opts.rounds, notes)
+            for target in targets:
+                if target.proc is not None:
+                    target.proc.stop()
+            memory = []
+            if opts.idle_clients:
+                for name, start in starters.items():
+                    print(f"memory: {opts.idle_clients:,} idle clients through {name} ...", flush=True)
+                    memory.append(measure_memory(name, start, opts.idle_clients))
+                    print("  " + "\n  ".join(memory_table(memory[-1:], opts.idle_clients)), flush=True)
+
+            for target in targets:
+                if target.proc is not None and target.name == PGFLEET:
+                    scan_log(target.proc, notes)
+            report = render_report(opts, cases, results, memory, notes, time.monotonic() - started)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        for target in targets:
+            if target.proc is not None:
+                target.proc.stop()
+        if pg is not None:
+            pg.cleanup()
+        if opts.keep:
+            print(f"work directory kept: {workroot}", file=sys.stderr)
+        else:
+            shutil.rmtree(workroot, ignore_errors=True)
+
+    print("\n" + report)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(report)
+    print(f"written to {opts.out}")
+    return 0
+
+
+def scan_log(proc: PoolerProcess, notes: list[str]) -> None:
+    """Note tracebacks and errors the pooler logged during the benchmark."""
+    try:
+        lines = proc.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    bad = [line for line in lines if "Traceback" in line or " ERROR" in line or "CRITICAL" in line]
+    if bad:
+        notes.append(f"{proc.name} logged {len(bad)} error/traceback lines; first: `{shorten(bad[0], 160)}`")
+
+
+def render_report(
+    opts: argparse.Namespace,
+    cases: list[Case],
+    results: dict[str, dict[str, Outcome]],
+    memory: list[Memory],
+    notes: list[str],
+    elapsed: float,
+) -> str:
+    lines = [f"# pgfleet benchmark, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}", ""]
+    lines.append(f"- machine: {machine()}")
+    for name, version in versions().items():
+        lines.append(f"- {name}: {version}")
+    lines.append(
+        f"- pgbench -j 2, {opts.duration:g} s per run, {opts.rounds} round(s) per case with the targets taking turns; "
+        f"scale {opts.scale}; both poolers in transaction mode, default_pool_size {opts.pool_size}, trust auth, "
+        f"127.0.0.1; run took {elapsed / 60:.1f} min"
+    )
+    lines += ["", "## Throughput", ""]
+    lines.append(
+        "tps is pgbench's, without initial connection time (with reconnections for -C); spread is ±half the "
+        "range across rounds; pooler CPU is utime+stime of the pooler process per transaction."
+    )
+    lines.append("")
+    for index, case in enumerate(cases):
+        table = case_table(case, results[case.name], with_case=True)
+        lines += table if index == 0 else table[2:]
+    if memory:
+        lines += ["", f"## Memory with {opts.idle_clients:,} idle clients", ""]
+        lines.append(
+            "Each pooler started afresh; RSS (VmRSS) after 10 clients logged in and out, then with the idle clients "
+            "connected (startup + trust auth done, ReadyForQuery received)."
+        )
+        lines += ["", *memory_table(memory, opts.idle_clients)]
+    if notes:
+        lines += ["", "## Notes", ""]
+        lines += [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
