@@ -10,6 +10,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import secrets
 from dataclasses import dataclass
 
 from scramp import ScramClient, ScramException, ScramMechanism
@@ -82,27 +83,59 @@ def scram_verifier(secret: str) -> ScramVerifier:
 
 
 class ScramServerExchange:
-    """Server side of one SCRAM-SHA-256 exchange with a client (no channel binding)."""
+    """Server side of one SCRAM-SHA-256 exchange with a client (RFC 5802/7677, no binding).
+
+    Written here rather than taken from scramp because scramp's server rejects the
+    empty `n=` user name that libpq sends (PostgreSQL takes the user from the startup
+    packet, never from SCRAM); the key derivation is still scramp's.
+    """
 
     def __init__(self, secret: str) -> None:
-        verifier = scram_verifier(secret)
-        self._server = _MECHANISM.make_server(
-            lambda _username: (verifier.salt, verifier.stored_key, verifier.server_key, verifier.iterations)
-        )
+        self._verifier = scram_verifier(secret)
+        self._nonce = ""
+        self._auth_prefix = ""
+        self._gs2_header = ""
 
     def first(self, client_first: bytes) -> bytes:
         try:
-            self._server.set_client_first(client_first.decode())
-            return str(self._server.get_server_first()).encode()
-        except (ScramException, UnicodeDecodeError) as exc:
-            raise AuthFailed(f"malformed SCRAM message: {exc}") from exc
+            text = client_first.decode()
+            flag, authzid, bare = text.split(",", 2)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise AuthFailed("malformed SCRAM client-first message") from exc
+        if flag not in ("n", "y") or authzid:
+            raise AuthFailed("SCRAM channel binding and authorization identities are not supported")
+        attributes = dict(part.split("=", 1) for part in bare.split(",") if "=" in part)
+        client_nonce = attributes.get("r", "")
+        if not client_nonce or len(client_nonce) > 1024:
+            raise AuthFailed("malformed SCRAM client nonce")
+        verifier = self._verifier
+        self._gs2_header = f"{flag},{authzid},"
+        self._nonce = client_nonce + base64.b64encode(secrets.token_bytes(18)).decode()
+        server_first = f"r={self._nonce},s={base64.b64encode(verifier.salt).decode()},i={verifier.iterations}"
+        self._auth_prefix = f"{bare},{server_first},"
+        return server_first.encode()
 
     def final(self, client_final: bytes) -> bytes:
         try:
-            self._server.set_client_final(client_final.decode())
-            return str(self._server.get_server_final()).encode()
-        except (ScramException, UnicodeDecodeError) as exc:
-            raise AuthFailed("SCRAM proof did not match") from exc
+            text = client_final.decode()
+            without_proof, proof_part = text.rsplit(",p=", 1)
+            attributes = dict(part.split("=", 1) for part in without_proof.split(","))
+            proof = base64.b64decode(proof_part, validate=True)
+            binding = base64.b64decode(attributes["c"], validate=True).decode()
+        except (UnicodeDecodeError, ValueError, KeyError) as exc:
+            raise AuthFailed("malformed SCRAM client-final message") from exc
+        if attributes.get("r") != self._nonce or binding != self._gs2_header:
+            raise AuthFailed("SCRAM nonce or channel binding mismatch")
+        verifier = self._verifier
+        auth_message = (self._auth_prefix + without_proof).encode()
+        client_signature = hmac.new(verifier.stored_key, auth_message, hashlib.sha256).digest()
+        if len(proof) != len(client_signature):
+            raise AuthFailed("SCRAM proof has the wrong length")
+        client_key = bytes(a ^ b for a, b in zip(proof, client_signature, strict=True))
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), verifier.stored_key):
+            raise AuthFailed("SCRAM proof did not match")
+        server_signature = hmac.new(verifier.server_key, auth_message, hashlib.sha256).digest()
+        return ("v=" + base64.b64encode(server_signature).decode()).encode()
 
 
 class ScramClientExchange:
@@ -134,7 +167,7 @@ def check_plain_password(user: str, secret: str, given: str) -> bool:
         return hmac.compare_digest(md5_secret(user, given), secret)
     if is_scram(secret):
         verifier = parse_scram_secret(secret)
-        salt, stored, _, _ = _MECHANISM.make_auth_info(given, verifier.iterations, verifier.salt)
+        _, stored, _, _ = _MECHANISM.make_auth_info(given, verifier.iterations, verifier.salt)
         return hmac.compare_digest(stored, verifier.stored_key)
     return hmac.compare_digest(secret, given)
 

@@ -340,7 +340,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(backend.authentication_sasl_continue(exchange.first(client_first)))
             client_final = await self._read_password()
             server_final = exchange.final(client_final)
-        except auth.AuthFailed:
+        except auth.AuthFailed as exc:
+            log.info("SCRAM authentication of %s failed: %s", self.user, exc.__cause__ or exc)
             raise self._auth_failed() from None
         self.transport.write(backend.authentication_sasl_final(server_final))
 

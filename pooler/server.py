@@ -321,7 +321,7 @@ class ServerConnection(asyncio.Protocol):
 
     def close(self, reason: str = "") -> None:
         """Terminate politely; the pool hears about it through connection_lost."""
-        if self.transport is None or self.state is ServerState.CLOSED:
+        if self.transport is None:
             return
         if reason:
             log.debug("closing server %s: %s", self.backend_pid, reason)
