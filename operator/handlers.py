@@ -1,0 +1,135 @@
+"""kopf handlers for PgPool: thin wrappers that run one idempotent reconcile and report it.
+
+Run it with `pgfleet-operator run` (or `kopf run -m pgfleet.operator.handlers`). Children
+are owned through ownerReferences, so deleting a PgPool needs no handler and no finalizer:
+Kubernetes' garbage collector removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from . import model, reconcile
+from .kube import KubeClient, object_path
+from .observe import AsyncpgProbe, DatabaseProbe
+from .settings import DEFAULT_IMAGE, OperatorSettings
+
+SETTINGS = OperatorSettings.from_env()
+RESOURCE = (model.GROUP, model.VERSION, model.PLURAL)
+ANNOTATION_PREFIX = "pgfleet.io"
+
+
+class _Runtime:
+    """What the handlers share within one run of the operator (one event loop)."""
+
+    credentials: kopf.ConnectionInfo | None = None
+    client: KubeClient | None = None
+    probe: DatabaseProbe = AsyncpgProbe()
+    pooler_image: str | None = None
+
+
+runtime = _Runtime()
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    runtime.client = None
+    runtime.credentials = None
+    runtime.probe = AsyncpgProbe(timeout=SETTINGS.probe_timeout)
+    # Our own annotation prefix: kopf's bookkeeping is visibly ours and cannot collide
+    # with another kopf operator watching the same objects.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
+    # Watches that end and restart regularly survive silent network drops.
+    settings.watching.server_timeout = int(SETTINGS.watch_server_timeout)
+    settings.watching.client_timeout = int(SETTINGS.watch_client_timeout)
+    settings.watching.connect_timeout = 30
+    # Only Warnings become Events by themselves; our own Events are posted explicitly.
+    settings.posting.level = logging.WARNING
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the ServiceAccount; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    runtime.credentials = info
+    return info
+
+
+@kopf.on.cleanup()
+async def close(**_: Any) -> None:
+    if runtime.client is not None:
+        await runtime.client.close()
+        runtime.client = None
+
+
+def _client() -> KubeClient:
+    if runtime.client is None:
+        info = runtime.credentials
+        if info is None:
+            raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=1)
+        runtime.client = KubeClient(info.server, info.as_http_headers(), info.as_ssl_context())
+    return runtime.client
+
+
+async def _pooler_image(client: KubeClient) -> str:
+    """The image for pooler pods: configured, else the operator's own, else the default."""
+    if runtime.pooler_image is None:
+        image = SETTINGS.pooler_image if os.environ.get("PGFLEET_POOLER_IMAGE") else None
+        pod_name, pod_namespace = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
+        if image is None and pod_name and pod_namespace:
+            pod = await client.get(object_path("v1", "Pod", pod_namespace, pod_name)) or {}
+            containers = pod.get("spec", {}).get("containers") or []
+            image = next((c.get("image") for c in containers if c.get("name") == "operator"), None)
+        runtime.pooler_image = image or DEFAULT_IMAGE
+    return runtime.pooler_image
+
+
+def _lock(memo: kopf.Memo) -> asyncio.Lock:
+    # Change handlers and the timer run concurrently; one reconcile at a time per PgPool.
+    lock = memo.get("lock")
+    if not isinstance(lock, asyncio.Lock):
+        lock = memo["lock"] = asyncio.Lock()
+    return lock
+
+
+async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger) -> None:
+    client = _client()
+    ctx = reconcile.Context(
+        client=client,
+        probe=runtime.probe,
+        pooler_image=await _pooler_image(client),
+        push_timeout=SETTINGS.push_timeout,
+    )
+    async with _lock(memo):
+        outcome = await reconcile.reconcile(ctx, dict(body))
+    for event in outcome.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        logger.warning(f"{event.reason}: {event.message}")
+    patch.status.update(outcome.status)
+
+
+@kopf.on.resume(*RESOURCE, id="reconcile")
+@kopf.on.create(*RESOURCE, id="reconcile")
+@kopf.on.update(*RESOURCE, id="reconcile")
+async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    await _reconcile(body, patch, memo, logger)
+
+
+def _reconciled_once(status: kopf.Status, **_: Any) -> bool:
+    # Until a change handler has run, the timer has nothing to refresh (see KUBERNETES_TESTING.md).
+    return status.get("observedGeneration") is not None
+
+
+@kopf.timer(*RESOURCE, id="refresh", interval=SETTINGS.reconcile_interval, when=_reconciled_once)
+async def refresh(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """Pick up what no PgPool change announces: a Secret appearing, the database, pod readiness."""
+    await _reconcile(body, patch, memo, logger)

@@ -1,0 +1,279 @@
+"""The PgPool resource as pydantic models: what users write (spec) and what we report (status).
+
+These models are the single description of the resource: `crd.py` turns them into the
+CRD's OpenAPI schema, and the operator parses every PgPool body with them. Field names
+are the CRD's camelCase; Python code uses the snake_case attribute names.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "pgfleet.io"
+VERSION = "v1alpha1"
+KIND = "PgPool"
+PLURAL = "pgpools"
+SINGULAR = "pgpool"
+SHORT_NAMES = ["pgp"]
+CATEGORIES = ["pgfleet"]
+
+# Kubernetes quantities ("100m", "64Mi", 1) are strings or integers.
+Quantity = str | int
+Seconds = Annotated[float, Field(ge=0)]
+
+
+def _rules(*rules: tuple[str, str]) -> dict[str, Any]:
+    """CEL rules (rule, message) for what a structural schema cannot say; crd.py keeps them."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
+class _Model(BaseModel):
+    # Unknown keys are rejected here as the API server's pruning would drop them: a typo in
+    # a spec must never turn into a silently ignored setting.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class PoolMode(str, Enum):
+    SESSION = "session"
+    TRANSACTION = "transaction"
+    STATEMENT = "statement"
+
+
+class ClientAuthType(str, Enum):
+    MD5 = "md5"
+    SCRAM_SHA_256 = "scram-sha-256"
+
+
+class ServiceType(str, Enum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+
+
+class DatabaseSpec(_Model):
+    """The PostgreSQL server the fleet fronts."""
+
+    host: str = Field(min_length=1, description="Host name or address of the PostgreSQL server (e.g. a Service name).")
+    port: int = Field(default=5432, ge=1, le=65535, description="PostgreSQL server port.")
+    dbname: str = Field(
+        min_length=1, description="Database to front; clients connect to the pooler with the same database name."
+    )
+    credentials_secret: str = Field(
+        min_length=1,
+        description=(
+            "Secret (same namespace) with keys `username` and `password`: the role the poolers log in as, "
+            "and that the operator uses to measure the database."
+        ),
+    )
+
+
+class ClientAuthSpec(_Model):
+    """How applications authenticate to the poolers."""
+
+    auth_type: ClientAuthType = Field(
+        default=ClientAuthType.SCRAM_SHA_256, description="Password method the poolers ask clients for."
+    )
+    userlist_secret: str | None = Field(
+        default=None,
+        description=(
+            "Secret (same namespace) with key `userlist.txt` in PgBouncer's auth_file format "
+            '(`"user" "password"` lines). Unset: clients log in as the credentialsSecret user.'
+        ),
+    )
+
+
+class RolloutSpec(_Model):
+    """Rolling-update bounds; maxSurge counts against the backend budget."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            (
+                "self.maxSurge > 0 || self.maxUnavailable > 0",
+                "rollout.maxSurge and rollout.maxUnavailable cannot both be 0",
+            ),
+        )
+    )
+
+    max_surge: int = Field(
+        default=1, ge=0, le=10, description="Extra pods a rollout may start; each one gets a share of the budget."
+    )
+    max_unavailable: int = Field(default=0, ge=0, le=10, description="Pods a rollout may take down before replacing.")
+
+
+class BudgetSpec(_Model):
+    """How many PostgreSQL backends the whole fleet may hold at once."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            (
+                "has(self.maxBackends) || has(self.maxBackendsPercent)",
+                "budget needs maxBackends, maxBackendsPercent or both",
+            ),
+            (
+                "!has(self.maxBackends) || self.reserve < self.maxBackends",
+                "budget.reserve must be below budget.maxBackends",
+            ),
+        )
+    )
+
+    max_backends: int | None = Field(default=None, ge=1, description="Absolute backend budget for the fleet.")
+    max_backends_percent: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Budget as a percentage of the database's max_connections (the smaller one wins if both are set).",
+    )
+    reserve: int = Field(default=0, ge=0, description="Backends kept free for others (migrations, admins, jobs).")
+
+
+class PoolerSpec(_Model):
+    """Pooler settings; names and meanings are PgBouncer's."""
+
+    max_client_conn: int = Field(default=1000, ge=1, description="Client connections each pooler pod accepts.")
+    max_prepared_statements: int = Field(
+        default=200, ge=0, description="Prepared statements tracked per server connection; 0 disables tracking."
+    )
+    query_wait_timeout: Seconds = Field(default=120.0, description="Seconds a client may wait for a server.")
+    query_timeout: Seconds = Field(default=0.0, description="Cancel queries running longer (seconds, 0 = off).")
+    client_idle_timeout: Seconds = Field(default=0.0, description="Close idle clients after (seconds, 0 = off).")
+    idle_transaction_timeout: Seconds = Field(
+        default=0.0, description="Close clients idle in a transaction after (seconds, 0 = off)."
+    )
+    server_idle_timeout: Seconds = Field(default=600.0, description="Close unused server connections after (seconds).")
+    server_lifetime: Seconds = Field(default=3600.0, description="Close server connections older than (seconds).")
+    server_connect_timeout: Seconds = Field(
+        default=15.0, description="Give up connecting to the server after (seconds)."
+    )
+    shutdown_timeout: Seconds = Field(
+        default=30.0,
+        le=3600,
+        description="Longest a pod drains its clients on SIGTERM; the pod's grace period is set above it.",
+    )
+    ignore_startup_parameters: list[str] = Field(
+        default_factory=list, description="Client startup parameters to accept and ignore (e.g. extra_float_digits)."
+    )
+
+
+def _default_requests() -> dict[str, Quantity]:
+    return {"cpu": "100m", "memory": "64Mi"}
+
+
+class ResourcesSpec(_Model):
+    requests: dict[str, Quantity] = Field(
+        default_factory=_default_requests, description="Resource requests of a pooler pod."
+    )
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Resource limits of a pooler pod.")
+
+
+class PodSpec(_Model):
+    """Overrides for the pooler pods."""
+
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    affinity: dict[str, Any] | None = Field(default=None, description="Pod affinity (core/v1 Affinity).")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    topology_spread_constraints: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Replaces the default spread (pods spread across nodes, best effort).",
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    priority_class_name: str | None = None
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+
+
+class ServiceSpec(_Model):
+    """Overrides for the Service applications connect to."""
+
+    type: ServiceType = ServiceType.CLUSTER_IP
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class PgPoolSpec(_Model):
+    # Each pod that can exist at once needs at least one backend; with an absolute budget
+    # that is checked at admission (a percentage budget is checked once max_connections is known).
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            (
+                "!has(self.budget.maxBackends)"
+                " || self.budget.maxBackends - self.budget.reserve >= self.replicas + self.rollout.maxSurge",
+                "budget.maxBackends - budget.reserve must give every pod at least one backend:"
+                " it must be at least replicas + rollout.maxSurge",
+            ),
+        )
+    )
+
+    database: DatabaseSpec
+    client_auth: ClientAuthSpec = Field(default_factory=ClientAuthSpec)
+    pool_mode: PoolMode = Field(default=PoolMode.TRANSACTION, description="When a server connection is given back.")
+    replicas: int = Field(default=2, ge=0, le=100, description="Pooler pods (the scale subresource sets it).")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    budget: BudgetSpec
+    pooler: PoolerSpec = Field(default_factory=PoolerSpec)
+    image: str | None = Field(default=None, description="Pooler image; defaults to the operator's own image.")
+    pod: PodSpec = Field(default_factory=PodSpec)
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    paused: bool = Field(default=False, description="Stop reconciling: the operator leaves the children as they are.")
+
+
+class ConditionStatus(str, Enum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(_Model):
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class BudgetStatus(_Model):
+    """Budget facts: the allocation now, and what observation has measured."""
+
+    total: int | None = Field(default=None, description="Backends the fleet may hold (after the reserve).")
+    per_pod: int | None = Field(default=None, description="Pool size each pooler pod gets.")
+    pods: int | None = Field(default=None, description="Most pods that can exist at once (replicas + maxSurge).")
+    max_connections: int | None = Field(default=None, description="The database's max_connections, last measured.")
+    backends_in_use: int | None = Field(default=None, description="Backends of the pooler role on the database.")
+    clients: int | None = Field(default=None, description="Client connections across the fleet.")
+
+
+class PgPoolStatus(_Model):
+    observed_generation: int | None = None
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
+    conditions: list[Condition] = Field(default_factory=list)
+    budget: BudgetStatus = Field(default_factory=BudgetStatus)
+
+
+class PgPool(_Model):
+    """A whole PgPool object as the operator reads it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: str = f"{GROUP}/{VERSION}"
+    kind: str = KIND
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: PgPoolSpec
+    status: PgPoolStatus = Field(default_factory=PgPoolStatus)
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata["name"])
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata["namespace"])
+
+    @property
+    def generation(self) -> int | None:
+        value = self.metadata.get("generation")
+        return int(value) if value is not None else None

@@ -1,0 +1,447 @@
+"""Desired children of a PgPool, as plain Kubernetes objects: pure functions, no API calls.
+
+`render(pgpool, facts)` returns every object the operator keeps for one PgPool. Each
+object carries a `pgfleet.io/spec-hash` annotation over its own content, so the operator
+patches only what changed. The pod template carries `pgfleet.io/config-hash` over the
+pooler settings that need a restart; pool limits are left out of it on purpose, because
+they are pushed to running pods (PUT /limits) instead of rolling them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from pgfleet.pooler.config import AuthType, DatabaseConfig, PoolerConfig, dump_config
+from pgfleet.pooler.config import PoolMode as PoolerPoolMode
+
+from . import model
+from .budget import Allocation
+
+Obj = dict[str, Any]
+
+SPEC_HASH = "pgfleet.io/spec-hash"
+CONFIG_HASH = "pgfleet.io/config-hash"
+
+POSTGRES_PORT = 5432
+HTTP_PORT = 8080
+CONFIG_DIR = "/etc/pgfleet"
+CONFIG_FILE = f"{CONFIG_DIR}/pooler.yaml"
+USERLIST_FILE = f"{CONFIG_DIR}/userlist.txt"
+TOKEN_FILE = f"{CONFIG_DIR}/token"
+# The image's user (see Dockerfile); numeric so the kubelet can check runAsNonRoot.
+POOLER_UID = 10001
+# Time past the pooler's own drain for the process to exit before SIGKILL.
+GRACE_MARGIN_SECONDS = 15
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What rendering needs beyond the PgPool itself; the handlers gather it."""
+
+    image: str
+    username: str  # role the poolers log in to PostgreSQL as
+    password: str
+    allocation: Allocation
+    token: str  # bearer token of the pooler's HTTP control port
+    client_userlist: dict[str, str] | None = None  # from clientAuth.userlistSecret
+
+
+@dataclass(frozen=True, slots=True)
+class Children:
+    config_map: Obj
+    auth_secret: Obj
+    token_secret: Obj
+    app_secret: Obj
+    service: Obj
+    deployment: Obj
+    pdb: Obj | None  # None: there must be no PodDisruptionBudget
+
+    def present(self) -> list[Obj]:
+        objs = [self.config_map, self.auth_secret, self.token_secret, self.app_secret, self.service, self.deployment]
+        return [*objs, self.pdb] if self.pdb is not None else objs
+
+
+# -- names and labels -------------------------------------------------------------------
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def auth_secret_name(name: str) -> str:
+    return f"{name}-auth"
+
+
+def token_secret_name(name: str) -> str:
+    return f"{name}-token"
+
+
+def app_secret_name(name: str) -> str:
+    return f"{name}-app"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "pgfleet-pooler", "app.kubernetes.io/instance": name}
+
+
+def selector_string(name: str) -> str:
+    """The pods' label selector in the string form the scale subresource reports."""
+    return ",".join(f"{key}={value}" for key, value in sorted(selector_labels(name).items()))
+
+
+def common_labels(name: str) -> dict[str, str]:
+    return {
+        **selector_labels(name),
+        "app.kubernetes.io/component": "pooler",
+        "app.kubernetes.io/managed-by": "pgfleet-operator",
+    }
+
+
+def spec_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _meta(pgpool: model.PgPool, name: str, annotations: dict[str, str] | None = None) -> Obj:
+    meta: Obj = {
+        "name": name,
+        "namespace": pgpool.namespace,
+        "labels": common_labels(pgpool.name),
+        "ownerReferences": [
+            {
+                "apiVersion": pgpool.api_version,
+                "kind": pgpool.kind,
+                "name": pgpool.name,
+                "uid": pgpool.metadata["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def _stamped(obj: Obj) -> Obj:
+    """The object with a hash of its own content in `pgfleet.io/spec-hash`."""
+    digest = spec_hash(obj)
+    obj["metadata"].setdefault("annotations", {})[SPEC_HASH] = digest
+    return obj
+
+
+# -- the pooler's configuration ---------------------------------------------------------
+def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
+    spec = pgpool.spec
+    pooler = spec.pooler
+    per_pod = facts.allocation.per_pod
+    return PoolerConfig(
+        listen_addr="0.0.0.0",
+        listen_port=POSTGRES_PORT,
+        auth_type=AuthType(spec.client_auth.auth_type.value),
+        auth_file=USERLIST_FILE,
+        pool_mode=PoolerPoolMode(spec.pool_mode.value),
+        max_client_conn=pooler.max_client_conn,
+        default_pool_size=per_pod,
+        # The hard cap: whatever users connect as, one pod never holds more backends.
+        max_db_connections=per_pod,
+        max_prepared_statements=pooler.max_prepared_statements,
+        query_wait_timeout=pooler.query_wait_timeout,
+        query_timeout=pooler.query_timeout,
+        client_idle_timeout=pooler.client_idle_timeout,
+        idle_transaction_timeout=pooler.idle_transaction_timeout,
+        server_idle_timeout=pooler.server_idle_timeout,
+        server_lifetime=pooler.server_lifetime,
+        server_connect_timeout=pooler.server_connect_timeout,
+        shutdown_timeout=pooler.shutdown_timeout,
+        ignore_startup_parameters=list(pooler.ignore_startup_parameters),
+        http_listen_addr="0.0.0.0",
+        http_listen_port=HTTP_PORT,
+        http_token_file=TOKEN_FILE,
+        databases={
+            spec.database.dbname: DatabaseConfig(
+                host=spec.database.host,
+                port=spec.database.port,
+                dbname=spec.database.dbname,
+                user=facts.username,
+                pool_size=per_pod,
+                max_db_connections=per_pod,
+            )
+        },
+    )
+
+
+def live_limits(pgpool: model.PgPool, allocation: Allocation) -> dict[str, Any]:
+    """Body of the pooler's PUT /limits that brings a running pod to this allocation."""
+    return {
+        "default_pool_size": allocation.per_pod,
+        "databases": {pgpool.spec.database.dbname: {"pool_size": allocation.per_pod}},
+    }
+
+
+def _without_limits(config: PoolerConfig) -> Obj:
+    # Limits change with replicas and observations; they reach running pods live.
+    data = config.model_dump(mode="json")
+    for key in ("default_pool_size", "max_db_connections"):
+        data.pop(key)
+    for db in data["databases"].values():
+        for key in ("pool_size", "max_db_connections"):
+            db.pop(key)
+    return data
+
+
+def userlist(facts: Facts) -> str:
+    """PgBouncer auth_file text: the server role first, then the client users."""
+
+    def line(user: str, secret: str) -> str:
+        return '"{}" "{}"\n'.format(user.replace('"', '""'), secret.replace('"', '""'))
+
+    lines = [line(facts.username, facts.password)]
+    for user, secret in (facts.client_userlist or {}).items():
+        if user != facts.username:  # the server role's real password must win
+            lines.append(line(user, secret))
+    return "".join(lines)
+
+
+# -- the objects --------------------------------------------------------------------------
+def render_config_map(pgpool: model.PgPool, config: PoolerConfig) -> Obj:
+    return _stamped(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(pgpool, config_map_name(pgpool.name)),
+            "data": {"pooler.yaml": dump_config(config)},
+        }
+    )
+
+
+def render_auth_secret(pgpool: model.PgPool, facts: Facts) -> Obj:
+    return _stamped(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _meta(pgpool, auth_secret_name(pgpool.name)),
+            "type": "Opaque",
+            "stringData": {"userlist.txt": userlist(facts)},
+        }
+    )
+
+
+def render_token_secret(pgpool: model.PgPool, facts: Facts) -> Obj:
+    return _stamped(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _meta(pgpool, token_secret_name(pgpool.name)),
+            "type": "Opaque",
+            "stringData": {"token": facts.token},
+        }
+    )
+
+
+def app_credentials(facts: Facts) -> tuple[str, str]:
+    """The user an application connects as: the first client user, else the server role."""
+    for user, secret in (facts.client_userlist or {}).items():
+        return user, secret
+    return facts.username, facts.password
+
+
+def render_app_secret(pgpool: model.PgPool, facts: Facts) -> Obj:
+    host = f"{pgpool.name}.{pgpool.namespace}.svc"
+    user, password = app_credentials(facts)
+    dbname = pgpool.spec.database.dbname
+    uri = f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{POSTGRES_PORT}/{quote(dbname, safe='')}"
+    return _stamped(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _meta(pgpool, app_secret_name(pgpool.name)),
+            "type": "Opaque",
+            "stringData": {
+                "host": host,
+                "port": str(POSTGRES_PORT),
+                "dbname": dbname,
+                "username": user,
+                "password": password,
+                "uri": uri,
+            },
+        }
+    )
+
+
+def render_service(pgpool: model.PgPool) -> Obj:
+    svc = pgpool.spec.service
+    return _stamped(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(pgpool, pgpool.name, svc.annotations),
+            "spec": {
+                "type": svc.type.value,
+                "selector": selector_labels(pgpool.name),
+                "ports": [{"name": "postgres", "port": POSTGRES_PORT, "targetPort": "postgres", "protocol": "TCP"}],
+            },
+        }
+    )
+
+
+def _default_spread(name: str) -> list[Obj]:
+    # Best effort: losing a node should not take the whole fleet, but a small cluster
+    # must still be able to schedule every replica.
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector_labels(name)},
+        }
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+    ]
+
+
+def _http_probe(path: str, period: int, failures: int) -> Obj:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def render_deployment(pgpool: model.PgPool, facts: Facts, config: PoolerConfig) -> Obj:
+    spec = pgpool.spec
+    pod = spec.pod
+    name = pgpool.name
+    restart_hash = spec_hash({"config": _without_limits(config), "userlist": userlist(facts)})
+    resources: Obj = {"requests": dict(pod.resources.requests)}
+    if pod.resources.limits:
+        resources["limits"] = dict(pod.resources.limits)
+    container: Obj = {
+        "name": "pooler",
+        "image": spec.image or facts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["pgfleet-pooler", "--config", CONFIG_FILE],
+        "ports": [
+            {"name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP"},
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+        ],
+        # Readiness turns false as soon as a drain starts, so the Service stops sending
+        # new clients to a pod that is shutting down.
+        "readinessProbe": _http_probe("/readyz", period=5, failures=2),
+        "livenessProbe": _http_probe("/healthz", period=10, failures=3),
+        "resources": resources,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: Obj = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": math.ceil(spec.pooler.shutdown_timeout) + GRACE_MARGIN_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": POOLER_UID,
+            "runAsGroup": POOLER_UID,
+            "fsGroup": POOLER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "topologySpreadConstraints": (
+            pod.topology_spread_constraints if pod.topology_spread_constraints is not None else _default_spread(name)
+        ),
+        "volumes": [
+            {
+                "name": "config",
+                "projected": {
+                    "defaultMode": 0o440,
+                    "sources": [
+                        {
+                            "configMap": {
+                                "name": config_map_name(name),
+                                "items": [{"key": "pooler.yaml", "path": "pooler.yaml"}],
+                            }
+                        },
+                        {
+                            "secret": {
+                                "name": auth_secret_name(name),
+                                "items": [{"key": "userlist.txt", "path": "userlist.txt"}],
+                            }
+                        },
+                        {"secret": {"name": token_secret_name(name), "items": [{"key": "token", "path": "token"}]}},
+                    ],
+                },
+            },
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+        ],
+    }
+    if pod.affinity:
+        pod_spec["affinity"] = pod.affinity
+    if pod.tolerations:
+        pod_spec["tolerations"] = pod.tolerations
+    if pod.node_selector:
+        pod_spec["nodeSelector"] = pod.node_selector
+    if pod.priority_class_name:
+        pod_spec["priorityClassName"] = pod.priority_class_name
+    # No pods while the budget cannot give each one a backend: zero pods hold zero backends.
+    replicas = 0 if facts.allocation.shortfall else spec.replicas
+    return _stamped(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _meta(pgpool, name),
+            "spec": {
+                "replicas": replicas,
+                "revisionHistoryLimit": 3,
+                "selector": {"matchLabels": selector_labels(name)},
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {
+                        "maxSurge": spec.rollout.max_surge,
+                        "maxUnavailable": spec.rollout.max_unavailable,
+                    },
+                },
+                "template": {
+                    "metadata": {
+                        "labels": {**pod.labels, **common_labels(name)},
+                        "annotations": {**pod.annotations, CONFIG_HASH: restart_hash},
+                    },
+                    "spec": pod_spec,
+                },
+            },
+        }
+    )
+
+
+def render_pdb(pgpool: model.PgPool) -> Obj | None:
+    if pgpool.spec.replicas <= 1:
+        return None  # a PDB over one pod would block every node drain
+    return _stamped(
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _meta(pgpool, pgpool.name),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(pgpool.name)}},
+        }
+    )
+
+
+def render(pgpool: model.PgPool, facts: Facts) -> Children:
+    config = pooler_config(pgpool, facts)
+    return Children(
+        config_map=render_config_map(pgpool, config),
+        auth_secret=render_auth_secret(pgpool, facts),
+        token_secret=render_token_secret(pgpool, facts),
+        app_secret=render_app_secret(pgpool, facts),
+        service=render_service(pgpool),
+        deployment=render_deployment(pgpool, facts, config),
+        pdb=render_pdb(pgpool),
+    )
