@@ -1,0 +1,126 @@
+"""Fixtures for the operator tests: example objects, the emulated API server, a running operator."""
+
+from __future__ import annotations
+
+import os
+
+# The handlers module reads its settings once, when it is first imported: make the
+# operator's intervals short before anything imports it.
+os.environ.setdefault("PGFLEET_RECONCILE_INTERVAL", "0.3")
+os.environ.setdefault("PGFLEET_PUSH_TIMEOUT", "1")
+os.environ.setdefault("PGFLEET_PROBE_TIMEOUT", "2")
+os.environ.setdefault("PGFLEET_POOLER_IMAGE", "pgfleet:test")
+
+import copy
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pgpool_body(**spec_overrides: Any) -> dict[str, Any]:
+    """A PgPool as the API server would hold it (with metadata the server assigns)."""
+    spec: dict[str, Any] = {
+        "database": {"host": "db.example", "port": 5432, "dbname": "app", "credentialsSecret": "app-db"},
+        "replicas": 3,
+        "budget": {"maxBackends": 40, "reserve": 4},
+    }
+    spec.update(copy.deepcopy(spec_overrides))
+    return {
+        "apiVersion": "pgfleet.io/v1alpha1",
+        "kind": "PgPool",
+        "metadata": {"name": "main", "namespace": "shop", "uid": "1234-uid", "generation": 1},
+        "spec": spec,
+    }
+
+
+@pytest.fixture()
+def kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    def write(server: str) -> Path:
+        path = tmp_path / "kubeconfig"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "test",
+                    "clusters": [{"name": "test", "cluster": {"server": server}}],
+                    "users": [{"name": "test", "user": {"token": "test-token"}}],
+                    "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+                }
+            )
+        )
+        monkeypatch.setenv("KUBECONFIG", str(path))
+        return path
+
+    return write
+
+
+@pytest.fixture()
+async def api() -> AsyncIterator[Any]:
+    """The emulated Kubernetes API with the built-in kinds and the PgPool CRD's resource."""
+    import kmock
+
+    from .emulator import FakeKubernetes
+
+    async with FakeKubernetes() as emulator, kmock.Server(emulator):
+        with warnings.catch_warnings():
+            # kmock 0.8 reads its bundled resource list with a deprecated importlib call.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            emulator.resources.load_bundled()
+        emulator.resources["pgfleet.io/v1alpha1/pgpools"] = kmock.ResourceInfo(
+            kind="PgPool",
+            singular="pgpool",
+            namespaced=True,
+            shortnames={"pgp"},
+            categories={"pgfleet"},
+            subresources={"status", "scale"},
+            verbs={"list", "watch", "get", "create", "patch", "update", "delete"},
+        )
+        yield emulator
+
+
+async def eventually(check: Any, *, timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll `check()` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Any = None
+    while loop.time() < deadline:
+        last = check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Any:
+    from pgfleet.devtools.tempdb import TempPostgres
+
+    with TempPostgres(max_connections=50) as pg:
+        yield pg
+
+
+@pytest.fixture()
+async def operator(api: Any, kubeconfig: Any) -> AsyncIterator[Any]:
+    """The real operator (kopf CLI in a thread) talking to the emulated API server."""
+    import asyncio
+
+    from kopf.testing import KopfRunner
+
+    kubeconfig(str(api.url))
+    runner = KopfRunner(["run", "--standalone", "-A", "-m", "pgfleet.operator.handlers"], timeout=30)
+    runner.__enter__()
+    try:
+        await eventually(lambda: api.seen("watch", "pgfleet.io/v1alpha1/pgpools"), what="the operator's PgPool watch")
+        yield runner
+    finally:
+        await asyncio.to_thread(runner.__exit__, None, None, None)
+    assert runner.exception is None, runner.output

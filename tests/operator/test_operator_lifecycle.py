@@ -1,0 +1,145 @@
+"""The real kopf operator, as a process, against the emulated API server and a real PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .conftest import eventually
+
+PGPOOLS = "pgfleet.io/v1alpha1/pgpools"
+DEPLOYMENTS = "apps/v1/deployments"
+CONFIGMAPS = "/v1/configmaps"
+SECRETS = "/v1/secrets"
+SERVICES = "/v1/services"
+PDBS = "policy/v1/poddisruptionbudgets"
+EVENTS = "/v1/events"
+NS = "shop"
+
+
+def pgpool(postgres: Any, name: str = "main", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "pgfleet.io/v1alpha1",
+        "kind": "PgPool",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "database": {"host": "127.0.0.1", "port": postgres.port, "dbname": "postgres", "credentialsSecret": "db-creds"},
+            "replicas": 3,
+            "budget": {"maxBackends": 40, "reserve": 4},
+            **spec,
+        },
+    }
+    return body
+
+
+def creds_secret() -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "db-creds", "namespace": NS},
+        "stringData": {"username": "md5user", "password": "md5pass"},
+    }
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for cond in (obj or {}).get("status", {}).get("conditions", []):
+        if cond["type"] == type_:
+            return dict(cond)
+    return None
+
+
+def children(api: Any, name: str = "main") -> dict[str, Any]:
+    return {
+        "deployment": api.get(DEPLOYMENTS, NS, name),
+        "service": api.get(SERVICES, NS, name),
+        "config": api.get(CONFIGMAPS, NS, f"{name}-config"),
+        "auth": api.get(SECRETS, NS, f"{name}-auth"),
+        "token": api.get(SECRETS, NS, f"{name}-token"),
+        "app": api.get(SECRETS, NS, f"{name}-app"),
+        "pdb": api.get(PDBS, NS, name),
+    }
+
+
+async def test_create_update_delete(api: Any, operator: Any, postgres: Any) -> None:
+    await api.put_object(SECRETS, creds_secret())
+    created = await api.put_object(PGPOOLS, pgpool(postgres))
+    uid = created["metadata"]["uid"]
+
+    # create -> every child, owned by the PgPool, and a status that says what happened
+    def reconciled(generation: int) -> dict[str, Any] | None:
+        obj = api.get(PGPOOLS, NS, "main")
+        return obj if obj and obj.get("status", {}).get("observedGeneration") == generation else None
+
+    obj = await eventually(lambda: reconciled(1), what="status.observedGeneration == 1")
+    kids = children(api)
+    assert all(kids.values()), {k: bool(v) for k, v in kids.items()}
+    for kid in kids.values():
+        (owner,) = kid["metadata"]["ownerReferences"]
+        assert owner["uid"] == uid and owner["kind"] == "PgPool" and owner["controller"] is True
+    status = obj["status"]
+    assert status["selector"] == "app.kubernetes.io/instance=main,app.kubernetes.io/name=pgfleet-pooler"
+    assert status["budget"]["total"] == 36 and status["budget"]["perPod"] == 9 and status["budget"]["pods"] == 4
+    assert status["budget"]["maxConnections"] == 50
+    assert condition(obj, "DatabaseReachable")["status"] == "True"  # type: ignore[index]
+    assert condition(obj, "BudgetEnforced")["status"] == "True"  # type: ignore[index]
+    ready = condition(obj, "Ready")
+    assert ready and ready["status"] == "False" and ready["reason"] == "PodsNotReady"
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+    config = yaml.safe_load(kids["config"]["data"]["pooler.yaml"])
+    assert config["databases"]["postgres"]["pool_size"] == 9
+
+    # Pods becoming ready (the Deployment controller's job, played here) turn Ready true.
+    await api.patch_object(DEPLOYMENTS, NS, "main", {"status": {"replicas": 3, "readyReplicas": 3}}, status=True)
+    obj = await eventually(
+        lambda: (c := condition(api.get(PGPOOLS, NS, "main"), "Ready")) and c["status"] == "True",
+        what="Ready=True after the pods are ready",
+    )
+
+    # spec change -> children patched, new observedGeneration
+    template_before = kids["deployment"]["spec"]["template"]
+    await api.patch_object(PGPOOLS, NS, "main", {"spec": {"replicas": 5, "budget": {"maxBackends": 60}}})
+    obj = await eventually(lambda: reconciled(2), what="status.observedGeneration == 2")
+    kids = children(api)
+    assert kids["deployment"]["spec"]["replicas"] == 5
+    assert obj["status"]["budget"]["perPod"] == 9  # (60 - 4) // (5 + 1)
+    # A pool-size change reaches pods live; it must not roll them.
+    assert kids["deployment"]["spec"]["template"] == template_before
+    assert all(c["observedGeneration"] == 2 for c in obj["status"]["conditions"])
+
+    await api.patch_object(PGPOOLS, NS, "main", {"spec": {"poolMode": "session", "replicas": 1}})
+    await eventually(lambda: reconciled(3), what="status.observedGeneration == 3")
+    kids = children(api)
+    assert yaml.safe_load(kids["config"]["data"]["pooler.yaml"])["pool_mode"] == "session"
+    assert kids["deployment"]["spec"]["template"] != template_before  # a restart-worthy change rolls
+    assert kids["pdb"] is None  # one replica: no PodDisruptionBudget to block node drains
+
+    # delete -> the PgPool and, through owner references, all its children are gone
+    await api.delete_object(PGPOOLS, NS, "main")
+    await eventually(lambda: api.get(PGPOOLS, NS, "main") is None, what="the PgPool to be deleted")
+    assert not any(children(api).values())
+    assert api.get(SECRETS, NS, "db-creds") is not None  # the user's Secret is not ours to delete
+
+
+async def test_missing_secret_then_recovery(api: Any, operator: Any, postgres: Any) -> None:
+    await api.put_object(PGPOOLS, pgpool(postgres, name="early"))
+
+    def missing() -> Any:
+        cond = condition(api.get(PGPOOLS, NS, "early"), "Ready")
+        return cond if cond and cond["reason"] == "SecretMissing" else None
+
+    cond = await eventually(missing, what="Ready=False with reason SecretMissing")
+    assert cond["status"] == "False" and "db-creds" in cond["message"]
+    event = await eventually(
+        lambda: [e for e in api.all(EVENTS, NS) if e.get("reason") == "SecretMissing"], what="a SecretMissing Event"
+    )
+    assert event[0]["type"] == "Warning" and event[0]["involvedObject"]["name"] == "early"
+    assert api.get(DEPLOYMENTS, NS, "early") is None  # nothing rendered without credentials
+
+    await api.put_object(SECRETS, creds_secret())
+    await eventually(lambda: api.get(DEPLOYMENTS, NS, "early"), what="the Deployment once the Secret exists")
+    reachable = await eventually(
+        lambda: (c := condition(api.get(PGPOOLS, NS, "early"), "DatabaseReachable")) and c["status"] == "True" and c,
+        what="DatabaseReachable=True once the Secret exists",
+    )
+    assert reachable["reason"] == "Connected"
