@@ -129,7 +129,9 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         async with self._state:
             return await self._create(resource, obj.get("metadata", {}).get("namespace"), obj)
 
-    async def patch_object(self, resource: str, namespace: str | None, name: str, patch: Obj, *, status: bool = False) -> Obj:
+    async def patch_object(
+        self, resource: str, namespace: str | None, name: str, patch: Obj, *, status: bool = False
+    ) -> Obj:
         async with self._state:
             return await self._patch((resource, namespace, name), patch, subresource="status" if status else None)
 
@@ -176,9 +178,11 @@ class FakeKubernetes(kmock.KubernetesEmulator):
                 raise kmock.KubernetesError(status=409, reason="Conflict", message="the object has been modified")
             new = _merge(old, body)
         if subresource == "status":
-            new = {**old, "status": new.get("status")} if new.get("status") is not None else {
-                k: v for k, v in old.items() if k != "status"
-            }
+            new = (
+                {**old, "status": new.get("status")}
+                if new.get("status") is not None
+                else {k: v for k, v in old.items() if k != "status"}
+            )
         else:
             if "status" in old:
                 new["status"] = old["status"]
@@ -237,7 +241,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):
             raise kmock.KubernetesResourceNotFoundError()
 
     def _list_kind(self, request: rendering.Request) -> str:
-        info = self.resources[request.resource] if request.resource in self.resources else None
+        info = self.resources.get(request.resource)
         return f"{info.kind}List" if info is not None and info.kind else "List"
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
@@ -248,10 +252,17 @@ class FakeKubernetes(kmock.KubernetesEmulator):
             items = [
                 copy.deepcopy(obj)
                 for (res, ns, _), obj in sorted(self.store.items(), key=lambda kv: str(kv[0]))
-                if res == resource and (request.namespace is None or ns == request.namespace) and _matches(obj, selector)
+                if res == resource
+                and (request.namespace is None or ns == request.namespace)
+                and _matches(obj, selector)
             ]
             version = str(next(self._versions))
-        return {"apiVersion": "v1", "kind": self._list_kind(request), "metadata": {"resourceVersion": version}, "items": items}
+        return {
+            "apiVersion": "v1",
+            "kind": self._list_kind(request),
+            "metadata": {"resourceVersion": version},
+            "items": items,
+        }
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
         self._known(request)

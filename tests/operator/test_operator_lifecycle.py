@@ -24,7 +24,12 @@ def pgpool(postgres: Any, name: str = "main", **spec: Any) -> dict[str, Any]:
         "kind": "PgPool",
         "metadata": {"name": name, "namespace": NS},
         "spec": {
-            "database": {"host": "127.0.0.1", "port": postgres.port, "dbname": "postgres", "credentialsSecret": "db-creds"},
+            "database": {
+                "host": "127.0.0.1",
+                "port": postgres.port,
+                "dbname": "postgres",
+                "credentialsSecret": "db-creds",
+            },
             "replicas": 3,
             "budget": {"maxBackends": 40, "reserve": 4},
             **spec,

@@ -1,0 +1,265 @@
+"""Every rendered child of a PgPool, as data."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pytest
+import yaml
+from pgfleet.operator import model, render
+from pgfleet.operator.budget import allocate
+from pgfleet.pooler.config import AuthType, PoolMode, parse_config
+from pgfleet.pooler.userlist import parse_userlist
+
+from .conftest import pgpool_body
+
+
+def pool(**spec: Any) -> model.PgPool:
+    return model.PgPool.model_validate(pgpool_body(**spec))
+
+
+def facts_for(p: model.PgPool, **changes: Any) -> render.Facts:
+    alloc = allocate(
+        replicas=p.spec.replicas,
+        max_surge=p.spec.rollout.max_surge,
+        max_backends=p.spec.budget.max_backends,
+        max_backends_percent=p.spec.budget.max_backends_percent,
+        reserve=p.spec.budget.reserve,
+        max_connections=100,
+    )
+    base = render.Facts(image="pgfleet:1.2", username="app", password="s3cret", allocation=alloc, token="tok")
+    return dataclasses.replace(base, **changes)
+
+
+def children(**spec: Any) -> render.Children:
+    p = pool(**spec)
+    return render.render(p, facts_for(p))
+
+
+def pod_spec(kids: render.Children) -> dict[str, Any]:
+    return dict(kids.deployment["spec"]["template"]["spec"])
+
+
+def test_config_map_is_a_pooler_config() -> None:
+    kids = children()
+    config = parse_config(yaml.safe_load(kids.config_map["data"]["pooler.yaml"]), "rendered")
+    # main: budget 40 - 4 reserve over 3 replicas + 1 surge
+    assert config.default_pool_size == 9 and config.max_db_connections == 9
+    assert (config.listen_addr, config.listen_port) == ("0.0.0.0", 5432)
+    assert config.pool_mode is PoolMode.TRANSACTION
+    assert config.auth_type is AuthType.SCRAM_SHA_256 and config.auth_file == render.USERLIST_FILE
+    assert (config.http_listen_addr, config.http_listen_port) == ("0.0.0.0", render.HTTP_PORT)
+    assert config.http_token_file == render.TOKEN_FILE
+    db = config.databases["app"]
+    assert (db.host, db.port, db.dbname, db.user) == ("db.example", 5432, "app", "app")
+    assert db.pool_size == 9 and db.max_db_connections == 9
+    assert db.password is None  # the password lives in the auth Secret, never in a ConfigMap
+
+
+def test_pooler_settings_are_carried_over() -> None:
+    kids = children(
+        poolMode="statement",
+        pooler={"maxClientConn": 5000, "queryWaitTimeout": 7, "shutdownTimeout": 50, "ignoreStartupParameters": ["x"]},
+    )
+    config = parse_config(yaml.safe_load(kids.config_map["data"]["pooler.yaml"]))
+    assert config.pool_mode is PoolMode.STATEMENT and config.max_client_conn == 5000
+    assert config.query_wait_timeout == 7 and config.shutdown_timeout == 50
+    assert config.ignore_startup_parameters == ["x"]
+
+
+def test_files_the_config_names_are_mounted() -> None:
+    kids = children()
+    spec = pod_spec(kids)
+    (container,) = spec["containers"]
+    assert container["command"] == ["pgfleet-pooler", "--config", render.CONFIG_FILE]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    paths = {
+        f"{mount['mountPath']}/{item['path']}": (kind, src["name"])
+        for source in volume["projected"]["sources"]
+        for kind, src in source.items()
+        for item in src["items"]
+    }
+    assert paths == {
+        render.CONFIG_FILE: ("configMap", "main-config"),
+        render.USERLIST_FILE: ("secret", "main-auth"),
+        render.TOKEN_FILE: ("secret", "main-token"),
+    }
+
+
+def test_deployment_is_locked_down() -> None:
+    spec = pod_spec(children())
+    (container,) = spec["containers"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert spec["automountServiceAccountToken"] is False
+    # a read-only root still needs somewhere to write temporary files
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+def test_probes_use_the_control_port() -> None:
+    (container,) = pod_spec(children())["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"postgres": 5432, "http": render.HTTP_PORT}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+
+
+@pytest.mark.parametrize("shutdown", [0, 30, 299.5])
+def test_grace_period_outlasts_the_drain(shutdown: float) -> None:
+    spec = pod_spec(children(pooler={"shutdownTimeout": shutdown}))
+    assert spec["terminationGracePeriodSeconds"] > shutdown
+
+
+def test_default_topology_spread_and_overrides() -> None:
+    spread = pod_spec(children())["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    assert all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in spread)
+    assert all(c["labelSelector"]["matchLabels"] == render.selector_labels("main") for c in spread)
+
+    custom = [{"maxSkew": 2, "topologyKey": "rack", "whenUnsatisfiable": "DoNotSchedule"}]
+    tolerations = [{"key": "pool", "operator": "Exists"}]
+    spec = pod_spec(
+        children(
+            pod={
+                "topologySpreadConstraints": custom,
+                "tolerations": tolerations,
+                "nodeSelector": {"disk": "ssd"},
+                "priorityClassName": "high",
+                "affinity": {"nodeAffinity": {}},
+            }
+        )
+    )
+    assert spec["topologySpreadConstraints"] == custom and spec["tolerations"] == tolerations
+    assert spec["nodeSelector"] == {"disk": "ssd"} and spec["priorityClassName"] == "high"
+    assert spec["affinity"] == {"nodeAffinity": {}}
+
+
+def test_resources_default_and_override() -> None:
+    (container,) = pod_spec(children())["containers"]
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "64Mi"}}
+    (container,) = pod_spec(children(pod={"resources": {"requests": {"cpu": 1}, "limits": {"memory": "1Gi"}}}))[
+        "containers"
+    ]
+    assert container["resources"] == {"requests": {"cpu": 1}, "limits": {"memory": "1Gi"}}
+
+
+def test_image_defaults_to_the_operators_and_can_be_overridden() -> None:
+    assert pod_spec(children())["containers"][0]["image"] == "pgfleet:1.2"
+    assert pod_spec(children(image="registry/pooler:9"))["containers"][0]["image"] == "registry/pooler:9"
+
+
+def test_rollout_bounds_are_the_budgets() -> None:
+    dep = children(rollout={"maxSurge": 2, "maxUnavailable": 1}).deployment
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 2, "maxUnavailable": 1}}
+    assert dep["spec"]["replicas"] == 3
+
+
+def test_no_pods_while_the_budget_cannot_feed_them() -> None:
+    p = pool(replicas=3, budget={"maxBackendsPercent": 50})
+    kids = render.render(
+        p, facts_for(p, allocation=allocate(replicas=3, max_surge=1, max_backends=None, max_backends_percent=50))
+    )
+    assert kids.deployment["spec"]["replicas"] == 0
+
+
+def _template_hash(kids: render.Children) -> str:
+    return str(kids.deployment["spec"]["template"]["metadata"]["annotations"][render.CONFIG_HASH])
+
+
+def test_pool_limits_do_not_roll_pods_but_settings_do() -> None:
+    base = _template_hash(children())
+    # Budget and replicas change only pool sizes: pushed live, same pod template.
+    assert _template_hash(children(replicas=7, budget={"maxBackends": 90, "reserve": 1})) == base
+    assert _template_hash(children(poolMode="session")) != base
+    assert _template_hash(children(pooler={"serverLifetime": 60})) != base
+    p = pool()
+    rotated = render.render(p, facts_for(p, password="new"))
+    assert _template_hash(rotated) != base  # a new password needs the pods to reread the userlist
+
+
+def test_every_child_is_owned_stamped_and_labelled() -> None:
+    kids = children()
+    for obj in kids.present():
+        meta = obj["metadata"]
+        assert meta["namespace"] == "shop"
+        assert meta["ownerReferences"] == [
+            {"apiVersion": "pgfleet.io/v1alpha1", "kind": "PgPool", "name": "main", "uid": "1234-uid",
+             "controller": True, "blockOwnerDeletion": True}
+        ]  # fmt: skip
+        assert len(meta["annotations"][render.SPEC_HASH]) == 16
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "pgfleet-operator"
+    assert [o["kind"] for o in kids.present()] == [
+        "ConfigMap", "Secret", "Secret", "Secret", "Service", "Deployment", "PodDisruptionBudget"
+    ]  # fmt: skip
+
+
+def test_spec_hash_is_deterministic_and_tracks_content() -> None:
+    a, b = children(), children()
+    assert [o["metadata"]["annotations"][render.SPEC_HASH] for o in a.present()] == [
+        o["metadata"]["annotations"][render.SPEC_HASH] for o in b.present()
+    ]
+    c = children(service={"type": "LoadBalancer"})
+    assert (
+        c.service["metadata"]["annotations"][render.SPEC_HASH] != a.service["metadata"]["annotations"][render.SPEC_HASH]
+    )
+    assert c.deployment == a.deployment
+
+
+def test_service_fronts_the_pods() -> None:
+    kids = children(service={"type": "NodePort", "annotations": {"lb": "yes"}})
+    svc = kids.service
+    assert svc["metadata"]["name"] == "main"
+    assert svc["spec"]["type"] == "NodePort" and svc["metadata"]["annotations"]["lb"] == "yes"
+    assert svc["spec"]["ports"] == [{"name": "postgres", "port": 5432, "targetPort": "postgres", "protocol": "TCP"}]
+    pod_labels = kids.deployment["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert kids.deployment["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+
+
+def test_app_secret_has_a_ready_uri() -> None:
+    p = pool()
+    secret = render.render(p, facts_for(p, username="app", password="p@ss:/word")).app_secret
+    data = secret["stringData"]
+    assert secret["metadata"]["name"] == "main-app"
+    assert data["host"] == "main.shop.svc" and data["port"] == "5432" and data["dbname"] == "app"
+    uri = urlparse(data["uri"])
+    assert (uri.scheme, uri.hostname, uri.port, uri.path) == ("postgresql", "main.shop.svc", 5432, "/app")
+    assert unquote(uri.username or "") == "app" and unquote(uri.password or "") == "p@ss:/word"
+
+
+def test_app_secret_uses_the_first_client_user() -> None:
+    p = pool()
+    secret = render.render(p, facts_for(p, client_userlist={"shop": "x", "bi": "y"})).app_secret
+    assert (secret["stringData"]["username"], secret["stringData"]["password"]) == ("shop", "x")
+
+
+def test_userlist_has_the_server_role_and_the_clients() -> None:
+    p = pool()
+    facts = facts_for(p, username='we"ird', password="pw", client_userlist={"shop": "x", 'we"ird': "not this"})
+    text = render.render(p, facts).auth_secret["stringData"]["userlist.txt"]
+    assert parse_userlist(text) == {'we"ird': "pw", "shop": "x"}
+
+
+def test_token_secret_holds_the_token() -> None:
+    assert children().token_secret["stringData"] == {"token": "tok"}
+
+
+def test_pdb_only_with_more_than_one_replica() -> None:
+    assert children(replicas=1).pdb is None
+    pdb = children(replicas=2).pdb
+    assert pdb is not None
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": render.selector_labels("main")}}
+
+
+def test_live_limits_body() -> None:
+    p = pool()
+    assert render.live_limits(p, facts_for(p).allocation) == {
+        "default_pool_size": 9,
+        "databases": {"app": {"pool_size": 9}},
+    }
