@@ -12,7 +12,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/pgfleet
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# README.md is the package description (pyproject `readme`).
+COPY pyproject.toml README.md* ./
 COPY pooler ./pooler
 COPY operator ./operator
 COPY devtools ./devtools
