@@ -44,6 +44,7 @@ from pgfleet.devtools.procs import (
     rss_kib,
     start_pgbouncer,
     start_pgfleet,
+    time_wait_sockets,
 )
 from pgfleet.devtools.tempdb import TempPostgres
 
@@ -51,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DB = "bench"
 DIRECT, PGFLEET, PGBOUNCER = "direct", "pgfleet", "pgbouncer"
 POOLERS = (PGFLEET, PGBOUNCER)
+LOUD_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+TIME_WAIT_CALM = 2_000
 
 
 # -- what runs -----------------------------------------------------------------------------
@@ -103,6 +106,7 @@ class Target:
 class Outcome:
     runs: list[PgbenchResult] = field(default_factory=list)
     cpu: float = 0.0  # pooler CPU seconds over all runs
+    time_wait: list[int] = field(default_factory=list)  # TIME_WAIT sockets as each -C run began
 
     @property
     def failed(self) -> PgbenchResult | None:
@@ -199,6 +203,20 @@ def measure(target: Target, args: PgbenchArgs, notes: list[str]) -> tuple[Pgbenc
     return result, after - before
 
 
+def settle_time_wait(max_wait: float, below: int = TIME_WAIT_CALM) -> int:
+    """Wait (up to `max_wait` s) for TIME_WAIT sockets left by earlier storms to expire; return the count.
+
+    Linux keeps a closed connection's port in TIME_WAIT for 60 s, and connect() slows down as
+    tens of thousands pile up, which would penalise whichever target runs after a fast one.
+    """
+    deadline = time.monotonic() + max_wait
+    count = time_wait_sockets()
+    while count >= below and time.monotonic() < deadline:
+        time.sleep(1.0)
+        count = time_wait_sockets()
+    return count
+
+
 def run_cases(targets: list[Target], cases: list[Case], rounds: int, notes: list[str]) -> dict[str, dict[str, Outcome]]:
     results: dict[str, dict[str, Outcome]] = {}
     for index, case in enumerate(cases):
@@ -206,6 +224,8 @@ def run_cases(targets: list[Target], cases: list[Case], rounds: int, notes: list
         for rnd in range(rounds):
             shift = (index + rnd) % len(targets)
             for target in targets[shift:] + targets[:shift]:
+                if case.args.connect:
+                    outcomes[target.name].time_wait.append(settle_time_wait(max(10.0, min(60.0, case.args.duration))))
                 result, cpu = measure(target, case.args, notes)
                 outcomes[target.name].runs.append(result)
                 outcomes[target.name].cpu += cpu
@@ -214,6 +234,9 @@ def run_cases(targets: list[Target], cases: list[Case], rounds: int, notes: list
                 )
                 print(f"  [{case.name}] round {rnd + 1}/{rounds} {target.name}: {status}", flush=True)
         results[case.name] = outcomes
+        if case.args.connect:
+            counts = ", ".join(f"{name} {'/'.join(f'{n:,}' for n in o.time_wait)}" for name, o in outcomes.items())
+            notes.append(f"`{case.name}`: sockets in TIME_WAIT as each run began: {counts}.")
         print(f"\n### {case.name}\n" + "\n".join(case_table(case, outcomes)) + "\n", flush=True)
     return results
 
@@ -232,7 +255,7 @@ class Memory:
         return (self.after_kib - self.before_kib) / self.connected if self.connected else None
 
 
-def measure_memory(name: str, start: Callable[[], PoolerProcess], count: int) -> Memory:
+def measure_memory(name: str, start: Callable[[], PoolerProcess], count: int, notes: list[str]) -> Memory:
     """Start a fresh pooler, log one client in and out, then hold `count` idle clients; read VmRSS."""
     memory = Memory(name)
     proc = None
@@ -255,6 +278,8 @@ def measure_memory(name: str, start: Callable[[], PoolerProcess], count: int) ->
     finally:
         if proc is not None:
             proc.stop()
+            if name == PGFLEET:
+                scan_log(proc, notes, "the memory case")
     return memory
 
 
@@ -438,16 +463,20 @@ def main(argv: list[str] | None = None) -> int:
             if opts.idle_clients:
                 for name, start in starters.items():
                     print(f"memory: {opts.idle_clients:,} idle clients through {name} ...", flush=True)
-                    memory.append(measure_memory(name, start, opts.idle_clients))
+                    memory.append(measure_memory(name, start, opts.idle_clients, notes))
                     print("  " + "\n  ".join(memory_table(memory[-1:], opts.idle_clients)), flush=True)
 
             for target in targets:
                 if target.proc is not None and target.name == PGFLEET:
-                    scan_log(target.proc, notes)
+                    scan_log(target.proc, notes, "the throughput cases")
             report = render_report(opts, cases, results, memory, notes, time.monotonic() - started)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         return 130
+    except (ProcessFailed, ToolMissing, RuntimeError) as exc:
+        # A target that does not start at all, or PostgreSQL/pgbench -i failing: say so, no traceback.
+        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
+        return 1
     finally:
         for target in targets:
             if target.proc is not None:
@@ -466,15 +495,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def scan_log(proc: PoolerProcess, notes: list[str]) -> None:
+def scan_log(proc: PoolerProcess, notes: list[str], during: str) -> None:
     """Note tracebacks and errors the pooler logged during the benchmark."""
     try:
         lines = proc.log_path.read_text(errors="replace").splitlines()
     except OSError:
         return
-    bad = [line for line in lines if "Traceback" in line or " ERROR" in line or "CRITICAL" in line]
+    bad = [line for line in lines if "Traceback" in line or any(f" {lvl} " in line for lvl in LOUD_LEVELS)]
     if bad:
-        notes.append(f"{proc.name} logged {len(bad)} error/traceback lines; first: `{shorten(bad[0], 160)}`")
+        notes.append(
+            f"{proc.name} logged {len(bad)} warning/error/traceback lines during {during}; first: `{shorten(bad[0], 160)}`"
+        )
 
 
 def render_report(

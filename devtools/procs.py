@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,12 @@ class PoolerProcess:
         """SIGINT, then SIGKILL after `timeout`; returns the exit code (None if it could not be reaped)."""
         return stop_process(self.popen, timeout)
 
+    def __enter__(self) -> PoolerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 def stop_process(popen: subprocess.Popen[Any], timeout: float = 10.0, sig: int = signal.SIGINT) -> int | None:
     """Stop a child we started: `sig`, then SIGKILL of its process group after `timeout`."""
@@ -271,17 +277,26 @@ def pgfleet_command() -> list[str]:
     raise ToolMissing("the pgfleet pooler is not installed: run `make venv` (pip install -e .)")
 
 
-def start_pgfleet(config: Mapping[str, Any], workdir: Path, *, ready_timeout: float = 30.0) -> PoolerProcess:
-    """Write `config` as workdir/pgfleet.yaml, run `pgfleet-pooler --config` on it, wait for its port."""
+def start_pgfleet(
+    config: Mapping[str, Any],
+    workdir: Path,
+    *,
+    extra_args: Sequence[str] = (),
+    ready_timeout: float = 30.0,
+) -> PoolerProcess:
+    """Write `config` as workdir/pgfleet.yaml, run `pgfleet-pooler --config` on it, wait for its port.
+
+    `extra_args` go after the config (e.g. `--no-uvloop`). Use the result as a context
+    manager to stop the pooler on the way out.
+    """
     if not pgfleet_available():
         raise ToolMissing("the pgfleet pooler cannot run here: `pgfleet.pooler.cli` is not importable")
     path = workdir / "pgfleet.yaml"
     path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
     host = str(config.get("listen_addr", "127.0.0.1"))
     port = int(config.get("listen_port", 6432))
-    return spawn(
-        "pgfleet", [*pgfleet_command(), "--config", str(path)], host, port, workdir, config, ready_timeout=ready_timeout
-    )
+    argv = [*pgfleet_command(), "--config", str(path), *extra_args]
+    return spawn("pgfleet", argv, host, port, workdir, config, ready_timeout=ready_timeout)
 
 
 # -- PgBouncer ---------------------------------------------------------------------------
@@ -370,9 +385,8 @@ def stop_all(procs: Iterable[PoolerProcess]) -> None:
         proc.stop()
 
 
-def established_connections(port: int) -> int:
-    """TCP connections in ESTABLISHED state whose local port is `port` (a server's accepted clients)."""
-    count = 0
+def _tcp_sockets() -> Iterator[tuple[int, str]]:
+    """(local port, state in hex) of every TCP socket in this network namespace."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -380,7 +394,15 @@ def established_connections(port: int) -> int:
             continue
         for line in lines:
             parts = line.split()
-            # parts[1] is local "ADDR:PORT" in hex, parts[3] the state (01 = ESTABLISHED).
-            if parts[3] == "01" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
+            # parts[1] is the local "ADDR:PORT" in hex, parts[3] the state.
+            yield int(parts[1].rsplit(":", 1)[1], 16), parts[3]
+
+
+def established_connections(port: int) -> int:
+    """TCP connections in ESTABLISHED state whose local port is `port` (a server's accepted clients)."""
+    return sum(1 for local, state in _tcp_sockets() if state == "01" and local == port)
+
+
+def time_wait_sockets() -> int:
+    """TCP sockets in TIME_WAIT. Tens of thousands of them (after connection storms) slow down connect()."""
+    return sum(1 for _, state in _tcp_sockets() if state == "06")
