@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,24 @@ async def start_pooler(pg: TempPostgres, tmp_path: Path) -> AsyncIterator[StartP
         await pooler.stop()
     # Give closed sockets a turn of the loop so that no transport outlives the test.
     await asyncio.sleep(0)
+
+
+@pytest.fixture
+def fresh_db(pg: TempPostgres) -> Iterator[str]:
+    """A database of this test's own, so pg_stat_activity counts only this test's backends.
+
+    Point the pooler's `app` at it: `start_pooler(databases={"app": {..., "dbname": fresh_db}})`
+    (or use `own_app(pg, fresh_db)`).
+    """
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    pg.sql(f"CREATE DATABASE {name}")
+    yield name
+    pg.sql(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def own_app(pg: TempPostgres, dbname: str) -> dict[str, Any]:
+    """`databases` override sending the client-visible `app` to `dbname`."""
+    return {"app": {"host": pg.host, "port": pg.port, "dbname": dbname}}
 
 
 class PoolerProcess:

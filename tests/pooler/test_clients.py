@@ -9,7 +9,7 @@ import psycopg
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.devtools.testing import client_env, run_cmd
 
-from .conftest import StartPooler
+from .conftest import StartPooler, own_app
 
 
 async def test_psql_runs_queries_through_the_pooler(start_pooler: StartPooler) -> None:
@@ -45,12 +45,12 @@ async def test_asyncpg_and_psycopg_through_the_pooler(start_pooler: StartPooler)
         assert await cur.fetchone() == ("ax",)
 
 
-async def test_many_clients_share_a_small_pool(pg: TempPostgres, start_pooler: StartPooler) -> None:
+async def test_many_clients_share_a_small_pool(pg: TempPostgres, start_pooler: StartPooler, fresh_db: str) -> None:
     """200 concurrent clients, a pool of 10: every transaction right, never over 10 backends."""
-    pooler = await start_pooler(default_pool_size=10, auth_type="trust")
-    await asyncio.to_thread(pg.sql, "CREATE TABLE IF NOT EXISTS counters (id int PRIMARY KEY, n int)", "app")
+    pooler = await start_pooler(default_pool_size=10, auth_type="trust", databases=own_app(pg, fresh_db))
+    await asyncio.to_thread(pg.sql, "CREATE TABLE IF NOT EXISTS counters (id int PRIMARY KEY, n int)", fresh_db)
     await asyncio.to_thread(
-        pg.sql, "TRUNCATE counters; INSERT INTO counters SELECT g, 0 FROM generate_series(1, 20) g", "app"
+        pg.sql, "TRUNCATE counters; INSERT INTO counters SELECT g, 0 FROM generate_series(1, 20) g", fresh_db
     )
     peak = 0
     stop = asyncio.Event()
@@ -58,7 +58,7 @@ async def test_many_clients_share_a_small_pool(pg: TempPostgres, start_pooler: S
     async def watch() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, await asyncio.to_thread(pg.client_backends, None, "app"))
+            peak = max(peak, await asyncio.to_thread(pg.client_backends, None, fresh_db))
             await asyncio.sleep(0.05)
 
     async def client(i: int) -> int:
@@ -79,7 +79,7 @@ async def test_many_clients_share_a_small_pool(pg: TempPostgres, start_pooler: S
     stop.set()
     await watcher
     assert sum(done) == 3000
-    total = int(await asyncio.to_thread(pg.sql, "SELECT sum(n) FROM counters", "app"))
+    total = int(await asyncio.to_thread(pg.sql, "SELECT sum(n) FROM counters", fresh_db))
     assert total == 3000
     assert 0 < peak <= 10
     pool = pooler.pools[("app", "postgres")]

@@ -1,0 +1,162 @@
+"""Client authentication and login errors, with real clients and raw bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import asyncpg
+import psycopg
+import pytest
+from pgfleet.pooler.protocol import backend
+from pgfleet.pooler.protocol.startup import build_ssl_request, build_startup_message
+
+from .conftest import StartPooler
+
+
+async def connect(port: int, user: str, password: str | None, database: str = "app") -> asyncpg.Connection:
+    return await asyncpg.connect(
+        host="127.0.0.1", port=port, user=user, password=password, database=database, statement_cache_size=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("auth_type", "user", "password"),
+    [
+        ("md5", "md5user", "md5pass"),
+        ("md5", "scramuser", "scrampass"),
+        ("scram-sha-256", "scramuser", "scrampass"),
+        ("plain", "plainuser", "plainpass"),
+        ("trust", "postgres", None),
+    ],
+)
+async def test_each_auth_type_logs_in_and_reaches_the_server(
+    start_pooler: StartPooler, auth_type: str, user: str, password: str | None
+) -> None:
+    # The pooler logs in to PostgreSQL with the method pg_hba asks of that user
+    # (md5user: md5, scramuser: SCRAM, plainuser: cleartext, postgres: trust).
+    pooler = await start_pooler(auth_type=auth_type)
+    conn = await connect(pooler.port, user, password)
+    try:
+        assert await conn.fetchval("SELECT current_user") == user
+    finally:
+        await conn.close()
+
+
+async def test_libpq_scram_login(start_pooler: StartPooler) -> None:
+    # libpq sends an empty SCRAM user name; the pooler must take the startup user.
+    pooler = await start_pooler(auth_type="scram-sha-256")
+    async with await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=pooler.port, user="scramuser", password="scrampass", dbname="app"
+    ) as conn:
+        assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+
+
+@pytest.mark.parametrize("auth_type", ["md5", "scram-sha-256", "plain"])
+async def test_wrong_password_is_28P01_and_harms_nobody(start_pooler: StartPooler, auth_type: str) -> None:
+    pooler = await start_pooler(auth_type=auth_type)
+    good = await connect(pooler.port, "scramuser", "scrampass")
+    try:
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await connect(pooler.port, "scramuser", "wrong")
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await connect(pooler.port, "nobody", "whatever")
+        assert await good.fetchval("SELECT 2") == 2
+    finally:
+        await good.close()
+
+
+async def test_unknown_database_is_3D000(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler()
+    with pytest.raises(asyncpg.InvalidCatalogNameError, match="no such database"):
+        await connect(pooler.port, "md5user", "md5pass", database="nope")
+
+
+async def test_database_missing_on_the_server_relays_its_error(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(databases={"ghost": {"host": "127.0.0.1", "port": 1, "dbname": "ghost"}})
+    with pytest.raises((asyncpg.PostgresError, OSError)) as info:
+        await connect(pooler.port, "md5user", "md5pass", database="ghost")
+    assert "cannot connect" in str(info.value)
+
+
+async def test_too_many_clients_is_53300(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(max_client_conn=2, auth_type="trust")
+    first = await connect(pooler.port, "postgres", None)
+    second = await connect(pooler.port, "postgres", None)
+    try:
+        with pytest.raises(asyncpg.TooManyConnectionsError):
+            await connect(pooler.port, "postgres", None)
+    finally:
+        await first.close()
+        await second.close()
+    # A slot freed: the next client gets in.
+    third = await connect(pooler.port, "postgres", None)
+    await third.close()
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(5):
+        return await reader.read()
+
+
+def error_code(data: bytes) -> str:
+    assert data[:1] == b"E", data
+    return backend.parse_error_fields(data[5:])["C"]
+
+
+@pytest.mark.parametrize(
+    ("packet", "code"),
+    [
+        (struct.pack("!ii", 8, 1234), "0A000"),  # unknown protocol version
+        (struct.pack("!i", 4), "08P01"),  # impossible length
+        (struct.pack("!ii", 12, 196608) + b"user", "08P01"),  # unterminated startup
+        (build_startup_message({"user": "postgres", "database": "app", "options": "-c x=1"}), "08P01"),
+    ],
+)
+async def test_malformed_startup_gets_an_error_and_only_that_client_closes(
+    start_pooler: StartPooler, packet: bytes, code: str
+) -> None:
+    pooler = await start_pooler(auth_type="trust")
+    bystander = await connect(pooler.port, "postgres", None)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+        writer.write(packet)
+        assert error_code(await read_until_closed(reader)) == code
+        writer.close()
+        assert await bystander.fetchval("SELECT 3") == 3
+    finally:
+        await bystander.close()
+
+
+async def test_garbage_after_login_is_a_protocol_violation(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust")
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+    writer.write(build_startup_message({"user": "postgres", "database": "app"}))
+    async with asyncio.timeout(5):
+        await reader.readuntil(b"Z\x00\x00\x00\x05I")
+    writer.write(b"\x01\x00\x00\x00\x04")  # no such message type
+    data = await read_until_closed(reader)
+    assert error_code(data) == "08P01"
+    writer.close()
+
+
+async def test_ssl_and_gss_requests_are_answered_N(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust")
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+    writer.write(build_ssl_request())
+    assert await reader.readexactly(1) == b"N"
+    writer.write(struct.pack("!ii", 8, 80877104))
+    assert await reader.readexactly(1) == b"N"
+    writer.write(build_startup_message({"user": "postgres", "database": "app"}))
+    async with asyncio.timeout(5):
+        await reader.readuntil(b"Z\x00\x00\x00\x05I")
+    writer.close()
+
+
+async def test_client_login_timeout(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(client_login_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+    writer.write(build_startup_message({"user": "md5user", "database": "app"}))
+    data = await read_until_closed(reader)  # asked for a password, never answered
+    assert b"client_login_timeout" in data
+    writer.close()

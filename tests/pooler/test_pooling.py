@@ -1,0 +1,175 @@
+"""Pool modes, session parameters that follow the client, FIFO waiting, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import psycopg
+import pytest
+from pgfleet.devtools.tempdb import TempPostgres
+from pgfleet.devtools.testing import wait_until
+
+from .conftest import StartPooler
+
+
+async def connect(port: int, **kwargs: object) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        host="127.0.0.1", port=port, user="postgres", database="app", statement_cache_size=0, **kwargs
+    )
+
+
+async def test_transaction_mode_shares_one_server_between_idle_clients(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1)
+    a, b = await connect(pooler.port), await connect(pooler.port)
+    try:
+        pid_a = await a.fetchval("SELECT pg_backend_pid()")
+        pid_b = await b.fetchval("SELECT pg_backend_pid()")
+        assert pid_a == pid_b  # both clients went through the one server, one after the other
+        async with a.transaction():
+            await a.execute("SELECT 1")
+            # b must wait for a's transaction: the server is a's until COMMIT.
+            task = asyncio.create_task(b.fetchval("SELECT 42"))
+            await asyncio.sleep(0)
+            pool = pooler.pools[("app", "postgres")]
+            await wait_until(lambda: len(pool.waiting) == 1)
+            assert not task.done()
+        assert await task == 42
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_session_mode_keeps_the_server_and_resets_it(pg: TempPostgres, start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1, pool_mode="session")
+    a = await connect(pooler.port)
+    await a.execute("SET work_mem = '7MB'")
+    await a.execute("CREATE TEMP TABLE session_scratch (x int)")
+    pid = await a.fetchval("SELECT pg_backend_pid()")
+    assert await a.fetchval("SHOW work_mem") == "7MB"
+    waiter = asyncio.create_task(connect(pooler.port))
+    b = await waiter
+    blocked = asyncio.create_task(b.fetchval("SELECT pg_backend_pid()"))
+    pool = pooler.pools[("app", "postgres")]
+    await wait_until(lambda: len(pool.waiting) == 1)
+    await a.close()
+    # DISCARD ALL (server_reset_query) ran before b got the server.
+    assert await blocked == pid
+    assert await b.fetchval("SHOW work_mem") == "4MB"
+    assert await b.fetchval("SELECT count(*) FROM pg_tables WHERE tablename = 'session_scratch'") == 0
+    await b.close()
+
+
+async def test_statement_mode_refuses_transaction_blocks_without_disconnecting(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", pool_mode="statement", default_pool_size=1)
+    conn = await connect(pooler.port)
+    try:
+        assert await conn.fetchval("SELECT 5") == 5
+        with pytest.raises(asyncpg.FeatureNotSupportedError, match="statement pooling"):
+            await conn.execute("BEGIN")
+        # The refused block was rolled back; the client and the server carry on.
+        assert await conn.fetchval("SELECT txid_current_if_assigned() IS NULL")
+        assert await conn.fetchval("SELECT 6") == 6
+    finally:
+        await conn.close()
+
+
+async def test_session_parameters_follow_the_client_across_servers(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", default_pool_size=2)
+    async with await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=pooler.port, user="postgres", dbname="app", autocommit=True,
+        application_name="alpha", prepare_threshold=None,
+    ) as alpha, await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=pooler.port, user="postgres", dbname="app", autocommit=True, application_name="beta",
+        prepare_threshold=None,
+    ) as beta:  # fmt: skip
+        await alpha.execute("SET TimeZone = 'Asia/Tokyo'")
+        await alpha.execute("SET DateStyle = 'SQL, DMY'")
+        await alpha.execute("SET IntervalStyle = 'iso_8601'")
+        assert alpha.info.parameter_status("TimeZone") == "Asia/Tokyo"
+        for _ in range(20):
+            # Each statement may land on either server; the settings go with the client.
+            cur = await alpha.execute("SELECT current_setting('TimeZone'), current_setting('DateStyle'),"
+                                      " current_setting('IntervalStyle'), current_setting('application_name')")  # fmt: skip
+            assert await cur.fetchone() == ("Asia/Tokyo", "SQL, DMY", "iso_8601", "alpha")
+            cur = await beta.execute("SELECT current_setting('TimeZone'), current_setting('application_name')")
+            assert await cur.fetchone() == ("Etc/UTC", "beta")
+    pool = pooler.pools[("app", "postgres")]
+    assert pool.stats.xact_count >= 40
+
+
+async def test_startup_parameters_not_tracked_are_refused_unless_ignored(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", ignore_startup_parameters=["extra_float_digits"])
+    conn = await connect(pooler.port, server_settings={"extra_float_digits": "2"})
+    await conn.close()
+    with pytest.raises(asyncpg.ProtocolViolationError, match="unsupported startup parameter: search_path"):
+        await connect(pooler.port, server_settings={"search_path": "x"})
+
+
+async def test_pipelined_extended_queries_keep_their_server(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1)
+    conn = await connect(pooler.port)
+    try:
+        # executemany pipelines Bind/Execute for every row before one Sync.
+        await conn.execute("CREATE TEMP TABLE IF NOT EXISTS pipe (x int)")
+        await conn.executemany("INSERT INTO pipe VALUES ($1)", [(i,) for i in range(500)])
+        assert await conn.fetchval("SELECT count(*) FROM pipe") == 500
+    finally:
+        await conn.close()
+
+
+async def test_clients_wait_in_fifo_order(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1)
+    holder = await connect(pooler.port)
+    others = [await connect(pooler.port) for _ in range(5)]
+    order: list[int] = []
+    pool = pooler.pools[("app", "postgres")]
+    try:
+        tx = holder.transaction()
+        await tx.start()
+
+        async def run(i: int, conn: asyncpg.Connection) -> None:
+            await conn.fetchval("SELECT $1::int", i)
+            order.append(i)
+
+        tasks = []
+        for i, conn in enumerate(others):
+            tasks.append(asyncio.create_task(run(i, conn)))
+            await wait_until(lambda i=i: len(pool.waiting) == i + 1)
+        await tx.commit()
+        await asyncio.gather(*tasks)
+        assert order == [0, 1, 2, 3, 4]
+    finally:
+        for conn in [holder, *others]:
+            await conn.close()
+
+
+async def test_cancel_reaches_the_server_running_the_query(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", default_pool_size=2)
+    async with await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=pooler.port, user="postgres", dbname="app", autocommit=True
+    ) as conn:
+        query = asyncio.create_task(conn.execute("SELECT pg_sleep(30)"))
+        pool = pooler.pools[("app", "postgres")]
+        await wait_until(lambda: any(s.outstanding for s in pool.active))
+        await conn.cancel_safe()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await query
+        cur = await conn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)
+
+
+async def test_cancel_with_a_wrong_key_is_ignored(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust")
+    conn = await connect(pooler.port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+        from pgfleet.pooler.protocol.startup import build_cancel_request
+
+        writer.write(build_cancel_request(12345, 678))
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed, nothing cancelled
+        writer.close()
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
