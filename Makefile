@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv demo test check lint typecheck pytest bench crd clean
+.PHONY: help deps venv linktree demo test check lint typecheck pytest bench crd clean
 
 help:
 	@echo "make demo       start PostgreSQL + pgfleet, drive it with pgbench, print what happened"
@@ -27,16 +27,18 @@ venv: $(STAMP)
 demo: deps venv
 	$(BIN)/python -m pgfleet.devtools.demo
 
-lint: venv
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
-
-# mypy cannot see setuptools' package-dir mapping, so it checks a tree of links that
-# spells the import names out (pgfleet/pooler -> ../../pooler, ...).
-typecheck: venv
+# mypy and import-linter cannot see setuptools' package-dir mapping, so they read a
+# tree of links that spells the import names out (pgfleet/pooler -> ../../pooler, ...).
+linktree:
 	@rm -rf .mypy-src && mkdir -p .mypy-src/pgfleet
 	@for pkg in pooler operator devtools; do ln -s ../../$$pkg .mypy-src/pgfleet/$$pkg; done
+
+lint: venv linktree
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	cd .mypy-src && PYTHONPATH=. ../$(BIN)/lint-imports --config ../pyproject.toml
+
+typecheck: venv linktree
 	cd .mypy-src && ../$(BIN)/mypy --config-file ../pyproject.toml -p pgfleet
 
 pytest: deps venv
