@@ -208,6 +208,16 @@ class Pool:
             self.reserve_in_use = False
             self.trim()
 
+    def resume(self) -> None:
+        """RESUME after PAUSE/KILL: serve the clients that queued meanwhile."""
+        self.paused = False
+        while self.idle and self.waiting:
+            server = self.idle.pop()
+            self.active.add(server)  # _give hands it over or puts it back, as after _open
+            server.state = ServerState.ACTIVE
+            self._give(server)
+        self.launch_for_waiters()
+
     def refuse_transaction_block(self, client: ClientConnection, server: ServerConnection) -> None:
         """Statement mode: a statement opened a transaction. Roll it back and say why."""
 

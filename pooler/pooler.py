@@ -45,6 +45,12 @@ class Pooler:
         # Hooks the admin surface fills in (kept here so the core does not import it).
         self.admin: Any = None
         self.wait_observers: list[Any] = []
+        try:
+            from .admin import AdminConsole
+        except ModuleNotFoundError:
+            pass
+        else:
+            self.admin = AdminConsole(self)
 
     # -- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -172,6 +178,8 @@ class Pooler:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(self, database, user)
+            if self.admin is not None:
+                self.admin.pool_created(pool)  # a paused database's new pool starts paused
         return pool
 
     def database_server_count(self, database: str) -> int:

@@ -1,0 +1,303 @@
+"""The HTTP control port: /metrics, /healthz, /readyz, /status, PUT /limits, POST /drain.
+
+Reads are open (bind the port to a private address); the two writes need the bearer
+token kept in `http_token_file`, compared in constant time. Without a token file the
+writes are refused outright (403): a control port that anyone on the network could use
+to drain the pooler or starve it of connections is worse than none.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import views
+from .config import ConfigError
+from .metrics import make_registry
+
+log = logging.getLogger("pgfleet.http")
+
+POOLER_KEY: web.AppKey[Any] = web.AppKey("pooler", object)
+
+# What PUT /limits may change, in the config's own terms.
+GLOBAL_LIMITS = frozenset(
+    {
+        "default_pool_size",
+        "min_pool_size",
+        "reserve_pool_size",
+        "max_db_connections",
+        "max_user_connections",
+        "max_client_conn",
+    }
+)
+DATABASE_LIMITS = frozenset({"pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"})
+USER_LIMITS = frozenset({"pool_size", "max_user_connections"})
+_MAX_BODY = 1 << 20
+
+
+class BadRequest(Exception):
+    """A PUT /limits body that cannot be applied; the message says why."""
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, indent=1, sort_keys=True) + "\n",
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _json({"error": message}, status, headers)
+
+
+# -- reading the pooler ----------------------------------------------------------------------------
+
+
+def limits_in_force(pooler: Any) -> dict[str, Any]:
+    """The limits the pooler applies now: settings, overrides, and per-pool results."""
+    config = pooler.config
+    return {
+        **{key: getattr(config, key) for key in sorted(GLOBAL_LIMITS)},
+        "databases": {
+            name: {key: getattr(db, key) for key in sorted(DATABASE_LIMITS) if getattr(db, key) is not None}
+            for name, db in config.databases.items()
+        },
+        "users": {
+            name: {key: getattr(user, key) for key in sorted(USER_LIMITS) if getattr(user, key) is not None}
+            for name, user in config.users.items()
+        },
+        "pools": [
+            {
+                "database": pool.database,
+                "user": pool.user,
+                "pool_size": pool.pool_size,
+                "min_pool_size": pool.min_pool_size,
+                "reserve_pool_size": pool.reserve_pool_size,
+                "max_db_connections": pool.max_db_connections,
+                "max_user_connections": pool.max_user_connections,
+                "limit": pool.limit,
+            }
+            for pool in pooler.pools.values()
+        ],
+    }
+
+
+def status(pooler: Any) -> dict[str, Any]:
+    now = pooler.loop.time()
+    pools = []
+    totals = {"clients_active": 0, "clients_waiting": 0, "servers_active": 0, "servers_idle": 0, "servers_used": 0, "servers_login": 0}  # fmt: skip
+    for pool in pooler.pools.values():
+        counts = views.pool_counts(pool, now)
+        pools.append(
+            {
+                "database": pool.database,
+                "user": pool.user,
+                "mode": pool.mode.value,
+                "paused": pool.paused,
+                "clients": {"active": counts.cl_active, "waiting": counts.cl_waiting},
+                "servers": {
+                    "active": counts.sv_active + counts.sv_tested,
+                    "idle": counts.sv_idle,
+                    "used": counts.sv_used,
+                    "login": counts.sv_login,
+                },
+                "maxwait_seconds": round(counts.maxwait, 6),
+                "limits": {
+                    "pool_size": pool.pool_size,
+                    "min_pool_size": pool.min_pool_size,
+                    "reserve_pool_size": pool.reserve_pool_size,
+                    "max_db_connections": pool.max_db_connections,
+                    "max_user_connections": pool.max_user_connections,
+                    "limit": pool.limit,
+                },
+                "totals": pool.stats.as_dict(),
+            }
+        )
+        totals["clients_active"] += counts.cl_active
+        totals["clients_waiting"] += counts.cl_waiting
+        totals["servers_active"] += counts.sv_active + counts.sv_tested
+        totals["servers_idle"] += counts.sv_idle
+        totals["servers_used"] += counts.sv_used
+        totals["servers_login"] += counts.sv_login
+    return {
+        "ready": not pooler.draining,
+        "draining": pooler.draining,
+        "uptime_seconds": round(now - pooler.started_at, 3),
+        "clients": len(pooler.clients),
+        "servers": sum(pool.server_count for pool in pooler.pools.values()),
+        "limits": limits_in_force(pooler),
+        "totals": totals,
+        "pools": pools,
+    }
+
+
+def parse_limits(body: bytes) -> dict[str, Any]:
+    """Check a PUT /limits body; unknown keys and wrong types are errors, never ignored."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not data:
+        raise BadRequest("body must be a non-empty JSON object of limits")
+    for key, value in data.items():
+        if key in ("databases", "users"):
+            allowed = DATABASE_LIMITS if key == "databases" else USER_LIMITS
+            if not isinstance(value, dict):
+                raise BadRequest(f"{key}: expected an object keyed by {key[:-1]} name")
+            for name, entry in value.items():
+                if not isinstance(entry, dict):
+                    raise BadRequest(f"{key}.{name}: expected an object of limits")
+                for sub, number in entry.items():
+                    if sub not in allowed:
+                        raise BadRequest(
+                            f"{key}.{name}.{sub}: not a limit PUT /limits can change ({', '.join(sorted(allowed))})"
+                        )
+                    _check_count(f"{key}.{name}.{sub}", number, nullable=True)
+        elif key in GLOBAL_LIMITS:
+            _check_count(key, value, nullable=False)
+        else:
+            raise BadRequest(
+                f"{key}: not a limit PUT /limits can change ({', '.join(sorted(GLOBAL_LIMITS))}, databases, users)"
+            )
+    return data
+
+
+def _check_count(where: str, value: Any, *, nullable: bool) -> None:
+    if value is None and nullable:
+        return  # drop the override: the global setting applies again
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(
+            f"{where}: expected a non-negative integer{' or null' if nullable else ''}, got {json.dumps(value)}"
+        )
+
+
+# -- handlers ------------------------------------------------------------------------------------------
+
+
+def _authorize(request: web.Request) -> web.Response | None:
+    """None if the request carries the token; else the response that refuses it."""
+    pooler = request.app[POOLER_KEY]
+    token_file = pooler.config.http_token_file
+    if not token_file:
+        return _error(403, "this endpoint is disabled: set http_token_file in the pooler config to enable it")
+    try:
+        expected = Path(token_file).read_text().strip()
+    except OSError as exc:
+        log.error("cannot read http_token_file %s: %s", token_file, exc.strerror)
+        return _error(503, "the token file cannot be read; see the pooler log")
+    if not expected:
+        return _error(503, "the token file is empty; refusing every request")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        return _error(401, "missing or invalid bearer token", {"WWW-Authenticate": 'Bearer realm="pgfleet"'})
+    return None
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    body = generate_latest(registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    if request.app[POOLER_KEY].draining:
+        return _json({"ready": False, "reason": "draining"}, 503)
+    return _json({"ready": True})
+
+
+async def handle_status(request: web.Request) -> web.Response:
+    return _json(status(request.app[POOLER_KEY]))
+
+
+async def handle_put_limits(request: web.Request) -> web.Response:
+    refused = _authorize(request)
+    if refused is not None:
+        return refused
+    pooler = request.app[POOLER_KEY]
+    body = await request.content.read(_MAX_BODY + 1)
+    if len(body) > _MAX_BODY:
+        return _error(413, "body too large")
+    try:
+        changes = parse_limits(body)
+        pooler.set_limits(changes)
+    except (BadRequest, ConfigError) as exc:
+        return _error(400, str(exc))
+    log.info("PUT /limits from %s: %s", request.remote, json.dumps(changes, sort_keys=True))
+    return _json(limits_in_force(pooler))
+
+
+async def handle_drain(request: web.Request) -> web.Response:
+    refused = _authorize(request)
+    if refused is not None:
+        return refused
+    pooler = request.app[POOLER_KEY]
+    log.info("POST /drain from %s", request.remote)
+    pooler.drain()
+    return _json({"draining": True, "clients": len(pooler.clients)}, 202)
+
+
+REGISTRY_KEY: web.AppKey[Any] = web.AppKey("registry", object)
+
+
+def build_app(pooler: Any) -> web.Application:
+    app = web.Application(client_max_size=_MAX_BODY)
+    app[POOLER_KEY] = pooler
+    app[REGISTRY_KEY], _collector = make_registry(pooler)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/status", handle_status)
+    app.router.add_put("/limits", handle_put_limits)
+    app.router.add_post("/drain", handle_drain)
+    return app
+
+
+async def start_http(pooler: Any, host: str | None = None, port: int | None = None) -> web.AppRunner:
+    """Serve the control port; the caller owns the runner (`await runner.cleanup()`)."""
+    runner = web.AppRunner(build_app(pooler), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host or pooler.config.http_listen_addr, port or pooler.config.http_listen_port)
+    await site.start()
+    if not pooler.config.http_token_file:
+        log.warning("http_token_file is not set: PUT /limits and POST /drain are refused (403)")
+    log.info("HTTP control port on %s", ", ".join(str(address) for address in runner.addresses))
+    return runner
+
+
+async def _startup_hook(pooler: Any) -> None:
+    if not pooler.config.http_listen_port:
+        return
+    runner = await start_http(pooler)
+
+    async def close_when_stopped() -> None:
+        await pooler.wait_stopped()
+        await runner.cleanup()
+
+    task = pooler.loop.create_task(close_when_stopped())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[Any] = set()
+
+
+def _register() -> None:
+    from .cli import STARTUP_HOOKS
+
+    if _startup_hook not in STARTUP_HOOKS:
+        STARTUP_HOOKS.append(_startup_hook)
+
+
+_register()

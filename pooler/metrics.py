@@ -1,0 +1,251 @@
+"""Prometheus metrics: a custom collector that reads live pool state at scrape time.
+
+Metric names and labels are pgbouncer_exporter's, so dashboards built for PgBouncer work
+unchanged; `pgfleet_*` metrics add what PgBouncer lacks. Nothing here is counted per
+message: the collector walks the pools when scraped, and the one thing fed from the
+pooler (the wait-time histogram) is a bisect into a fixed list, once per server handed
+to a client that had to wait.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import views
+from .admin import VERSION_STRING
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .pooler import Pooler
+
+# Seconds; a client that waits more than a few ms is already a sign of a tight pool.
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class WaitHistogram:
+    """Counts per bucket (not cumulative) and the sum, for one pool."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(WAIT_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*map(str, WAIT_BUCKETS), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+# SHOW POOLS column -> pgbouncer_exporter metric (pgbouncer_pools_<name>), all gauges.
+_POOL_GAUGES = (
+    ("cl_active", "client_active_connections", "Client connections linked to a server or idle"),
+    ("cl_active_cancel_req", "client_active_cancel_connections", "Clients that forwarded a cancel request"),
+    ("cl_waiting", "client_waiting_connections", "Client connections waiting for a server connection"),
+    ("cl_waiting_cancel_req", "client_waiting_cancel_connections", "Clients with a cancel request not yet sent"),
+    ("sv_active", "server_active_connections", "Server connections linked to a client"),
+    ("sv_active_cancel", "server_active_cancel_connections", "Server connections forwarding a cancel request"),
+    ("sv_being_canceled", "server_being_canceled_connections", "Servers waiting for cancel requests to finish"),
+    ("sv_idle", "server_idle_connections", "Server connections idle and ready for a client"),
+    ("sv_used", "server_used_connections", "Server connections idle past server_check_delay"),
+    ("sv_tested", "server_testing_connections", "Server connections running a reset or check query"),
+    ("sv_login", "server_login_connections", "Server connections logging in"),
+)
+# SHOW STATS_TOTALS column -> pgbouncer_exporter counter (pgbouncer_stats_totals_<name>), scale.
+_STAT_COUNTERS = (
+    ("query_count", "queries_pooled_total", 1.0, "Total number of SQL queries pooled"),
+    ("query_time", "queries_duration_seconds_total", 1e-6, "Seconds spent on a server executing queries"),
+    ("bytes_received", "received_bytes_total", 1.0, "Bytes received from clients"),
+    ("bytes_sent", "sent_bytes_total", 1.0, "Bytes sent to clients"),
+    ("wait_time", "client_wait_seconds_total", 1e-6, "Seconds clients spent waiting for a server"),
+    ("xact_count", "sql_transactions_pooled_total", 1.0, "Total number of SQL transactions pooled"),
+    ("xact_time", "server_in_transaction_seconds_total", 1e-6, "Seconds spent on a server in a transaction"),
+    ("client_parse_count", "client_parses_total", 1.0, "Parse messages received from clients"),
+    ("server_parse_count", "server_parses_total", 1.0, "Parse messages sent to servers"),
+    ("bind_count", "binds_total", 1.0, "Bind messages forwarded for prepared statements"),
+)
+_DATABASE_LABELS = ["name", "host", "port", "database", "force_user", "pool_mode"]
+
+
+class PoolerCollector(Collector):
+    """Reads a Pooler at scrape time; also keeps the client wait-time histograms."""
+
+    def __init__(self, pooler: Pooler) -> None:
+        self.pooler = pooler
+        self.waits: dict[tuple[str, str], WaitHistogram] = {}
+        pooler.wait_observers.append(self.observe_wait)
+
+    def observe_wait(self, pool: Pool, seconds: float) -> None:
+        key = (pool.database, pool.user)
+        histogram = self.waits.get(key)
+        if histogram is None:
+            histogram = self.waits[key] = WaitHistogram()
+        histogram.observe(seconds)
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._pgbouncer_metrics()
+        yield from self._pgfleet_metrics()
+
+    # -- pgbouncer_exporter's metrics ---------------------------------------------------------
+    def _pgbouncer_metrics(self) -> Iterator[Metric]:
+        pooler = self.pooler
+        now = pooler.loop.time()
+        up = GaugeMetricFamily("pgbouncer_up", "The pgbouncer scrape succeeded")
+        up.add_metric([], 1.0)
+        yield up
+        version = GaugeMetricFamily("pgbouncer_version_info", "The pgbouncer version info", labels=["version"])
+        version.add_metric([VERSION_STRING], 1.0)
+        yield version
+
+        pools = list(pooler.pools.values())
+        counts = {pool: views.pool_counts(pool, now) for pool in pools}
+        for column, name, doc in _POOL_GAUGES:
+            family = GaugeMetricFamily(f"pgbouncer_pools_{name}", doc, labels=["database", "user"])
+            for pool in pools:
+                family.add_metric([pool.database, pool.user], float(getattr(counts[pool], column, 0)))
+            yield family
+        maxwait = GaugeMetricFamily(
+            "pgbouncer_pools_client_maxwait_seconds", "Age of the oldest unserved client", labels=["database", "user"]
+        )
+        for pool in pools:
+            maxwait.add_metric([pool.database, pool.user], counts[pool].maxwait)
+        yield maxwait
+
+        names = views.database_names(pooler)
+        stats = {name: views.sum_stats(views.pools_of(pooler, name)) for name in names}
+        for key, name, scale, doc in _STAT_COUNTERS:
+            counter = CounterMetricFamily(f"pgbouncer_stats_totals_{name}", doc, labels=["database"])
+            for database in names:
+                counter.add_metric([database], stats[database].get(key, 0) * scale)
+            yield counter
+
+        database_gauges = {
+            "pool_size": GaugeMetricFamily("pgbouncer_databases_pool_size", "Maximum number of server connections", labels=_DATABASE_LABELS),
+            "reserve_pool": GaugeMetricFamily("pgbouncer_databases_reserve_pool", "Additional connections allowed for this database", labels=_DATABASE_LABELS),
+            "max_connections": GaugeMetricFamily("pgbouncer_databases_max_connections", "Maximum server connections for this database", labels=_DATABASE_LABELS),
+            "current_connections": GaugeMetricFamily("pgbouncer_databases_current_connections", "Current server connections for this database", labels=_DATABASE_LABELS),
+            "paused": GaugeMetricFamily("pgbouncer_databases_paused", "1 if this database is paused, else 0", labels=_DATABASE_LABELS),
+            "disabled": GaugeMetricFamily("pgbouncer_databases_disabled", "1 if this database is disabled, else 0", labels=_DATABASE_LABELS),
+        }  # fmt: skip
+        admin = pooler.admin
+        for database in names:
+            db = views.database_config(pooler, database)
+            labels = [
+                database, db.host, str(db.port), db.dbname or database, db.user or "",
+                db.pool_mode.value if db.pool_mode is not None else "",
+            ]  # fmt: skip
+            reserve = db.reserve_pool_size if db.reserve_pool_size is not None else pooler.config.reserve_pool_size
+            values = {
+                "pool_size": views.effective_pool_size(pooler, database),
+                "reserve_pool": reserve,
+                "max_connections": views.effective_max_db_connections(pooler, database),
+                "current_connections": pooler.database_server_count(database),
+                "paused": int(admin is not None and admin.is_paused(database)),
+                "disabled": 0,
+            }
+            for key, family in database_gauges.items():
+                family.add_metric(labels, float(values[key]))
+        yield from database_gauges.values()
+
+        users = {user for _db, user in pooler.pools} | set(pooler.config.users)
+        servers = sum(pool.server_count for pool in pools)
+        lists = (
+            ("databases", "Count of databases", len(names)),
+            ("users", "Count of users", len(users)),
+            ("pools", "Count of pools", len(pools)),
+            ("free_clients", "Count of free clients", 0),
+            ("used_clients", "Count of used clients", len(pooler.clients)),
+            ("login_clients", "Count of clients in login state", sum(1 for c in pooler.clients if not c.cancel_key[0])),
+            ("free_servers", "Count of free servers", 0),
+            ("used_servers", "Count of used servers", servers),
+            ("cached_dns_names", "Count of DNS names in the cache", 0),
+            ("cached_dns_zones", "Count of DNS zones in the cache", 0),
+            ("in_flight_dns_queries", "Count of in-flight DNS queries", 0),
+        )
+        for name, doc, value in lists:
+            yield GaugeMetricFamily(f"pgbouncer_{name}", doc, value=float(value))
+        yield GaugeMetricFamily(
+            "pgbouncer_config_max_client_connections",
+            "Config maximum number of client connections",
+            value=float(pooler.config.max_client_conn),
+        )
+        yield GaugeMetricFamily(
+            "pgbouncer_config_max_user_connections",
+            "Config maximum number of server connections per user",
+            value=float(pooler.config.max_user_connections),
+        )
+
+    # -- what pgfleet adds ------------------------------------------------------------------------
+    def _pgfleet_metrics(self) -> Iterator[Metric]:
+        pooler = self.pooler
+        labels = ["database", "user"]
+        wait = HistogramMetricFamily(
+            "pgfleet_client_wait_seconds", "Time clients waited for a server connection", labels=labels
+        )
+        for (database, user), histogram in sorted(self.waits.items()):
+            wait.add_metric([database, user], histogram.cumulative(), histogram.total)
+        yield wait
+
+        limit = GaugeMetricFamily(
+            "pgfleet_pool_server_limit",
+            "Server connections the pool may hold now (pool_size, plus reserve in use)",
+            labels=labels,
+        )
+        size = GaugeMetricFamily("pgfleet_pool_size", "The pool_size limit in force", labels=labels)
+        backends = GaugeMetricFamily(
+            "pgfleet_pool_backends", "Server connections held (idle, active, logging in)", labels=labels
+        )
+        queued = GaugeMetricFamily(
+            "pgfleet_pool_clients_queued", "Clients queued for a server connection", labels=labels
+        )
+        paused = GaugeMetricFamily(
+            "pgfleet_pool_paused", "1 if the pool hands out no servers (PAUSE/KILL)", labels=labels
+        )
+        hits = CounterMetricFamily(
+            "pgfleet_prepared_statements_cache_hits",
+            "Prepared statements found already prepared on the server",
+            labels=labels,
+        )
+        misses = CounterMetricFamily(
+            "pgfleet_prepared_statements_cache_misses", "Prepared statements that had to be prepared on the server", labels=labels
+        )  # fmt: skip
+        now = pooler.loop.time()
+        for pool in pooler.pools.values():
+            key = [pool.database, pool.user]
+            limit.add_metric(key, float(pool.limit))
+            size.add_metric(key, float(pool.pool_size))
+            backends.add_metric(key, float(pool.server_count))
+            queued.add_metric(key, float(views.pool_counts(pool, now).cl_waiting))
+            paused.add_metric(key, float(pool.paused))
+            hits.add_metric(key, float(pool.stats.prepared_hits))
+            misses.add_metric(key, float(pool.stats.prepared_misses))
+        yield from (limit, size, backends, queued, paused, hits, misses)
+
+        draining = GaugeMetricFamily("pgfleet_draining", "1 once a drain (SIGTERM, POST /drain) has started")
+        draining.add_metric([], float(pooler.draining))
+        yield draining
+        uptime = GaugeMetricFamily("pgfleet_uptime_seconds", "Seconds since the pooler started")
+        uptime.add_metric([], now - pooler.started_at)
+        yield uptime
+
+
+def make_registry(pooler: Pooler) -> tuple[CollectorRegistry, PoolerCollector]:
+    """A registry of its own per pooler (tests run several in one process)."""
+    registry = CollectorRegistry(auto_describe=False)
+    collector = PoolerCollector(pooler)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry, collector
