@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -15,6 +16,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A CI timeout or `kill` sends SIGTERM; turning it into KeyboardInterrupt lets pytest
+    # run the fixtures' finalizers, so no throwaway PostgreSQL outlives the run.
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
