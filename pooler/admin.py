@@ -20,6 +20,7 @@ from . import views
 from .client import ClientConnection, ClientError, ClientState
 from .config import ConfigError, PoolerConfig
 from .ini import DURATION_KEYS, parse_duration
+from .pooler import RESTART_ONLY
 from .protocol import backend
 from .protocol import errors as sqlstate
 from .protocol.errors import ProtocolError
@@ -40,8 +41,8 @@ VERSION_STRING = f"PgBouncer {PGBOUNCER_VERSION} (pgfleet)"
 
 TEXT, INT4, INT8, NUMERIC = 25, 23, 20, 1700
 
-# Settings that SET may not change: the sockets are bound, or the entry is a mapping.
-_NOT_SETTABLE = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_addr", "http_listen_port")
+# Settings that SET may not change: the sockets are already bound.
+_NOT_SETTABLE = RESTART_ONLY
 _CONFIG_KEYS = tuple(key for key in PoolerConfig.model_fields if key not in ("databases", "users"))
 
 # Parameters some drivers SET/SHOW blindly on connect; answered without effect (as PgBouncer).

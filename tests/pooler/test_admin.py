@@ -234,3 +234,41 @@ def test_command_parser() -> None:
     for bad in ("SET a b", "SHOW a b c", "'x'", "SET = 1", "SHOW 'pools'"):
         with pytest.raises(Exception, match=r"invalid command|quoted"):
             parse_command(bad)
+
+
+async def test_stats_averages_follow_the_stats_period(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(stats_period=0.2, **ADMIN_SETTINGS)
+    app = await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=pooler.port, user="md5user", password="md5pass", dbname="app", autocommit=True
+    )
+    async with await admin_connect(pooler) as conn:
+        averages: dict[str, Any] = {}
+
+        async def refresh() -> None:
+            nonlocal averages
+            names, rows = await admin_rows(conn, "SHOW STATS_AVERAGES")
+            averages = {row[0]: dict(zip(names, row, strict=True)) for row in rows}
+
+        # Averages cover the last full stats_period: traffic shows up once a period has passed.
+        for _ in range(100):
+            await app.execute("SELECT 1")
+            await refresh()
+            if averages["app"]["xact_count"] > 0:
+                break
+        assert averages["app"]["xact_count"] > 0
+        assert averages["app"]["query_count"] > 0
+        assert averages["app"]["xact_time"] > 0  # microseconds per transaction
+    await app.close()
+
+
+async def test_psql_runs_the_exporter_queries(start_pooler: StartPooler) -> None:
+    """pgbouncer_exporter's statements, verbatim, through libpq's simple protocol."""
+    pooler = await start_pooler(**ADMIN_SETTINGS)
+    for sql in ("SHOW STATS", "SHOW VERSION;", "SHOW LISTS;", "SHOW CONFIG;", "SHOW DATABASES;",
+                "SHOW STATS_TOTALS;", "SHOW POOLS;"):  # fmt: skip
+        code, out, err = await run_cmd(
+            "psql", "-X", "-A", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "scramuser", "pgbouncer", "-c", sql,
+            env=client_env("scrampass"),
+        )  # fmt: skip
+        assert code == 0, (sql, err)
+        assert "(1 row)" in out or "rows)" in out, (sql, out)
