@@ -15,7 +15,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING, cast
 
-from . import auth, params
+from . import auth, params, prepared, sqlscan
 from .config import AuthType, PoolMode
 from .protocol import backend
 from .protocol import errors as sqlstate
@@ -34,6 +34,8 @@ log = logging.getLogger("pgfleet.client")
 _unpack_length = struct.Struct("!i").unpack_from
 
 _Q, _S, _X, _F, _H = ord("Q"), ord("S"), ord("X"), ord("F"), ord("H")
+_P, _B, _D, _C = ord("P"), ord("B"), ord("D"), ord("C")
+_STATEMENT = ord("S")  # Describe/Close target kind
 # Extended-protocol messages: after one of them the server is busy until the next Sync.
 _EXTENDED = frozenset(map(ord, "PBDEC"))
 _COPY = frozenset(map(ord, "dcf"))
@@ -67,18 +69,22 @@ class ClientConnection(asyncio.Protocol):
         "_startup",
         "_write_paused",
         "address",
+        "batch_binds",
         "cancel_key",
         "close_at_boundary",
         "connect_time",
         "database",
         "is_admin",
         "last_activity",
+        "maps_statements",
         "params",
+        "pins",
         "pool",
         "pooler",
         "request_time",
         "server",
         "state",
+        "statements",
         "transport",
         "unsynced",
         "user",
@@ -105,6 +111,13 @@ class ClientConnection(asyncio.Protocol):
         # An extended-protocol message went out and its Sync has not yet.
         self.unsynced = False
         self.close_at_boundary = False
+        # Named prepared statements: client name -> shared server-side statement.
+        self.statements: dict[str, prepared.Statement] = {}
+        self.maps_statements = False  # set per link: transaction/statement mode, cache on
+        # Server names bound since the last Sync (a stale plan among them gets renewed).
+        self.batch_binds: list[str] = []
+        # Why this client keeps its server past transaction end (sqlscan's reasons).
+        self.pins: set[str] = set()
         self._pending = b""
         self._reading_paused = False
         self._write_paused = False
@@ -148,6 +161,10 @@ class ClientConnection(asyncio.Protocol):
         server, self.server = self.server, None
         if server is not None and self.pool is not None:
             server.client = None
+            if self.pins:
+                # LISTEN, SET, a lock, a cursor or a temp table stays on that backend.
+                server.close_needed = True
+            prepared.client_left(server)
             self.pool.release(server, self.unsynced)
         self.pooler.client_disconnected(self, previous)
 
@@ -371,6 +388,11 @@ class ClientConnection(asyncio.Protocol):
         server.client = self
         self.state = ClientState.ACTIVE
         server.refuse_blocks = self.pool is not None and self.pool.mode is PoolMode.STATEMENT
+        self.maps_statements = (
+            self.pool is not None
+            and self.pool.mode is not PoolMode.SESSION
+            and self.pooler.config.max_prepared_statements > 0
+        )
         sync = params.sync_statement(self.params, server.params)
         if sync is not None:
             server.run_internal(sync)
@@ -382,12 +404,22 @@ class ClientConnection(asyncio.Protocol):
             self._forward(data)
 
     def _forward(self, data: bytes) -> None:
-        """Frame complete messages, count the replies they ask for, send them on."""
+        """Frame complete messages, count the replies they ask for, send them on.
+
+        Messages naming a prepared statement, and SQL that may touch session state, take
+        a slower path (prepared.py) that may send other bytes in their place.
+        """
         server = self.server
-        assert server is not None
+        pool = self.pool
+        assert server is not None and pool is not None
+        stats = pool.stats
+        maps = self.maps_statements
         n = len(data)
         pos = 0
-        replies = 0
+        replies = 0  # ReadyForQuery replies asked for by this chunk
+        seg = 0  # start of the client bytes not yet copied to `out`
+        out: list[bytes] | None = None
+        answered = False
         while n - pos >= 5:
             msg_type = data[pos]
             length = _unpack_length(data, pos + 1)[0]
@@ -397,32 +429,99 @@ class ClientConnection(asyncio.Protocol):
             end = pos + 1 + length
             if end > n:
                 break
-            if msg_type == _Q or msg_type == _F:
+            new: bytes | None = None
+            if msg_type == _Q:
+                if server.replies or sqlscan.worth_a_look(data, pos + 5, end - 1):
+                    new = prepared.on_query(self, server, data[pos + 5 : end], replies, pos == 0 and end == n)
+                    if new is prepared.LOCAL_ANSWER:
+                        answered = True
+                        replies -= 1
                 replies += 1
             elif msg_type in _EXTENDED:
                 self.unsynced = True
+                if msg_type == _P:
+                    stats.client_parse_count += 1
+                    if maps and data[pos + 5] != 0:
+                        new = prepared.on_parse(self, server, data[pos + 5 : end], replies)
+                    else:
+                        stats.server_parse_count += 1
+                        prepared.track(server, prepared.PARSE_REPLY, replies)
+                        if sqlscan.worth_a_look(data, pos + 6, end):
+                            self._unnamed_parse(data[pos + 5 : end])
+                elif msg_type == _B:
+                    stats.bind_count += 1
+                    if maps:
+                        portal_end = pos + 5 if data[pos + 5] == 0 else data.find(b"\x00", pos + 5, end)
+                        if 0 < portal_end < end - 1 and data[portal_end + 1] != 0:
+                            new = prepared.on_bind(self, server, data[pos + 5 : end], portal_end - pos - 5, replies)
+                elif msg_type == _C:
+                    if maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
+                        new = prepared.on_close(self, server, data[pos + 5 : end], replies)
+                    else:
+                        prepared.track(server, prepared.CLOSE_REPLY, replies)
+                elif msg_type == _D and maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
+                    new = prepared.on_describe(self, server, data[pos + 5 : end], replies)
             elif msg_type == _S:
+                if server.replies or self.batch_binds:
+                    binds, self.batch_binds = self.batch_binds, []
+                    reply = prepared.Reply(prepared.SYNC, binds=binds) if binds else prepared.SYNC_REPLY
+                    prepared.track(server, reply, replies)
                 replies += 1
                 self.unsynced = False
+            elif msg_type == _F:
+                if server.replies:
+                    prepared.track(server, prepared.SYNC_REPLY, replies)
+                replies += 1
             elif msg_type == _X:
                 if pos:
                     server.outstanding += replies
-                    server.write(data[:pos])
+                    server.write(data[:pos] if out is None else b"".join(out) + data[seg:pos])
                 self.close()
                 return
             elif msg_type != _H and msg_type not in _COPY:
                 self._protocol_violation(f"unknown message type {chr(msg_type)!r}")
                 return
+            if new is not None:
+                if out is None:
+                    out = []
+                out.append(data[seg:pos])
+                out.append(new)
+                seg = end
             pos = end
         if pos:
             if replies:
                 server.outstanding += replies
                 self.request_time = self.last_activity
-            server.write(data if pos == n else data[:pos])
-            if self.pool is not None:
-                self.pool.stats.bytes_received += pos
+            if out is None:
+                server.write(data if pos == n else data[:pos])
+            else:
+                out.append(data[seg:pos])
+                payload = b"".join(out)
+                if payload:
+                    server.write(payload)
+            stats.bytes_received += pos
         if pos < n:
             self._pending = data[pos:]
+        if answered:
+            self.server_ready(server)
+
+    def _unnamed_parse(self, body: bytes) -> None:
+        """A Parse of the unnamed statement whose SQL may touch session state."""
+        name_end = body.find(b"\x00")
+        query_end = body.find(b"\x00", name_end + 1)
+        if query_end > name_end >= 0:
+            effect = sqlscan.scan(body[name_end + 1 : query_end].decode(errors="replace"))
+            if effect:
+                self.apply_effect(effect)
+
+    def apply_effect(self, effect: sqlscan.SqlEffect) -> None:
+        """Pin the client to its server while session state lives there; unpin when gone."""
+        if self.pool is None or self.pool.mode is PoolMode.SESSION:
+            return  # the server is the client's anyway, and reset at logout
+        if effect.pins - self.pins:
+            log.debug("%r keeps its server: %s", self, ", ".join(sorted(effect.pins - self.pins)))
+        self.pins |= effect.pins
+        self.pins -= effect.unpins
 
     def server_ready(self, server: ServerConnection) -> None:
         """ReadyForQuery arrived for this client: decide whether the server goes back.
@@ -440,7 +539,7 @@ class ClientConnection(asyncio.Protocol):
             if server.refuse_blocks:
                 pool.refuse_transaction_block(self, server)
             return
-        if pool.mode is PoolMode.SESSION:
+        if pool.mode is PoolMode.SESSION or self.pins:
             return
         self._release()
 

@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .config import DatabaseConfig, PoolerConfig, PoolMode
+from .prepared import StatementRegistry
 from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
 from .protocol.frontend import SYNC
@@ -37,6 +38,8 @@ class Pool:
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.clients: set[ClientConnection] = set()
         self.stats = PoolStats()
+        # Server-side names of the named statements its clients prepare (see prepared.py).
+        self.statements = StatementRegistry()
         self.server_params: dict[str, str] | None = None
         self.paused = False
         # After a failed login the pool answers at once instead of hammering the server.

@@ -16,11 +16,12 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from . import prepared as statements
 from .auth import AuthFailed, ScramClientExchange, is_md5, is_plaintext, md5_response
 from .protocol import backend, frontend
 from .protocol.backend import IDLE
 from .protocol.errors import ProtocolError
-from .protocol.framing import MessageReader
+from .protocol.framing import MessageReader, frame
 from .protocol.startup import build_startup_message
 
 if TYPE_CHECKING:
@@ -31,9 +32,12 @@ log = logging.getLogger("pgfleet.server")
 
 _unpack_length = struct.Struct("!i").unpack_from
 
-_Z, _S, _E = ord("Z"), ord("S"), ord("E")
-# Server messages whose body the forwarding scan must read.
-_WATCHED = frozenset((_Z, _S, _E))
+_Z, _S, _E, _C = ord("Z"), ord("S"), ord("E"), ord("C")
+_PARSE_COMPLETE, _CLOSE_COMPLETE = ord("1"), ord("3")
+# Server messages the forwarding scan must look at (ParseComplete and CloseComplete:
+# some answer the proxy's own Parse/Close and go no further, see prepared.py).
+_WATCHED = frozenset((_Z, _S, _E, _PARSE_COMPLETE, _CLOSE_COMPLETE))
+_CACHE_WIPED = frozenset((b"DISCARD ALL\x00", b"DEALLOCATE ALL\x00"))
 
 
 class ServerState(enum.Enum):
@@ -72,7 +76,12 @@ class ServerConnection(asyncio.Protocol):
         # Set when the server must not go back to the pool (lifetime, lower limit, error).
         self.close_needed = False
         self.refuse_blocks = False  # statement mode: transaction blocks are refused
+        # Server-side statements this link holds, least recently used first.
         self.prepared: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # What each '1', '3' and 'Z' the client's messages will get stands for (prepared.py).
+        self.replies: collections.deque[statements.Reply] = collections.deque()
+        # Statements to close here before the next Parse (stale plans, skipped Closes).
+        self.to_close: list[str] = []
         # Internal queries whose replies are swallowed, one callback per ReadyForQuery.
         self._swallow: collections.deque[Callable[[], None] | None] = collections.deque()
         self._partial = b""
@@ -245,6 +254,8 @@ class ServerConnection(asyncio.Protocol):
                     status = self.tx_status = data[pos + 5]
                     self.outstanding -= 1
                     saw_ready = True
+                    if self.replies:
+                        statements.on_ready(self)
                     if status != IDLE and self.refuse_blocks:
                         # Statement mode: the client hears of the refusal in place of this
                         # ReadyForQuery, once the block is rolled back (pool.refuse_...).
@@ -252,8 +263,19 @@ class ServerConnection(asyncio.Protocol):
                         seg = end
                 elif msg_type == _S:
                     self._parameter_status(data[pos + 5 : end])
-                else:
+                elif msg_type == _E:
                     self.pool.stats.errors += 1
+                    rewritten = statements.on_error(self, data[pos + 5 : end])
+                    if rewritten is not None:
+                        self._emit(data[seg:pos])
+                        seg = end
+                        self._emit(frame(b"E", rewritten))
+                elif self.replies:
+                    if self.replies.popleft().skip:
+                        self._emit(data[seg:pos])
+                        seg = end
+                else:
+                    statements.on_unexpected(self, msg_type)
             pos = end
         if pos > n:
             # A long message (rows, COPY data) continues in the next chunk.
@@ -278,6 +300,10 @@ class ServerConnection(asyncio.Protocol):
                 then()
         elif msg_type == _S:
             self._parameter_status(data[pos + 5 : end])
+        elif msg_type == _C and data[pos + 5 : end] in _CACHE_WIPED:
+            # A reset query (server_reset_query) took the link's prepared statements.
+            self.prepared.clear()
+            self.to_close.clear()
         elif msg_type == _E:
             fields = backend.parse_error_fields(data[pos + 5 : end])
             log.warning("internal query on server %s failed: %s", self.backend_pid, fields.get("M"))

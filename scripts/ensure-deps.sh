@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages the tests, the demo and the benchmarks need, when they are
-# missing: PostgreSQL's server and client (initdb, pg_ctl, psql, pgbench). Installs only
+# missing: PostgreSQL's server and client (initdb, pg_ctl, psql, pgbench), and the client
+# drivers of the prepared-statement tests (ensure-driver-deps.sh). Installs only
 # as root on Debian/Ubuntu; otherwise says what to install and fails.
 set -euo pipefail
 
@@ -18,6 +19,7 @@ for extra in "$@"; do
     *) dpkg -s "$extra" >/dev/null 2>&1 || missing+=("$extra") ;;
   esac
 done
+bash "$(dirname "$0")/ensure-driver-deps.sh"
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
