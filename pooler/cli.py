@@ -69,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: OK")
         return 0
 
-    level = (
-        [logging.WARNING, logging.INFO, logging.DEBUG, logging.DEBUG][config.verbose]
-        if config.verbose
-        else logging.INFO
-    )
+    level = logging.DEBUG if config.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_fd_limit()
     _load_extensions()

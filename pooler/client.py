@@ -231,8 +231,11 @@ class ClientConnection(asyncio.Protocol):
         self._login_waiter = self.pooler.loop.create_future()
         await self._login_waiter
         self._login_waiter = None
-        if self.state is ClientState.CLOSED:
+        if self._closed():  # connection_lost ran while this coroutine waited
             raise asyncio.CancelledError
+
+    def _closed(self) -> bool:
+        return self.state is ClientState.CLOSED
 
     async def _login(self) -> None:
         assert self.transport is not None
@@ -312,8 +315,8 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
         elif method is AuthType.PLAIN:
             self.transport.write(backend.authentication_cleartext())
-            given = await self._read_password()
-            if not auth.check_plain_password(user, secret, given.rstrip(b"\x00").decode(errors="replace")):
+            cleartext = (await self._read_password()).rstrip(b"\x00").decode(errors="replace")
+            if not auth.check_plain_password(user, secret, cleartext):
                 raise self._auth_failed()
         elif method is AuthType.MD5 and not auth.is_scram(secret):
             salt = self.pooler.random_bytes(4)

@@ -239,7 +239,9 @@ class Pool:
             return
         if self.last_error is not None and self.pooler.loop.time() < self.error_until:
             return
-        while len(self.waiting) > self.connecting and self._room():
+        # A client logging in before the pool has met its server waits too.
+        wanted = len(self.waiting) + (1 if self._params_waiters else 0)
+        while wanted > self.connecting and self._room():
             self.launch()
 
     def launch(self) -> None:
@@ -355,6 +357,12 @@ class Pool:
             closed += 1
         return closed
 
+    def shutdown(self, reason: str) -> None:
+        """The pooler stops: abandon logins in progress, close every server."""
+        for task in self._tasks:
+            task.cancel()
+        self.close_all(reason, active=True)
+
     def close_all(self, reason: str, *, active: bool = False) -> None:
         while self.idle:
             self._close(self.idle.popleft(), reason)
@@ -373,10 +381,14 @@ class Pool:
             while self.waiting and now - self.waiting[0].wait_start > config.query_wait_timeout:
                 client = self.waiting.popleft()
                 client.fatal(sqlstate.QUERY_CANCELED, "query_wait_timeout: no server connection was free in time")
-        if self.waiting and self.reserve_pool_size and not self.reserve_in_use:
-            if now - self.waiting[0].wait_start > config.reserve_pool_timeout:
-                self.reserve_in_use = True
-                log.info("pool %s: using reserve pool", self.name)
+        if (
+            self.waiting
+            and self.reserve_pool_size
+            and not self.reserve_in_use
+            and now - self.waiting[0].wait_start > config.reserve_pool_timeout
+        ):
+            self.reserve_in_use = True
+            log.info("pool %s: using reserve pool", self.name)
         if self.waiting:
             self.launch_for_waiters()
         for server in list(self.idle):

@@ -38,7 +38,7 @@ class Pooler:
         self.draining = False
         self.started_at = self.loop.time()
         self._cancel_keys: dict[int, tuple[int, ClientConnection]] = {}
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
         self._janitor: asyncio.TimerHandle | None = None
         self._stopped = self.loop.create_future()
         self._drain_deadline: asyncio.TimerHandle | None = None
@@ -87,7 +87,7 @@ class Pooler:
         for client in list(self.clients):
             client.terminate(sqlstate.ADMIN_SHUTDOWN, "pgfleet is shutting down")
         for pool in self.pools.values():
-            pool.close_all("pooler stopping", active=True)
+            pool.shutdown("pooler stopping")
         if self._janitor is not None:
             self._janitor.cancel()
         if not self._stopped.done():
@@ -199,9 +199,17 @@ class Pooler:
         return False
 
     def server_slot_freed(self, pool: Pool) -> None:
-        """A server closed: the pools it counted against may open one now."""
-        for other in self.pools.values():
-            if other.waiting and (other is pool or other.database == pool.database or other.user == pool.user):
+        """A server closed: the pools it counted against may open one now.
+
+        Deferred to the next loop turn: a slot is often freed from inside a pool's own
+        launch loop (evicting an idle sibling), and re-entering it there would open one
+        server more than the cap allows.
+        """
+        self.loop.call_soon(self._launch_where_waiting, pool.database, pool.user)
+
+    def _launch_where_waiting(self, database: str, user: str) -> None:
+        for other in list(self.pools.values()):
+            if other.database == database or other.user == user:
                 other.launch_for_waiters()
 
     def observe_wait(self, pool: Pool, seconds: float) -> None:

@@ -59,7 +59,9 @@ async def peak_backends(pg: TempPostgres, dbname: str, seconds: float) -> int:
 
 
 async def test_lowering_the_pool_size_live(pg: TempPostgres, start_pooler: StartPooler, fresh_db: str) -> None:
-    pooler = await start_pooler(auth_type="trust", default_pool_size=20, max_client_conn=500, databases=own_app(pg, fresh_db))
+    pooler = await start_pooler(
+        auth_type="trust", default_pool_size=20, max_client_conn=500, databases=own_app(pg, fresh_db)
+    )
     load = Load(pooler.port, 100)
     load.start()
     pool_key = ("app", "postgres")
@@ -93,7 +95,9 @@ async def test_invalid_limits_change_nothing(start_pooler: StartPooler) -> None:
 async def test_max_db_connections_caps_all_users_of_a_database(
     pg: TempPostgres, start_pooler: StartPooler, fresh_db: str
 ) -> None:
-    pooler = await start_pooler(auth_type="md5", default_pool_size=10, max_db_connections=3, databases=own_app(pg, fresh_db))
+    pooler = await start_pooler(
+        auth_type="md5", default_pool_size=10, max_db_connections=3, databases=own_app(pg, fresh_db)
+    )
     conns = [
         await asyncpg.connect(
             host="127.0.0.1", port=pooler.port, user=user, password=pw, database="app", statement_cache_size=0
@@ -103,7 +107,9 @@ async def test_max_db_connections_caps_all_users_of_a_database(
     try:
         await asyncio.gather(*(c.execute("SELECT pg_sleep(0.05)") for c in conns))
         servers = sum(p.server_count for p in pooler.pools.values() if p.database == "app")
-        assert servers <= 3
+        assert servers <= 3, [
+            (p.name, len(p.idle), [(s.state, s.client) for s in p.active], p.connecting) for p in pooler.pools.values()
+        ]
         assert await asyncio.to_thread(pg.client_backends, None, fresh_db) <= 3
     finally:
         for c in conns:
