@@ -106,6 +106,7 @@ class Target:
 class Outcome:
     runs: list[PgbenchResult] = field(default_factory=list)
     cpu: float = 0.0  # pooler CPU seconds over all runs
+    pg_cpu: float = 0.0  # PostgreSQL CPU seconds (all its processes) over all runs
     time_wait: list[int] = field(default_factory=list)  # TIME_WAIT sockets as each -C run began
 
     @property
@@ -130,6 +131,10 @@ class Outcome:
     def cpu_us_per_txn(self) -> float | None:
         txns = sum(r.transactions for r in self.runs)
         return self.cpu * 1e6 / txns if txns and not self.failed else None
+
+    def pg_cpu_us_per_txn(self) -> float | None:
+        txns = sum(r.transactions for r in self.runs)
+        return self.pg_cpu * 1e6 / txns if txns and not self.failed else None
 
 
 # -- formatting ----------------------------------------------------------------------------
@@ -161,6 +166,7 @@ def case_table(case: Case, outcomes: dict[str, Outcome], with_case: bool = False
             fmt_ratio(outcome.tps, direct),
             fmt_ratio(outcome.tps, bouncer),
             fmt_num(outcome.cpu_us_per_txn(), 1) if name != DIRECT else "—",
+            fmt_num(outcome.pg_cpu_us_per_txn(), 1),
         ]
         rows.append(([case.name] if with_case else []) + [name, *cells])
     header = (["case"] if with_case else []) + [
@@ -170,6 +176,7 @@ def case_table(case: Case, outcomes: dict[str, Outcome], with_case: bool = False
         "x direct",
         "x PgBouncer",
         "pooler CPU µs/txn",
+        "PostgreSQL CPU µs/txn",
     ]
     return markdown_table(header, rows)
 
@@ -203,6 +210,28 @@ def measure(target: Target, args: PgbenchArgs, notes: list[str]) -> tuple[Pgbenc
     return result, after - before
 
 
+# The benchmark's PostgreSQL: its postmaster's pid file, set once the server runs.
+POSTMASTER_PID_FILE: list[Path] = []
+
+
+def postgres_cpu_seconds() -> float:
+    """utime+stime of the whole PostgreSQL server: living processes, and the children it reaped.
+
+    Read from /proc, so it needs no extension; backends that exited (a -C storm) count
+    through the postmaster's cutime+cstime.
+    """
+    if not POSTMASTER_PID_FILE:
+        return 0.0
+    try:
+        pid = int(POSTMASTER_PID_FILE[0].read_text().split()[0])
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    reaped = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
+    return cpu_seconds(pid) + reaped
+
+
 def settle_time_wait(max_wait: float, below: int = TIME_WAIT_CALM) -> int:
     """Wait (up to `max_wait` s) for TIME_WAIT sockets left by earlier storms to expire; return the count.
 
@@ -226,9 +255,12 @@ def run_cases(targets: list[Target], cases: list[Case], rounds: int, notes: list
             for target in targets[shift:] + targets[:shift]:
                 if case.args.connect:
                     outcomes[target.name].time_wait.append(settle_time_wait(max(10.0, min(60.0, case.args.duration))))
+                pg_before = postgres_cpu_seconds()
                 result, cpu = measure(target, case.args, notes)
                 outcomes[target.name].runs.append(result)
                 outcomes[target.name].cpu += cpu
+                time.sleep(0.3)  # backends of closed connections exit and get reaped into cutime
+                outcomes[target.name].pg_cpu += postgres_cpu_seconds() - pg_before
                 status = (
                     f"{result.tps:,.0f} tps" if result.ok and result.tps else f"FAILED: {shorten(result.error or '')}"
                 )
@@ -445,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"starting PostgreSQL and pgbench -i -s {opts.scale} ...", flush=True)
             pg = TempPostgres(max_connections=max(clients) + 2 * opts.pool_size + 60).start()
             pg.sql(f"CREATE DATABASE {DB}")
+            POSTMASTER_PID_FILE.append(pg.datadir / "postmaster.pid")
             pgbench_init(pg.host, pg.port, DB, scale=opts.scale)
             starters = {k: starter(k, pg, workroot, opts.pool_size, max_clients) for k in POOLERS if k in wanted}
             for name in wanted:
@@ -528,7 +561,8 @@ def render_report(
     lines += ["", "## Throughput", ""]
     lines.append(
         "tps is pgbench's, without initial connection time (with reconnections for -C); spread is ±half the "
-        "range across rounds; pooler CPU is utime+stime of the pooler process per transaction."
+        "range across rounds; pooler CPU is utime+stime of the pooler process per transaction; PostgreSQL CPU is "
+        "utime+stime of all the server's processes (backends, reaped ones included) per transaction."
     )
     lines.append("")
     for index, case in enumerate(cases):
