@@ -274,7 +274,7 @@ class ClientConnection(asyncio.Protocol):
         self.params = {name: welcome[name] for name in params.TRACKED if name in welcome}
         self.params.update(startup_params)
         self.cancel_key = self.pooler.register_cancel_key(self)
-        out = [backend.parameter_status(name, value) for name, value in {**welcome, **self.params}.items()]
+        out = pool.welcome_frames(self.params)
         out.append(backend.backend_key_data(*self.cancel_key))
         out.append(backend.ready_for_query(IDLE))
         self.transport.write(b"".join(out))
@@ -380,25 +380,27 @@ class ClientConnection(asyncio.Protocol):
             return
         pool = self.pool
         assert pool is not None
-        self.request_time = self.pooler.loop.time()
-        self.pause_reading()
+        self.request_time = self.last_activity
         self.state = ClientState.WAITING
         pool.acquire(self)
+        if self.state is ClientState.WAITING:
+            # Queued: stop buffering what the client sends until a server is free. Not
+            # done before acquire: pausing and resuming costs two syscalls per transaction.
+            self.pause_reading()
 
     def link(self, server: ServerConnection) -> None:
         """The pool hands this client a server: sync its session, send what waited."""
         self.server = server
         server.client = self
         self.state = ClientState.ACTIVE
-        server.refuse_blocks = self.pool is not None and self.pool.mode is PoolMode.STATEMENT
-        self.maps_statements = (
-            self.pool is not None
-            and self.pool.mode is not PoolMode.SESSION
-            and self.pooler.config.max_prepared_statements > 0
-        )
-        sync = params.sync_statement(self.params, server.params)
-        if sync is not None:
-            server.run_internal(sync)
+        pool = self.pool
+        assert pool is not None
+        server.refuse_blocks = pool.refuses_blocks
+        self.maps_statements = pool.maps_statements
+        if self.params != server.tracked_params:
+            sync = params.sync_statement(self.params, server.params)
+            if sync is not None:
+                server.run_internal(sync)
         if self._write_paused:
             server.pause_reading()
         self.resume_reading()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .config import DatabaseConfig, PoolerConfig, PoolMode
 from .prepared import StatementRegistry
+from .protocol import backend
 from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
 from .protocol.frontend import SYNC
@@ -41,6 +42,7 @@ class Pool:
         # Server-side names of the named statements its clients prepare (see prepared.py).
         self.statements = StatementRegistry()
         self.server_params: dict[str, str] | None = None
+        self._welcome_cache: tuple[dict[str, str], dict[str, bytes]] | None = None
         self.paused = False
         # After a failed login the pool answers at once instead of hammering the server.
         self.last_error: ServerLoginError | None = None
@@ -59,6 +61,9 @@ class Pool:
         self.server_dbname = db.dbname or self.database
         self.server_user = db.user or self.user
         self.mode: PoolMode = (user and user.pool_mode) or db.pool_mode or config.pool_mode
+        # Read by every link, so decided here once.
+        self.refuses_blocks = self.mode is PoolMode.STATEMENT
+        self.maps_statements = self.mode is not PoolMode.SESSION and config.max_prepared_statements > 0
         size = config.default_pool_size
         if db.pool_size is not None:
             size = db.pool_size
@@ -111,36 +116,38 @@ class Pool:
 
     def acquire(self, client: ClientConnection) -> None:
         """Link `client` to an idle server now, or queue it (FIFO) until one frees up."""
-        loop_time = self.pooler.loop.time()
-        client.wait_start = loop_time
         if not self.paused:
+            lifetime = self.pooler.config.server_lifetime
             while self.idle:
                 server = self.idle.pop()  # most recently used: warm caches, lets the rest age out
                 if server.state is not ServerState.IDLE:
                     continue
-                if (
-                    self.pooler.config.server_lifetime
-                    and loop_time - server.created_at > self.pooler.config.server_lifetime
-                ):
+                if lifetime and client.request_time - server.created_at > lifetime:
                     self._close(server, "server_lifetime")
                     continue
-                self._activate(server, client)
+                # The hot path: no clock read, no wait statistics (nobody waited).
+                server.state = ServerState.ACTIVE
+                self.active.add(server)
+                server.link_time = client.request_time
+                client.link(server)
                 return
-        if self.last_error is not None and loop_time < self.error_until and not self.active and not self.connecting:
+        now = self.pooler.loop.time()
+        client.wait_start = now
+        if self.last_error is not None and now < self.error_until and not self.active and not self.connecting:
             client.fail_wait(self.last_error.fields)
             return
         self.waiting.append(client)
         self.launch_for_waiters()
 
     def _activate(self, server: ServerConnection, client: ClientConnection) -> None:
+        """Hand a server to a client that waited in the queue for it."""
         server.state = ServerState.ACTIVE
         self.active.add(server)
         now = self.pooler.loop.time()
         waited = now - client.wait_start
-        if waited > 0:
-            self.stats.wait_time += int(waited * 1_000_000)
-            self.stats.wait_count += 1
-            self.pooler.observe_wait(self, waited)
+        self.stats.wait_time += int(waited * 1_000_000)
+        self.stats.wait_count += 1
+        self.pooler.observe_wait(self, waited)
         server.link_time = now
         client.link(server)
 
@@ -176,14 +183,15 @@ class Pool:
         elif server.busy_internally:
             server._swallow[-1] = lambda: self._give(server)
         else:
-            self._give(server)
+            self._give(server, now)
 
-    def _give(self, server: ServerConnection) -> None:
+    def _give(self, server: ServerConnection, now: float | None = None) -> None:
         """Hand a clean server to the first waiting client, or put it on the idle list."""
         if server.state is ServerState.CLOSED:
             return
         config = self.pooler.config
-        now = self.pooler.loop.time()
+        if now is None:
+            now = self.pooler.loop.time()
         if server.close_needed or not server.is_clean:
             self._close(server, "server not clean")
             return
@@ -316,6 +324,31 @@ class Pool:
             waiting, self.waiting = self.waiting, collections.deque()
             for client in waiting:
                 client.fail_wait(error.fields)
+
+    def welcome_frames(self, client_params: dict[str, str]) -> list[bytes]:
+        """ParameterStatus messages greeting a client: the server's, with the client's own values.
+
+        The frames of the server's values are built once per pool; a connection storm
+        would otherwise rebuild a dozen messages per login.
+        """
+        assert self.server_params is not None
+        cache = self._welcome_cache
+        if cache is None or cache[0] is not self.server_params:
+            cache = self._welcome_cache = (
+                self.server_params,
+                {name: backend.parameter_status(name, value) for name, value in self.server_params.items()},
+            )
+        welcome, frames = cache
+        out = [
+            frames[name]
+            if client_params.get(name, value) == value
+            else backend.parameter_status(name, client_params[name])
+            for name, value in welcome.items()
+        ]
+        out.extend(
+            backend.parameter_status(name, value) for name, value in client_params.items() if name not in welcome
+        )
+        return out
 
     async def welcome_params(self) -> dict[str, str]:
         """The server's ParameterStatus set a new client is greeted with."""

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from . import params
 from . import prepared as statements
 from .auth import AuthFailed, ScramClientExchange, is_md5, is_plaintext, md5_response
 from .protocol import backend, frontend
@@ -62,6 +63,9 @@ class ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client: ClientConnection | None = None
         self.params: dict[str, str] = {}
+        # The subset of params that follows clients: equal to a client's params means
+        # nothing to SET when that client's transaction lands here (one dict compare).
+        self.tracked_params: dict[str, str] = {}
         self.backend_pid = 0
         self.backend_key = 0
         self.tx_status = IDLE
@@ -179,6 +183,7 @@ class ServerConnection(asyncio.Protocol):
                 break
         self._login_reader = None
         self._login_queue.clear()
+        self.tracked_params = {name: self.params[name] for name in params.TRACKED if name in self.params}
 
     def _answer_auth(
         self, request: backend.AuthRequest, user: str, secret: str | None, scram: ScramClientExchange | None
@@ -312,6 +317,8 @@ class ServerConnection(asyncio.Protocol):
     def _parameter_status(self, body: bytes) -> None:
         name, value = backend.parse_parameter_status(body)
         self.params[name] = value
+        if name in params.TRACKED:
+            self.tracked_params[name] = value
         if self.client is not None:
             self.client.parameter_changed(name, value)
 
