@@ -109,7 +109,9 @@ class TempPostgres:
         hba += ["host all all 127.0.0.1/32 trust"]
         self._append(self.datadir / "postgresql.conf", conf_text)
         self._write(self.datadir / "pg_hba.conf", "\n".join(hba) + "\n")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60", "start")
+        self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60", "start"
+        )
         self.sql(
             "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN SUPERUSER PASSWORD 'md5pass';"
             "SET password_encryption = 'scram-sha-256';"
@@ -132,7 +134,9 @@ class TempPostgres:
 
     def restart_server(self) -> None:
         """Start again after `stop` (same data, same port)."""
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60", "start")
+        self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60", "start"
+        )
 
     def cleanup(self) -> None:
         try:
