@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any
 
+from pgfleet.pooler.config import PoolMode  # the pooler's own modes: one definition
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
@@ -35,12 +36,6 @@ class _Model(BaseModel):
     # Unknown keys are rejected here as the API server's pruning would drop them: a typo in
     # a spec must never turn into a silently ignored setting.
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-
-
-class PoolMode(str, Enum):
-    SESSION = "session"
-    TRANSACTION = "transaction"
-    STATEMENT = "statement"
 
 
 class ClientAuthType(str, Enum):

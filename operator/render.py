@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import quote
 
 from pgfleet.pooler.config import AuthType, DatabaseConfig, PoolerConfig, dump_config
-from pgfleet.pooler.config import PoolMode as PoolerPoolMode
 
 from . import model
 from .budget import Allocation
@@ -142,7 +141,7 @@ def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
         listen_port=POSTGRES_PORT,
         auth_type=AuthType(spec.client_auth.auth_type.value),
         auth_file=USERLIST_FILE,
-        pool_mode=PoolerPoolMode(spec.pool_mode.value),
+        pool_mode=spec.pool_mode,
         max_client_conn=pooler.max_client_conn,
         default_pool_size=per_pod,
         # The hard cap: whatever users connect as, one pod never holds more backends.

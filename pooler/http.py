@@ -75,18 +75,20 @@ def limits_in_force(pooler: Any) -> dict[str, Any]:
             for name, user in config.users.items()
         },
         "pools": [
-            {
-                "database": pool.database,
-                "user": pool.user,
-                "pool_size": pool.pool_size,
-                "min_pool_size": pool.min_pool_size,
-                "reserve_pool_size": pool.reserve_pool_size,
-                "max_db_connections": pool.max_db_connections,
-                "max_user_connections": pool.max_user_connections,
-                "limit": pool.limit,
-            }
-            for pool in pooler.pools.values()
+            {"database": pool.database, "user": pool.user, **pool_limits(pool)} for pool in pooler.pools.values()
         ],
+    }
+
+
+def pool_limits(pool: Any) -> dict[str, int]:
+    """The limits in force for one pool, in the config's terms."""
+    return {
+        "pool_size": pool.pool_size,
+        "min_pool_size": pool.min_pool_size,
+        "reserve_pool_size": pool.reserve_pool_size,
+        "max_db_connections": pool.max_db_connections,
+        "max_user_connections": pool.max_user_connections,
+        "limit": pool.limit,
     }
 
 
@@ -110,14 +112,7 @@ def status(pooler: Any) -> dict[str, Any]:
                     "login": counts.sv_login,
                 },
                 "maxwait_seconds": round(counts.maxwait, 6),
-                "limits": {
-                    "pool_size": pool.pool_size,
-                    "min_pool_size": pool.min_pool_size,
-                    "reserve_pool_size": pool.reserve_pool_size,
-                    "max_db_connections": pool.max_db_connections,
-                    "max_user_connections": pool.max_user_connections,
-                    "limit": pool.limit,
-                },
+                "limits": pool_limits(pool),
                 "totals": pool.stats.as_dict(),
             }
         )
