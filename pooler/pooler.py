@@ -38,6 +38,7 @@ class Pooler:
         self.draining = False
         self.started_at = self.loop.time()
         self._cancel_keys: dict[int, tuple[int, ClientConnection]] = {}
+        self._cancel_tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
         self._janitor: asyncio.TimerHandle | None = None
         self._stopped = self.loop.create_future()
@@ -88,6 +89,10 @@ class Pooler:
             client.terminate(sqlstate.ADMIN_SHUTDOWN, "pgfleet is shutting down")
         for pool in self.pools.values():
             pool.shutdown("pooler stopping")
+        cancels = list(self._cancel_tasks)
+        for task in cancels:
+            task.cancel()
+        await asyncio.gather(*cancels, return_exceptions=True)
         if self._janitor is not None:
             self._janitor.cancel()
         if not self._stopped.done():
@@ -249,14 +254,14 @@ class Pooler:
         server = entry[1].server
         if server is None or not server.backend_pid:
             return
-        task = self.loop.create_task(
-            self._send_cancel(
-                server.pool.db_config.host, server.pool.db_config.port, server.backend_pid, server.backend_key
-            )
-        )
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        db = server.pool.db_config
+        task = self.loop.create_task(self._send_cancel(db.host, db.port, server.backend_pid, server.backend_key))
+        # Kept so that stop() can end a cancel still in flight (and close its socket).
+        self._cancel_tasks.add(task)
+        task.add_done_callback(self._cancel_tasks.discard)
 
     async def _send_cancel(self, host: str, port: int, pid: int, key: int) -> None:
+        writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self.config.server_connect_timeout or 15):
                 if host.startswith("/"):
@@ -266,9 +271,11 @@ class Pooler:
                 writer.write(build_cancel_request(pid, key))
                 await writer.drain()
                 await reader.read()  # the server closes the connection when done
-                writer.close()
         except (OSError, TimeoutError) as exc:
             log.warning("cancel request to %s:%s failed: %s", host, port, exc)
+        finally:
+            if writer is not None:
+                writer.close()
 
     async def admin_login(self, client: ClientConnection) -> None:
         if self.admin is None:
