@@ -40,6 +40,10 @@ _STATEMENT = ord("S")  # Describe/Close target kind
 _EXTENDED = frozenset(map(ord, "PBDEC"))
 _COPY = frozenset(map(ord, "dcf"))
 _ADMIN_DATABASE = "pgbouncer"
+# A queued client keeps being read until it has sent this much: pausing and resuming the
+# socket for every queued transaction would cost two syscalls each, and a client that
+# waits for its answer rarely sends more than one message meanwhile.
+_QUEUED_BUFFER_LIMIT = 64 * 1024
 
 
 class ClientState(enum.Enum):
@@ -143,7 +147,10 @@ class ClientConnection(asyncio.Protocol):
         elif self.state is ClientState.IDLE or self.state is ClientState.WAITING:
             self.last_activity = self.pooler.loop.time()
             self._pending += data
-            self._need_server()
+            if self.state is ClientState.IDLE:
+                self._need_server()
+            elif len(self._pending) > _QUEUED_BUFFER_LIMIT:
+                self.pause_reading()
         elif self.state is not ClientState.CLOSED:
             self._pending += data
             waiter = self._login_waiter
@@ -383,9 +390,7 @@ class ClientConnection(asyncio.Protocol):
         self.request_time = self.last_activity
         self.state = ClientState.WAITING
         pool.acquire(self)
-        if self.state is ClientState.WAITING:
-            # Queued: stop buffering what the client sends until a server is free. Not
-            # done before acquire: pausing and resuming costs two syscalls per transaction.
+        if self.state is ClientState.WAITING and len(self._pending) > _QUEUED_BUFFER_LIMIT:
             self.pause_reading()
 
     def link(self, server: ServerConnection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import asyncpg
 import psycopg
@@ -173,3 +174,26 @@ async def test_cancel_with_a_wrong_key_is_ignored(start_pooler: StartPooler) -> 
         assert await conn.fetchval("SELECT 1") == 1
     finally:
         await conn.close()
+
+
+async def test_a_queued_client_sending_much_is_paused_and_loses_nothing(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1)
+    holder = await connect(pooler.port)
+    big = await connect(pooler.port)
+    pool = pooler.pools[("app", "postgres")]
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        value = "x" * 300_000  # well past what a queued client may buffer before being paused
+        # One simple-protocol Query of 300 kB: it arrives while the client is queued.
+        query = asyncio.create_task(big.execute(f"SELECT set_config('application_name', md5('{value}'), false)"))
+        await wait_until(lambda: len(pool.waiting) == 1)
+        client = pool.waiting[0]
+        await wait_until(lambda: client._reading_paused)
+        await tx.commit()
+        await query
+        expected = hashlib.md5(value.encode()).hexdigest()
+        assert await big.fetchval("SELECT current_setting('application_name')") == expected
+    finally:
+        await holder.close()
+        await big.close()
