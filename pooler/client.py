@@ -193,18 +193,18 @@ class ClientConnection(asyncio.Protocol):
             async with asyncio.timeout(timeout):
                 await self._login()
         except ClientError as exc:
-            self.fatal(exc.code, str(exc), exc.detail)
+            self.terminate(exc.code, str(exc), exc.detail)
         except ProtocolError as exc:
-            self.fatal(exc.code, str(exc))
+            self.terminate(exc.code, str(exc))
         except ServerLoginError as exc:
             self.fatal_fields(exc.fields)
         except TimeoutError:
-            self.fatal(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout (server down or wrong password?)")
+            self.terminate(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout (server down or wrong password?)")
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("unexpected error during login of client %s", self.address)
-            self.fatal(sqlstate.INTERNAL_ERROR, "pgfleet: internal error during login")
+            self.terminate(sqlstate.INTERNAL_ERROR, "pgfleet: internal error during login")
         finally:
             self._handshake = None
 
@@ -580,11 +580,6 @@ class ClientConnection(asyncio.Protocol):
         self.server = None
         self.terminate(sqlstate.CONNECTION_FAILURE, "pgfleet: server connection lost; the transaction is gone")
 
-    # -- pool callbacks ------------------------------------------------------------------------
-    def fail_wait(self, fields: dict[str, str]) -> None:
-        """The pool cannot serve this waiting client (database down, timeout)."""
-        self.fatal_fields(fields)
-
     # -- flow control and closing --------------------------------------------------------------
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and self.state is not ClientState.CLOSED:
@@ -600,10 +595,8 @@ class ClientConnection(asyncio.Protocol):
         log.warning("client %s:%s: %s", *self.address, message)
         self.terminate(sqlstate.PROTOCOL_VIOLATION, message)
 
-    def fatal(self, code: str, message: str, detail: str | None = None) -> None:
-        self.terminate(code, message, detail)
-
     def fatal_fields(self, fields: dict[str, str]) -> None:
+        """End the client with a server's (or the pool's) error fields, e.g. the database is down."""
         self.terminate(fields.get("C", sqlstate.CONNECTION_FAILURE), fields.get("M", "error"), fields.get("D"))
 
     def terminate(self, code: str, message: str, detail: str | None = None) -> None:

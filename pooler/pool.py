@@ -16,7 +16,6 @@ from .prepared import StatementRegistry
 from .protocol import backend
 from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
-from .protocol.frontend import SYNC
 from .server import ServerConnection, ServerLoginError, ServerState
 from .stats import PoolStats
 
@@ -134,7 +133,7 @@ class Pool:
         now = self.pooler.loop.time()
         client.wait_start = now
         if self.last_error is not None and now < self.error_until and not self.active and not self.connecting:
-            client.fail_wait(self.last_error.fields)
+            client.fatal_fields(self.last_error.fields)
             return
         self.waiting.append(client)
         self.launch_for_waiters()
@@ -168,9 +167,7 @@ class Pool:
             return
         server.outstanding = 0
         if unsynced:
-            # An extended-protocol exchange was left open: a Sync closes it.
-            server._swallow.append(None)
-            server.write(SYNC)
+            server.close_extended_exchange()
         if server.tx_status != IDLE:
             # Left inside a transaction: roll it back before anyone else gets the server.
             server.run_internal("ROLLBACK", lambda: self._give(server))
@@ -181,7 +178,7 @@ class Pool:
             else:
                 self._give(server)
         elif server.busy_internally:
-            server._swallow[-1] = lambda: self._give(server)
+            server.when_idle(lambda: self._give(server))
         else:
             self._give(server, now)
 
@@ -323,7 +320,7 @@ class Pool:
             # Nobody can serve the queue: say so now rather than at query_wait_timeout.
             waiting, self.waiting = self.waiting, collections.deque()
             for client in waiting:
-                client.fail_wait(error.fields)
+                client.fatal_fields(error.fields)
 
     def welcome_frames(self, client_params: dict[str, str]) -> list[bytes]:
         """ParameterStatus messages greeting a client: the server's, with the client's own values.
@@ -413,7 +410,7 @@ class Pool:
         if config.query_wait_timeout and self.waiting:
             while self.waiting and now - self.waiting[0].wait_start > config.query_wait_timeout:
                 client = self.waiting.popleft()
-                client.fatal(sqlstate.QUERY_CANCELED, "query_wait_timeout: no server connection was free in time")
+                client.terminate(sqlstate.QUERY_CANCELED, "query_wait_timeout: no server connection was free in time")
         if (
             self.waiting
             and self.reserve_pool_size

@@ -333,6 +333,26 @@ class ServerConnection(asyncio.Protocol):
         self._swallow.append(then)
         self.transport.write(frontend.query(sql))
 
+    def close_extended_exchange(self) -> None:
+        """A client left an extended-protocol exchange open: a Sync ends it, reply swallowed."""
+        assert self.transport is not None
+        self._swallow.append(None)
+        self.transport.write(frontend.SYNC)
+
+    def when_idle(self, then: Callable[[], None]) -> None:
+        """Call `then` once the proxy's own queries in flight are answered (now if none)."""
+        if not self._swallow:
+            then()
+            return
+        previous = self._swallow[-1]
+
+        def both() -> None:
+            if previous is not None:
+                previous()
+            then()
+
+        self._swallow[-1] = both
+
     @property
     def busy_internally(self) -> bool:
         return bool(self._swallow)
