@@ -1,13 +1,14 @@
 """pgbench through pgfleet, PgBouncer and straight to PostgreSQL, in one run.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--duration S] [--rounds N] [--out FILE.md]
+    .venv/bin/python benchmarks/run.py [--quick] [--duration S] [--rounds N] [--workers N] [--out FILE.md]
 
-One throwaway PostgreSQL (`pgbench -i`), one pgfleet and one PgBouncer (if installed) in
-transaction mode with the same pool size in front of it. Each case (pgbench `-S` in a
-query mode at a client count, or a `-C` connection storm) runs once per target per
-round, the targets taking turns so that drift hits all of them alike. Then each pooler,
-started afresh, holds 10,000 idle clients while its resident memory is read. Tables go
-to stdout and to benchmarks/results/. See benchmarks/README.md for how to read them.
+One throwaway PostgreSQL (`pgbench -i`) with, in front of it and in transaction mode with
+the same pool size: pgfleet with `workers: N` (default: one per CPU), pgfleet as one
+process (`pgfleet-1`) and PgBouncer (if installed). Each case (pgbench `-S` in a query
+mode at a client count, or a `-C` connection storm) runs once per target per round, the
+targets taking turns so that drift hits all of them alike. Then each pooler, started
+afresh, holds 10,000 idle clients while the resident memory of its processes is read.
+Tables go to stdout and to benchmarks/results/. See benchmarks/README.md for how to read them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from pgfleet.devtools.procs import (
     ProcessFailed,
     ToolMissing,
     cpu_seconds,
+    descendants,
     free_port,
     pgbouncer_path,
     pgfleet_available,
@@ -50,8 +52,10 @@ from pgfleet.devtools.tempdb import TempPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 DB = "bench"
-DIRECT, PGFLEET, PGBOUNCER = "direct", "pgfleet", "pgbouncer"
-POOLERS = (PGFLEET, PGBOUNCER)
+DIRECT, PGFLEET, PGFLEET_1, PGBOUNCER = "direct", "pgfleet", "pgfleet-1", "pgbouncer"
+PGFLEETS = (PGFLEET, PGFLEET_1)  # pgfleet with --workers N, and pgfleet as one process
+POOLERS = (*PGFLEETS, PGBOUNCER)
+TARGETS = (DIRECT, *POOLERS)
 LOUD_LEVELS = ("WARNING", "ERROR", "CRITICAL")
 TIME_WAIT_CALM = 2_000
 
@@ -144,6 +148,12 @@ def indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
+def target_labels(workers: int) -> dict[str, str]:
+    """How the tables name each target: pgfleet says how many processes it ran as."""
+    one = "pgfleet (1 process)"
+    return {PGFLEET: f"pgfleet ({workers} workers)" if workers > 1 else one, PGFLEET_1: one}
+
+
 def fmt_num(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
@@ -152,7 +162,9 @@ def fmt_ratio(value: float | None, base: float | None) -> str:
     return "—" if value is None or not base else f"{value / base:.2f}x"
 
 
-def case_table(case: Case, outcomes: dict[str, Outcome], with_case: bool = False) -> list[str]:
+def case_table(
+    case: Case, outcomes: dict[str, Outcome], with_case: bool = False, labels: Mapping[str, str] | None = None
+) -> list[str]:
     direct = outcomes.get(DIRECT, Outcome()).tps
     bouncer = outcomes.get(PGBOUNCER, Outcome()).tps
     rows = []
@@ -168,7 +180,7 @@ def case_table(case: Case, outcomes: dict[str, Outcome], with_case: bool = False
             fmt_num(outcome.cpu_us_per_txn(), 1) if name != DIRECT else "—",
             fmt_num(outcome.pg_cpu_us_per_txn(), 1),
         ]
-        rows.append(([case.name] if with_case else []) + [name, *cells])
+        rows.append(([case.name] if with_case else []) + [(labels or {}).get(name, name), *cells])
     header = (["case"] if with_case else []) + [
         "target",
         "tps",
@@ -202,12 +214,32 @@ def measure(target: Target, args: PgbenchArgs, notes: list[str]) -> tuple[Pgbenc
     except ProcessFailed as exc:
         return PgbenchResult(ok=False, returncode=-1, error=f"{target.name} does not start: {exc}".splitlines()[0]), 0.0
     pid = target.proc.pid if target.proc else None
-    before = cpu_seconds(pid) if pid else 0.0
+    before = tree_cpu_seconds(pid) if pid else 0.0
     result = run_pgbench(target.host, target.port, DB, args)
-    after = cpu_seconds(pid) if pid else 0.0
+    after = tree_cpu_seconds(pid) if pid else 0.0
     if target.proc is not None and not target.proc.alive():
         notes.append(f"{target.name} exited during `{' '.join(args.argv())}`.")
     return result, after - before
+
+
+def reaped_cpu_seconds(pid: int) -> float:
+    """cutime+stime of `pid`: the CPU of the children it has waited for (0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime+stime of `pid` and all its living descendants, plus the children it reaped.
+
+    For pgfleet with workers that is the supervisor and every worker (all live for the
+    whole run, so the before/after difference is theirs); a worker that died and was
+    started again still counts, through the supervisor's cutime+cstime.
+    """
+    return cpu_seconds(pid, tree=True) + reaped_cpu_seconds(pid)
 
 
 # The benchmark's PostgreSQL: its postmaster's pid file, set once the server runs.
@@ -224,12 +256,9 @@ def postgres_cpu_seconds() -> float:
         return 0.0
     try:
         pid = int(POSTMASTER_PID_FILE[0].read_text().split()[0])
-        stat = Path(f"/proc/{pid}/stat").read_text()
     except (OSError, ValueError, IndexError):
         return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    reaped = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
-    return cpu_seconds(pid) + reaped
+    return tree_cpu_seconds(pid)
 
 
 def settle_time_wait(max_wait: float, below: int = TIME_WAIT_CALM) -> int:
@@ -246,7 +275,9 @@ def settle_time_wait(max_wait: float, below: int = TIME_WAIT_CALM) -> int:
     return count
 
 
-def run_cases(targets: list[Target], cases: list[Case], rounds: int, notes: list[str]) -> dict[str, dict[str, Outcome]]:
+def run_cases(
+    targets: list[Target], cases: list[Case], rounds: int, notes: list[str], labels: Mapping[str, str]
+) -> dict[str, dict[str, Outcome]]:
     results: dict[str, dict[str, Outcome]] = {}
     for index, case in enumerate(cases):
         outcomes = {t.name: Outcome() for t in targets}
@@ -264,12 +295,15 @@ def run_cases(targets: list[Target], cases: list[Case], rounds: int, notes: list
                 status = (
                     f"{result.tps:,.0f} tps" if result.ok and result.tps else f"FAILED: {shorten(result.error or '')}"
                 )
-                print(f"  [{case.name}] round {rnd + 1}/{rounds} {target.name}: {status}", flush=True)
+                name = labels.get(target.name, target.name)
+                print(f"  [{case.name}] round {rnd + 1}/{rounds} {name}: {status}", flush=True)
         results[case.name] = outcomes
         if case.args.connect:
-            counts = ", ".join(f"{name} {'/'.join(f'{n:,}' for n in o.time_wait)}" for name, o in outcomes.items())
+            counts = ", ".join(
+                f"{labels.get(name, name)} {'/'.join(f'{n:,}' for n in o.time_wait)}" for name, o in outcomes.items()
+            )
             notes.append(f"`{case.name}`: sockets in TIME_WAIT as each run began: {counts}.")
-        print(f"\n### {case.name}\n" + "\n".join(case_table(case, outcomes)) + "\n", flush=True)
+        print(f"\n### {case.name}\n" + "\n".join(case_table(case, outcomes, labels=labels)) + "\n", flush=True)
     return results
 
 
@@ -281,6 +315,7 @@ class Memory:
     connected: int = 0
     failed: int = 0
     seconds: float = 0.0
+    processes: int = 0  # the pooler's process tree while the idle clients were connected
     error: str | None = None
 
     def per_client(self) -> float | None:
@@ -288,7 +323,11 @@ class Memory:
 
 
 def measure_memory(name: str, start: Callable[[], PoolerProcess], count: int, notes: list[str]) -> Memory:
-    """Start a fresh pooler, log one client in and out, then hold `count` idle clients; read VmRSS."""
+    """Start a fresh pooler, log 10 clients in and out, then hold `count` idle clients; read VmRSS.
+
+    RSS is summed over the pooler's process tree: for pgfleet with workers, the supervisor
+    and every worker.
+    """
     memory = Memory(name)
     proc = None
     try:
@@ -296,11 +335,12 @@ def measure_memory(name: str, start: Callable[[], PoolerProcess], count: int, no
         with IdleClients(proc.host, proc.port, 10, dbname=DB) as warm:
             warm.wait_ready(60)
         time.sleep(0.5)
-        memory.before_kib = rss_kib(proc.pid)
+        memory.before_kib = rss_kib(proc.pid, tree=True)
         with IdleClients(proc.host, proc.port, count, dbname=DB) as idle:
             ready = idle.wait_ready(600)
             time.sleep(1.0)
-            memory.after_kib = rss_kib(proc.pid)
+            memory.after_kib = rss_kib(proc.pid, tree=True)
+            memory.processes = len(descendants(proc.pid))
             memory.connected, memory.failed, memory.seconds = ready.connected, ready.failed, ready.seconds
             memory.error = ready.first_error
         if not proc.alive():
@@ -310,17 +350,18 @@ def measure_memory(name: str, start: Callable[[], PoolerProcess], count: int, no
     finally:
         if proc is not None:
             proc.stop()
-            if name == PGFLEET:
-                scan_log(proc, notes, "the memory case")
+            if name in PGFLEETS:
+                scan_log(proc, notes, f"the memory case ({name})")
     return memory
 
 
-def memory_table(rows: list[Memory], count: int) -> list[str]:
+def memory_table(rows: list[Memory], count: int, labels: Mapping[str, str] | None = None) -> list[str]:
     body = []
     for m in rows:
         per = m.per_client()
         body.append([
-            m.target,
+            (labels or {}).get(m.target, m.target),
+            fmt_num(m.processes) if m.processes else "—",
             fmt_num(m.before_kib),
             fmt_num(m.after_kib) if m.connected else "—",
             fmt_num(per, 2) if per is not None else "—",
@@ -330,6 +371,7 @@ def memory_table(rows: list[Memory], count: int) -> list[str]:
         ])  # fmt: skip
     header = [
         "target",
+        "processes",
         "RSS before KiB",
         f"RSS with {count:,} idle KiB",
         "KiB per idle client",
@@ -344,7 +386,11 @@ def memory_table(rows: list[Memory], count: int) -> list[str]:
 
 
 def pooler_config(pg: TempPostgres, port: int, pool_size: int, max_clients: int) -> dict[str, Any]:
-    """The one config both poolers run: PgBouncer's setting names, transaction mode, trust."""
+    """The config every pooler runs: PgBouncer's setting names, transaction mode, trust.
+
+    pgfleet's `workers` is not in it: `starter` adds that to pgfleet's copy only (PgBouncer
+    would refuse the unknown setting).
+    """
     return {
         "listen_addr": "127.0.0.1",
         "listen_port": port,
@@ -359,18 +405,47 @@ def pooler_config(pg: TempPostgres, port: int, pool_size: int, max_clients: int)
 
 
 def starter(
-    kind: str, pg: TempPostgres, workroot: Path, pool_size: int, max_clients: int
+    kind: str, pg: TempPostgres, workroot: Path, pool_size: int, max_clients: int, workers: int
 ) -> Callable[[], PoolerProcess]:
-    """A function that starts a fresh pooler of `kind` on a new port in its own directory."""
-    launch = start_pgfleet if kind == PGFLEET else start_pgbouncer
+    """A function that starts a fresh pooler of `kind` on a new port in its own directory.
+
+    `workers` goes into pgfleet's config (1 for pgfleet-1), never into PgBouncer's.
+    """
     counter = iter(range(1_000_000))
 
     def start() -> PoolerProcess:
         workdir = workroot / f"{kind}-{next(counter)}"
         workdir.mkdir(mode=0o755)
-        return launch(pooler_config(pg, free_port(), pool_size, max_clients), workdir)
+        config = pooler_config(pg, free_port(), pool_size, max_clients)
+        if kind == PGBOUNCER:
+            return start_pgbouncer(config, workdir)
+        config["workers"] = workers if kind == PGFLEET else 1
+        proc = start_pgfleet(config, workdir)
+        if config["workers"] > 1:
+            wait_all_workers(proc)
+        return proc
 
     return start
+
+
+def wait_all_workers(proc: PoolerProcess, timeout: float = 30.0) -> None:
+    """Block until pgfleet's supervisor says every worker is ready.
+
+    The port accepts connections as soon as the first worker listens; until the others do,
+    SO_REUSEPORT hands them all the connections, which would skew the first run.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if "pgfleet-pooler ready on" in proc.log_path.read_text(errors="replace"):
+                return
+        if not proc.alive():
+            raise ProcessFailed(
+                f"pgfleet exited with code {proc.popen.returncode} while starting its workers\n{proc.log_tail()}"
+            )
+        time.sleep(0.05)
+    proc.stop()
+    raise ProcessFailed(f"pgfleet's workers were not all ready within {timeout:g}s\n{proc.log_tail()}")
 
 
 def versions() -> dict[str, str]:
@@ -431,12 +506,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", default="10,50,200", help="client counts, comma-separated")
     parser.add_argument("--storm-clients", type=int, default=50, help="clients of the -C case; 0 skips it")
     parser.add_argument("--idle-clients", type=int, default=10_000, help="idle clients of the memory case; 0 skips it")
-    parser.add_argument("--pool-size", type=int, default=20, help="default_pool_size of both poolers")
+    parser.add_argument("--pool-size", type=int, default=20, help="default_pool_size of every pooler (in total)")
     parser.add_argument("--scale", type=int, default=5, help="pgbench -i scale factor")
-    parser.add_argument("--targets", default="direct,pgfleet,pgbouncer", help="which targets to run")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="`workers` of the pgfleet target (default: one per CPU); pgfleet-1 always runs as one process",
+    )
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"which targets to run, comma-separated (default: {','.join(TARGETS)})",
+    )
     parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/<date>[-quick].md)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (pooler logs) and say where")
     opts = parser.parse_args(argv)
+    if not 1 <= opts.workers <= 64:
+        parser.error("--workers must be between 1 and 64")
+    if opts.workers > opts.pool_size:
+        parser.error(f"--workers {opts.workers} exceeds --pool-size {opts.pool_size}: each worker needs a server")
+    unknown = [t.strip() for t in opts.targets.split(",") if t.strip() and t.strip() not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     opts.duration = opts.duration or (3.0 if opts.quick else 15.0)
     opts.rounds = opts.rounds or (1 if opts.quick else 2)
     if opts.out is None:
@@ -458,9 +550,13 @@ def main(argv: list[str] | None = None) -> int:
     except ToolMissing as exc:
         print(f"cannot benchmark: {exc}", file=sys.stderr)
         return 2
-    if PGFLEET in wanted and not pgfleet_available():
+    labels = target_labels(opts.workers)
+    if any(t in wanted for t in PGFLEETS) and not pgfleet_available():
         notes.append("pgfleet was not measured: its pooler is not runnable here (`pgfleet.pooler.cli` missing).")
-        wanted.remove(PGFLEET)
+        wanted = [t for t in wanted if t not in PGFLEETS]
+    if opts.workers == 1 and PGFLEET in wanted and PGFLEET_1 in wanted:
+        notes.append("pgfleet-1 was skipped: with --workers 1 the pgfleet target already runs as one process.")
+        wanted.remove(PGFLEET_1)
     if PGBOUNCER in wanted and pgbouncer_path() is None:
         notes.append("PgBouncer was not measured: `pgbouncer` is not installed.")
         wanted.remove(PGBOUNCER)
@@ -479,29 +575,33 @@ def main(argv: list[str] | None = None) -> int:
             pg.sql(f"CREATE DATABASE {DB}")
             POSTMASTER_PID_FILE.append(pg.datadir / "postmaster.pid")
             pgbench_init(pg.host, pg.port, DB, scale=opts.scale)
-            starters = {k: starter(k, pg, workroot, opts.pool_size, max_clients) for k in POOLERS if k in wanted}
+            starters = {
+                k: starter(k, pg, workroot, opts.pool_size, max_clients, opts.workers) for k in POOLERS if k in wanted
+            }
             for name in wanted:
                 target = Target(name, pg.host, pg.port, starters.get(name))
                 target.ensure_running(notes)
                 targets.append(target)
-            print("targets: " + ", ".join(f"{t.name} on :{t.port}" for t in targets), flush=True)
+                check_processes(target, opts.workers, notes)
+            print("targets: " + ", ".join(f"{labels.get(t.name, t.name)} on :{t.port}" for t in targets), flush=True)
             for target in targets:  # fill the pools and warm the caches before anything is timed
                 measure(target, PgbenchArgs(clients=max(clients), duration=1), notes)
 
-            results = run_cases(targets, cases, opts.rounds, notes)
+            results = run_cases(targets, cases, opts.rounds, notes, labels)
             for target in targets:
                 if target.proc is not None:
                     target.proc.stop()
             memory = []
             if opts.idle_clients:
                 for name, start in starters.items():
-                    print(f"memory: {opts.idle_clients:,} idle clients through {name} ...", flush=True)
+                    label = labels.get(name, name)
+                    print(f"memory: {opts.idle_clients:,} idle clients through {label} ...", flush=True)
                     memory.append(measure_memory(name, start, opts.idle_clients, notes))
-                    print("  " + "\n  ".join(memory_table(memory[-1:], opts.idle_clients)), flush=True)
+                    print("  " + "\n  ".join(memory_table(memory[-1:], opts.idle_clients, labels)), flush=True)
 
             for target in targets:
-                if target.proc is not None and target.name == PGFLEET:
-                    scan_log(target.proc, notes, "the throughput cases")
+                if target.proc is not None and target.name in PGFLEETS:
+                    scan_log(target.proc, notes, f"the throughput cases ({target.name})")
             report = render_report(opts, cases, results, memory, notes, time.monotonic() - started)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
@@ -528,6 +628,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_processes(target: Target, workers: int, notes: list[str]) -> None:
+    """Note it if pgfleet does not run as the processes asked for (a supervisor + `workers`)."""
+    if target.proc is None or target.name not in PGFLEETS:
+        return
+    wanted = workers if target.name == PGFLEET else 1
+    expected = 1 + wanted if wanted > 1 else 1  # the supervisor only exists with several workers
+    found = len(descendants(target.proc.pid))
+    if found != expected:
+        notes.append(f"{target.name} ran as {found} processes, not {expected} (workers {wanted}).")
+
+
 def scan_log(proc: PoolerProcess, notes: list[str], during: str) -> None:
     """Note tracebacks and errors the pooler logged during the benchmark."""
     try:
@@ -549,36 +660,53 @@ def render_report(
     notes: list[str],
     elapsed: float,
 ) -> str:
+    labels = target_labels(opts.workers)
     lines = [f"# pgfleet benchmark, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}", ""]
     lines.append(f"- machine: {machine()}")
     for name, version in versions().items():
         lines.append(f"- {name}: {version}")
     lines.append(
         f"- pgbench -j 2, {opts.duration:g} s per run, {opts.rounds} round(s) per case with the targets taking turns; "
-        f"scale {opts.scale}; both poolers in transaction mode, default_pool_size {opts.pool_size}, trust auth, "
-        f"127.0.0.1; run took {elapsed / 60:.1f} min"
+        f"scale {opts.scale}; every pooler in transaction mode, default_pool_size {opts.pool_size} in total, "
+        f"trust auth, 127.0.0.1; run took {elapsed / 60:.1f} min"
     )
+    one_too = any(PGFLEET_1 in outcomes for outcomes in results.values()) or any(m.target == PGFLEET_1 for m in memory)
+    lines.append(f"- pgfleet: {pgfleet_processes(opts.workers, one_too)}")
     lines += ["", "## Throughput", ""]
     lines.append(
         "tps is pgbench's, without initial connection time (with reconnections for -C); spread is ±half the "
-        "range across rounds; pooler CPU is utime+stime of the pooler process per transaction; PostgreSQL CPU is "
+        "range across rounds; pooler CPU is utime+stime of the pooler's processes (for pgfleet with workers: the "
+        "supervisor and every worker) per transaction; PostgreSQL CPU is "
         "utime+stime of all the server's processes (backends, reaped ones included) per transaction."
     )
     lines.append("")
     for index, case in enumerate(cases):
-        table = case_table(case, results[case.name], with_case=True)
+        table = case_table(case, results[case.name], with_case=True, labels=labels)
         lines += table if index == 0 else table[2:]
     if memory:
         lines += ["", f"## Memory with {opts.idle_clients:,} idle clients", ""]
         lines.append(
             "Each pooler started afresh; RSS (VmRSS) after 10 clients logged in and out, then with the idle clients "
-            "connected (startup + trust auth done, ReadyForQuery received)."
+            "connected (startup + trust auth done, ReadyForQuery received). RSS is summed over each pooler's "
+            "processes (counted in the processes column: pgfleet with workers is a supervisor and its workers), "
+            "so shared library pages count once per process."
         )
-        lines += ["", *memory_table(memory, opts.idle_clients)]
+        lines += ["", *memory_table(memory, opts.idle_clients, labels)]
     if notes:
         lines += ["", "## Notes", ""]
         lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def pgfleet_processes(workers: int, one_too: bool) -> str:
+    """What the pgfleet targets run as, for the report header."""
+    if workers == 1:
+        return "`workers: 1`, one process"
+    text = (
+        f"`workers: {workers}`, a supervisor + {workers} worker processes sharing the port (SO_REUSEPORT), "
+        f"each with 1/{workers} of every limit"
+    )
+    return text + ("; pgfleet (1 process) is the same pooler with `workers: 1`" if one_too else "")
 
 
 if __name__ == "__main__":
