@@ -492,13 +492,27 @@ class AdminSession:
         if command.verb in ("show", "select"):
             return self.show(command)
         if command.verb == "set":
+            self._check_whole_pooler(command)
             return self.cmd_set(command.arg, command.value or "")
         handler = COMMANDS.get(command.verb)
         if handler is None:
             raise AdminError(f"invalid command '{command.text}', use SHOW HELP;", sqlstate.SYNTAX_ERROR)
         if not self.is_admin:
             raise AdminError("admin access needed", sqlstate.INSUFFICIENT_PRIVILEGE)
+        self._check_whole_pooler(command)
         return await handler(self, command.arg)
+
+    def _check_whole_pooler(self, command: Command) -> None:
+        """With several workers this console is one worker's: refuse what would act on it alone."""
+        slot = self.pooler.slot
+        if slot.single or (command.verb == "set" and command.arg in _FAKE_PARAMS):
+            return
+        raise AdminError(
+            f"{command.verb.upper()} would act on worker {slot.index + 1} of {slot.count} only "
+            "(this console connection landed there); change the whole pooler with SIGHUP, SIGTERM "
+            "or the HTTP port (PUT /limits, POST /drain)",
+            sqlstate.FEATURE_NOT_SUPPORTED,
+        )
 
     # -- SHOW ---------------------------------------------------------------------------------------
     def show(self, command: Command) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from .config import ConfigError, PoolerConfig, load_config
 from .pooler import Pooler
+from .shares import WorkerSlot
 
 log = logging.getLogger("pgfleet")
 
@@ -28,8 +30,8 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(config: PoolerConfig, config_path: str | None) -> int:
-    pooler = Pooler(config, config_path)
+async def serve(config: PoolerConfig, config_path: str | None, slot: WorkerSlot | None = None) -> int:
+    pooler = Pooler(config, config_path, slot)
     await pooler.start()
     for hook in STARTUP_HOOKS:
         await hook(pooler)
@@ -45,7 +47,8 @@ async def serve(config: PoolerConfig, config_path: str | None) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, pooler.drain)
     loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(pooler.stop()))
-    print(f"pgfleet-pooler ready on {config.listen_addr}:{pooler.port}", file=sys.stderr, flush=True)
+    if pooler.slot.single:
+        print(f"pgfleet-pooler ready on {config.listen_addr}:{pooler.port}", file=sys.stderr, flush=True)
     await pooler.wait_stopped()
     log.info("stopped")
     return 0
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--config", "-c", metavar="FILE", help="run with this config (YAML, or PgBouncer .ini)")
     group.add_argument("--check-config", metavar="FILE", help="validate a config file and exit")
     parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    # Set by the supervisor on the worker processes it starts (workers > 1).
+    parser.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)
+    parser.add_argument("--control-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     path = args.check_config or args.config
@@ -69,22 +75,52 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: OK")
         return 0
 
+    slot: WorkerSlot | None = None
+    if args.worker:
+        slot = WorkerSlot.parse(args.worker, args.control_dir)
+        _die_with_parent()
     level = logging.DEBUG if config.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prefix = f"[worker {slot.index + 1}/{slot.count}] " if slot is not None else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
     _raise_fd_limit()
     _load_extensions()
+    if slot is None and config.workers > 1:
+        from .supervisor import supervise
+
+        main_coro = supervise(config, path, _worker_command(args))
+    else:
+        main_coro = serve(config, path, slot)
     try:
         if not args.no_uvloop:
             try:
                 import uvloop
 
-                return uvloop.run(serve(config, path))
+                return uvloop.run(main_coro)
             except ImportError:
                 pass
-        return asyncio.run(serve(config, path))
+        return asyncio.run(main_coro)
     except OSError as exc:
         print(f"pgfleet-pooler: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    """How the supervisor starts a worker: this program, this config file, this event loop."""
+    argv = [sys.executable, "-m", "pgfleet.pooler", "--config", os.path.abspath(args.config)]
+    return argv + (["--no-uvloop"] if args.no_uvloop else [])
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive its supervisor (it would hold the port with nobody to stop it)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if str(os.getppid()) != os.environ.get("PGFLEET_SUPERVISOR_PID", str(os.getppid())):
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before prctl took effect
 
 
 def _load_extensions() -> None:

@@ -263,7 +263,7 @@ class ClientConnection(asyncio.Protocol):
         config = self.pooler.config
         if self.pooler.draining:
             raise ClientError(sqlstate.CANNOT_CONNECT_NOW, "pgfleet is shutting down")
-        if self.pooler.logged_in_clients >= config.max_client_conn:
+        if self.pooler.logged_in_clients >= self.pooler.client_limit:
             raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
         startup_params = self._check_startup_params(packet.params)
         self._startup = MessageReader(max_length=10_000)

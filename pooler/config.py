@@ -76,6 +76,10 @@ class PoolerConfig(_Strict):
     listen_addr: str = Field(default="127.0.0.1", description="Address to listen on; `*` or 0.0.0.0 for all.")
     listen_port: Port = 6432
     unix_socket_dir: str | None = Field(default=None, description="Also listen on .s.PGSQL.<port> in this directory.")
+    workers: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1,
+        description="Pooler processes sharing listen_port (SO_REUSEPORT); every pool limit is split among them.",
+    )
 
     # How clients authenticate.
     auth_type: AuthType = AuthType.MD5
@@ -139,7 +143,30 @@ class PoolerConfig(_Strict):
             raise ValueError(f"auth_type {self.auth_type.value} needs auth_file")
         if self.min_pool_size > self.default_pool_size:
             raise ValueError("min_pool_size must not exceed default_pool_size")
+        if self.workers > 1:
+            for key, value in self._split_limits():
+                if 0 < value < self.workers:
+                    raise ValueError(
+                        f"{key} is {value}, below workers ({self.workers}): "
+                        "every worker needs at least one of each limit it is given a share of"
+                    )
         return self
+
+    def _split_limits(self) -> list[tuple[str, int]]:
+        """The limits `workers` divides, by name; 0 means unlimited (or none) and is not divided."""
+        limits = [
+            ("max_client_conn", self.max_client_conn),
+            ("default_pool_size", self.default_pool_size),
+            ("max_db_connections", self.max_db_connections),
+            ("max_user_connections", self.max_user_connections),
+        ]
+        for name, db in self.databases.items():
+            limits += [(f"databases.{name}.pool_size", db.pool_size or 0)]
+            limits += [(f"databases.{name}.max_db_connections", db.max_db_connections or 0)]
+        for name, user in self.users.items():
+            limits += [(f"users.{name}.pool_size", user.pool_size or 0)]
+            limits += [(f"users.{name}.max_user_connections", user.max_user_connections or 0)]
+        return limits
 
     def database(self, name: str) -> DatabaseConfig | None:
         """The entry for a client-visible database name, falling back to `*`."""
@@ -166,6 +193,27 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> PoolerConfig
         return PoolerConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def merge_limits(config: PoolerConfig, changes: dict[str, Any]) -> PoolerConfig:
+    """`config` with `changes` (config terms, databases/users merged per entry), validated."""
+    data = config.model_dump(mode="json")
+    for key, value in changes.items():
+        if key == "databases" and isinstance(value, dict):
+            for name, entry in value.items():
+                if name not in data["databases"]:
+                    raise ConfigError(f"databases.{name}: no such database")
+                if not isinstance(entry, dict):
+                    raise ConfigError(f"databases.{name}: expected a mapping")
+                data["databases"][name].update(entry)
+        elif key == "users" and isinstance(value, dict):
+            for name, entry in value.items():
+                if not isinstance(entry, dict):
+                    raise ConfigError(f"users.{name}: expected a mapping")
+                data["users"].setdefault(name, {}).update(entry)
+        else:
+            data[key] = value
+    return parse_config(data, "limits")
 
 
 def load_config(path: str | Path) -> PoolerConfig:

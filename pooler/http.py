@@ -38,14 +38,14 @@ GLOBAL_LIMITS = frozenset(
 )
 DATABASE_LIMITS = frozenset({"pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"})
 USER_LIMITS = frozenset({"pool_size", "max_user_connections"})
-_MAX_BODY = 1 << 20
+MAX_BODY = 1 << 20
 
 
 class BadRequest(Exception):
     """A PUT /limits body that cannot be applied; the message says why."""
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         text=json.dumps(data, indent=1, sort_keys=True) + "\n",
         status=status,
@@ -54,16 +54,15 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return _json({"error": message}, status, headers)
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": message}, status, headers)
 
 
 # -- reading the pooler ----------------------------------------------------------------------------
 
 
-def limits_in_force(pooler: Any) -> dict[str, Any]:
-    """The limits the pooler applies now: settings, overrides, and per-pool results."""
-    config = pooler.config
+def limits_in_force_config(config: Any) -> dict[str, Any]:
+    """The limit settings of `config`, overrides included, in PUT /limits' own terms."""
     return {
         **{key: getattr(config, key) for key in sorted(GLOBAL_LIMITS)},
         "databases": {
@@ -74,6 +73,13 @@ def limits_in_force(pooler: Any) -> dict[str, Any]:
             name: {key: getattr(user, key) for key in sorted(USER_LIMITS) if getattr(user, key) is not None}
             for name, user in config.users.items()
         },
+    }
+
+
+def limits_in_force(pooler: Any) -> dict[str, Any]:
+    """The limits the pooler applies now: settings, overrides, and per-pool results."""
+    return {
+        **limits_in_force_config(pooler.config),
         "pools": [
             {"database": pool.database, "user": pool.user, **pool_limits(pool)} for pool in pooler.pools.values()
         ],
@@ -177,22 +183,24 @@ def _check_count(where: str, value: Any, *, nullable: bool) -> None:
 # -- handlers ------------------------------------------------------------------------------------------
 
 
-def _authorize(request: web.Request) -> web.Response | None:
+def authorize(request: web.Request) -> web.Response | None:
     """None if the request carries the token; else the response that refuses it."""
+    if request.app[INTERNAL_KEY]:
+        return None  # a worker's private socket: only the supervisor, which checked the token, reaches it
     pooler = request.app[POOLER_KEY]
     token_file = pooler.config.http_token_file
     if not token_file:
-        return _error(403, "this endpoint is disabled: set http_token_file in the pooler config to enable it")
+        return error_response(403, "this endpoint is disabled: set http_token_file in the pooler config to enable it")
     try:
         expected = Path(token_file).read_text().strip()
     except OSError as exc:
         log.error("cannot read http_token_file %s: %s", token_file, exc.strerror)
-        return _error(503, "the token file cannot be read; see the pooler log")
+        return error_response(503, "the token file cannot be read; see the pooler log")
     if not expected:
-        return _error(503, "the token file is empty; refusing every request")
+        return error_response(503, "the token file is empty; refusing every request")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        return _error(401, "missing or invalid bearer token", {"WWW-Authenticate": 'Bearer realm="pgfleet"'})
+        return error_response(401, "missing or invalid bearer token", {"WWW-Authenticate": 'Bearer realm="pgfleet"'})
     return None
 
 
@@ -203,52 +211,54 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
     if request.app[POOLER_KEY].draining:
-        return _json({"ready": False, "reason": "draining"}, 503)
-    return _json({"ready": True})
+        return json_response({"ready": False, "reason": "draining"}, 503)
+    return json_response({"ready": True})
 
 
 async def handle_status(request: web.Request) -> web.Response:
-    return _json(status(request.app[POOLER_KEY]))
+    return json_response(status(request.app[POOLER_KEY]))
 
 
 async def handle_put_limits(request: web.Request) -> web.Response:
-    refused = _authorize(request)
+    refused = authorize(request)
     if refused is not None:
         return refused
     pooler = request.app[POOLER_KEY]
-    body = await request.content.read(_MAX_BODY + 1)
-    if len(body) > _MAX_BODY:
-        return _error(413, "body too large")
+    body = await request.content.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        return error_response(413, "body too large")
     try:
         changes = parse_limits(body)
         pooler.set_limits(changes)
     except (BadRequest, ConfigError) as exc:
-        return _error(400, str(exc))
+        return error_response(400, str(exc))
     log.info("PUT /limits from %s: %s", request.remote, json.dumps(changes, sort_keys=True))
-    return _json(limits_in_force(pooler))
+    return json_response(limits_in_force(pooler))
 
 
 async def handle_drain(request: web.Request) -> web.Response:
-    refused = _authorize(request)
+    refused = authorize(request)
     if refused is not None:
         return refused
     pooler = request.app[POOLER_KEY]
     log.info("POST /drain from %s", request.remote)
     pooler.drain()
-    return _json({"draining": True, "clients": len(pooler.clients)}, 202)
+    return json_response({"draining": True, "clients": len(pooler.clients)}, 202)
 
 
 REGISTRY_KEY: web.AppKey[Any] = web.AppKey("registry", object)
+INTERNAL_KEY: web.AppKey[bool] = web.AppKey("internal", bool)
 
 
-def build_app(pooler: Any) -> web.Application:
-    app = web.Application(client_max_size=_MAX_BODY)
+def build_app(pooler: Any, *, internal: bool = False) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY)
     app[POOLER_KEY] = pooler
+    app[INTERNAL_KEY] = internal
     app[REGISTRY_KEY], _collector = make_registry(pooler)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_healthz)
@@ -271,10 +281,23 @@ async def start_http(pooler: Any, host: str | None = None, port: int | None = No
     return runner
 
 
+async def start_worker_http(pooler: Any) -> web.AppRunner:
+    """A worker's control port on its private socket, for the supervisor to front."""
+    runner = web.AppRunner(build_app(pooler, internal=True), access_log=None)
+    await runner.setup()
+    path = pooler.slot.http_socket(pooler.slot.index)
+    path.unlink(missing_ok=True)
+    await web.UnixSite(runner, str(path)).start()
+    return runner
+
+
 async def _startup_hook(pooler: Any) -> None:
-    if not pooler.config.http_listen_port:
+    if not pooler.slot.single:
+        runner = await start_worker_http(pooler)
+    elif pooler.config.http_listen_port:
+        runner = await start_http(pooler)
+    else:
         return
-    runner = await start_http(pooler)
 
     async def close_when_stopped() -> None:
         await pooler.wait_stopped()

@@ -7,14 +7,15 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, PoolerConfig, load_config, parse_config
+from .config import ConfigError, PoolerConfig, load_config, merge_limits
 from .pool import Pool
 from .protocol import errors as sqlstate
 from .protocol.startup import build_cancel_request
+from .shares import WorkerSlot
 from .userlist import load_userlist
 
 if TYPE_CHECKING:
@@ -23,12 +24,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgfleet.pooler")
 
 # Settings that cannot change without a restart (the sockets are already bound).
-RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_addr", "http_listen_port")
+RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_addr", "http_listen_port", "workers")
 
 
 class Pooler:
-    def __init__(self, config: PoolerConfig, config_path: str | None = None) -> None:
+    def __init__(self, config: PoolerConfig, config_path: str | None = None, slot: WorkerSlot | None = None) -> None:
         self.config = config
+        self.slot = slot or WorkerSlot()
         self.config_path = config_path
         self.loop = asyncio.get_running_loop()
         self.userlist: dict[str, str] = load_userlist(config.auth_file) if config.auth_file else {}
@@ -62,14 +64,26 @@ class Pooler:
             return ClientConnection(self)
 
         host: str | None = None if config.listen_addr in ("*", "") else config.listen_addr
-        server = await self.loop.create_server(factory, host, config.listen_port, reuse_address=True, backlog=4096)
+        slot = self.slot
+        # Workers share the port; the kernel spreads new connections among them.
+        server = await self.loop.create_server(
+            factory, host, config.listen_port, reuse_address=True, reuse_port=not slot.single, backlog=4096
+        )
         self._servers.append(server)
-        if config.unix_socket_dir:
+        if not slot.single:
+            path = slot.cancel_socket(slot.index)
+            path.unlink(missing_ok=True)
+            self._servers.append(await self.loop.create_unix_server(factory, str(path), backlog=1024))
+        if config.unix_socket_dir and slot.index == 0:
+            # A unix socket path cannot be shared; the first worker alone listens there.
             path = Path(config.unix_socket_dir) / f".s.PGSQL.{config.listen_port}"
             path.unlink(missing_ok=True)
             self._servers.append(await self.loop.create_unix_server(factory, str(path), backlog=4096))
         self._schedule_janitor()
-        log.info("listening on %s:%s", config.listen_addr, self.port)
+        if slot.single:
+            log.info("listening on %s:%s", config.listen_addr, self.port)
+        else:
+            log.info("worker %d of %d listening on %s:%s", slot.index + 1, slot.count, config.listen_addr, self.port)
 
     @property
     def port(self) -> int:
@@ -157,23 +171,7 @@ class Pooler:
 
     def set_limits(self, changes: dict[str, Any]) -> PoolerConfig:
         """Merge `changes` (config terms) into the running config and apply them now."""
-        data = self.config.model_dump(mode="json")
-        for key, value in changes.items():
-            if key == "databases" and isinstance(value, dict):
-                for name, entry in value.items():
-                    if name not in data["databases"]:
-                        raise ConfigError(f"databases.{name}: no such database")
-                    if not isinstance(entry, dict):
-                        raise ConfigError(f"databases.{name}: expected a mapping")
-                    data["databases"][name].update(entry)
-            elif key == "users" and isinstance(value, dict):
-                for name, entry in value.items():
-                    if not isinstance(entry, dict):
-                        raise ConfigError(f"users.{name}: expected a mapping")
-                    data["users"].setdefault(name, {}).update(entry)
-            else:
-                data[key] = value
-        new = parse_config(data, "limits")
+        new = merge_limits(self.config, changes)
         self.apply_config(new)
         return new
 
@@ -236,9 +234,14 @@ class Pooler:
             log.info("logout: %s@%s from %s:%s", client.user, client.database, *client.address)
         self._check_drained()
 
+    @property
+    def client_limit(self) -> int:
+        """This process's part of max_client_conn."""
+        return self.slot.portion(self.config.max_client_conn)
+
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         while True:
-            pid = secrets.randbits(31) or 1
+            pid = self.slot.new_cancel_pid()
             if pid not in self._cancel_keys:
                 break
         key = secrets.randbits(32) - (1 << 31)
@@ -248,6 +251,12 @@ class Pooler:
 
     def forward_cancel(self, pid: int, key: int) -> None:
         """A CancelRequest: cancel whatever that client's server is running now."""
+        slot = self.slot
+        if not slot.single and slot.owner_of(pid) != slot.index:
+            # The kernel gave this cancel connection to another worker than the client's.
+            path = str(slot.cancel_socket(slot.owner_of(pid)))
+            self._track(self._send_cancel(path, 0, pid, key))
+            return
         entry = self._cancel_keys.get(pid)
         if entry is None or entry[0] != key:
             return  # PostgreSQL too ignores cancel requests with a wrong key, silently
@@ -255,17 +264,22 @@ class Pooler:
         if server is None or not server.backend_pid:
             return
         db = server.pool.db_config
-        task = self.loop.create_task(self._send_cancel(db.host, db.port, server.backend_pid, server.backend_key))
+        self._track(self._send_cancel(db.host, db.port, server.backend_pid, server.backend_key))
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
         # Kept so that stop() can end a cancel still in flight (and close its socket).
         self._cancel_tasks.add(task)
         task.add_done_callback(self._cancel_tasks.discard)
 
     async def _send_cancel(self, host: str, port: int, pid: int, key: int) -> None:
+        """Send a CancelRequest to a server (host, port), or to a sibling worker (socket path, 0)."""
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self.config.server_connect_timeout or 15):
                 if host.startswith("/"):
-                    reader, writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+                    path = host if port == 0 else f"{host}/.s.PGSQL.{port}"
+                    reader, writer = await asyncio.open_unix_connection(path)
                 else:
                     reader, writer = await asyncio.open_connection(host, port)
                 writer.write(build_cancel_request(pid, key))

@@ -28,12 +28,23 @@ _AFTER_SEMICOLON = re.compile(rb";" + _SKIP + _KEYWORDS, re.I | re.S)
 _ADVISORY = re.compile(rb"advisory_(?:xact_)?(?:un)?lock", re.I)
 
 
+# The first four letters of each keyword but "set", lower-cased.
+_HEADS = frozenset((b"prep", b"deal", b"disc", b"list", b"unli", b"rese", b"decl", b"crea", b"clos"))
+_LETTERS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
 def worth_a_look(data: bytes, start: int, end: int) -> bool:
     """True when the SQL in data[start:end] may touch session state (cheap, may say yes wrongly)."""
-    if _LEAD.match(data, start, end):
+    if start < end and data[start] in _LETTERS:
+        # Most statements start with their keyword: a few bytes answer without the regex.
+        head = data[start : min(start + 4, end)].lower()
+        if head in _HEADS or (head[:3] == b"set" and (len(head) == 3 or head[3] not in _WORD_BYTES)):
+            return True
+    elif _LEAD.match(data, start, end):
         return True
     semicolon = data.find(b";", start, end)
-    if semicolon >= 0 and _AFTER_SEMICOLON.search(data, semicolon, end):
+    if 0 <= semicolon < end - 1 and _AFTER_SEMICOLON.search(data, semicolon, end):
         return True
     return data.find(b"dvisory", start, end) >= 0 or data.find(b"DVISORY", start, end) >= 0
 

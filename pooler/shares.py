@@ -1,0 +1,76 @@
+"""What one worker process owns when `workers` > 1: its share of every limit, its cancel keys.
+
+Each worker runs a whole pooler with its own pools, so the fleet-wide promise (never more
+than `pool_size` backends for a pool) holds only if the workers' limits add up to the
+configured ones. `share` splits a limit so that the shares sum to it exactly and differ by
+at most one; the config refuses a limit smaller than the number of workers, which would
+leave a worker with none.
+
+Cancel keys carry their owner: a CancelRequest arrives on whichever worker the kernel
+picks for that new connection, and the key's process id (≡ worker index mod workers)
+says which sibling to pass it to.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+_PID_LIMIT = 1 << 31  # BackendKeyData's process id is an Int32 that clients treat as positive
+
+
+def share(limit: int, index: int, count: int) -> int:
+    """Worker `index`'s part of `limit` among `count` workers; 0 (unlimited or none) stays 0."""
+    if count == 1 or limit == 0:
+        return limit
+    return limit // count + (1 if index < limit % count else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSlot:
+    """This process's place among the workers. The single-process pooler is worker 0 of 1."""
+
+    index: int = 0
+    count: int = 1
+    control_dir: Path | None = None  # where the workers' private sockets live
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"worker index {self.index} out of range for {self.count} workers")
+
+    @property
+    def single(self) -> bool:
+        return self.count == 1
+
+    def portion(self, limit: int) -> int:
+        return share(limit, self.index, self.count)
+
+    def new_cancel_pid(self) -> int:
+        """A random nonzero process id that names this worker (pid % count == index)."""
+        while True:
+            pid = secrets.randbelow(_PID_LIMIT // self.count) * self.count + self.index
+            if pid:
+                return pid
+
+    def owner_of(self, pid: int) -> int:
+        return pid % self.count
+
+    def cancel_socket(self, index: int) -> Path:
+        """The private socket on which worker `index` takes cancel requests passed on by siblings."""
+        assert self.control_dir is not None
+        return self.control_dir / f"worker-{index}.sock"
+
+    def http_socket(self, index: int) -> Path:
+        """The private socket of worker `index`'s control port, which the supervisor fronts."""
+        assert self.control_dir is not None
+        return self.control_dir / f"http-{index}.sock"
+
+    @classmethod
+    def parse(cls, text: str, control_dir: str | None) -> WorkerSlot:
+        """`I/N` from the command line, as the supervisor passes it."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"--worker expects INDEX/COUNT, got {text!r}") from None
+        return cls(index, count, Path(control_dir) if control_dir else None)
