@@ -492,7 +492,8 @@ class AdminSession:
         if command.verb in ("show", "select"):
             return self.show(command)
         if command.verb == "set":
-            self._check_whole_pooler(command)
+            if self.is_admin:
+                self._check_whole_pooler(command)
             return self.cmd_set(command.arg, command.value or "")
         handler = COMMANDS.get(command.verb)
         if handler is None:
@@ -699,7 +700,11 @@ class AdminSession:
         for name in names:
             entry = config.users.get(name)
             pools = [pool for pool in self.pooler.pools.values() if pool.user == name]
-            max_conn = entry.max_user_connections if entry and entry.max_user_connections is not None else None
+            max_conn = (
+                self.pooler.slot.portion(entry.max_user_connections)
+                if entry and entry.max_user_connections is not None
+                else None
+            )
             rows.append(
                 [
                     name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import resource
@@ -32,6 +33,10 @@ def _raise_fd_limit() -> None:
 
 async def serve(config: PoolerConfig, config_path: str | None, slot: WorkerSlot | None = None) -> int:
     pooler = Pooler(config, config_path, slot)
+    limits_file = pooler.slot.limits_file
+    if limits_file is not None and limits_file.exists():
+        # A worker started again: the limits in force, not the file's, before the first client.
+        pooler.set_limits(json.loads(limits_file.read_text()))
     await pooler.start()
     for hook in STARTUP_HOOKS:
         await hook(pooler)

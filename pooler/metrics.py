@@ -180,7 +180,7 @@ class PoolerCollector(Collector):
         yield GaugeMetricFamily(
             "pgbouncer_config_max_client_connections",
             "Config maximum number of client connections",
-            value=float(pooler.config.max_client_conn),
+            value=float(pooler.client_limit),
         )
         yield GaugeMetricFamily(
             "pgbouncer_config_max_user_connections",

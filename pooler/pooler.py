@@ -11,7 +11,7 @@ from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, PoolerConfig, load_config, merge_limits
+from .config import ConfigError, PoolerConfig, load_config, merge_limits, parse_config
 from .pool import Pool
 from .protocol import errors as sqlstate
 from .protocol.startup import build_cancel_request
@@ -151,6 +151,9 @@ class Pooler:
             return
         try:
             new = load_config(self.config_path)
+            if not self.slot.single:
+                # The limits must suit the workers running, not a count meant for the next start.
+                new = parse_config({**new.model_dump(mode="json"), "workers": self.slot.count}, self.config_path)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             raise

@@ -66,6 +66,11 @@ class WorkerSlot:
         assert self.control_dir is not None
         return self.control_dir / f"http-{index}.sock"
 
+    @property
+    def limits_file(self) -> Path | None:
+        """Limits changed by PUT /limits since the last reload, for a worker that starts again."""
+        return self.control_dir / "limits.json" if self.control_dir is not None else None
+
     @classmethod
     def parse(cls, text: str, control_dir: str | None) -> WorkerSlot:
         """`I/N` from the command line, as the supervisor passes it."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from .config import ConfigError, PoolerConfig, load_config, merge_limits
+from .config import ConfigError, PoolerConfig, load_config, merge_limits, parse_config
 from .shares import WorkerSlot
 
 log = logging.getLogger("pgfleet.supervisor")
@@ -170,10 +171,9 @@ class Supervisor:
                 self._check_all_exited()
                 return
             try:
-                await worker.start()
+                await worker.start()  # it reads the limits in force from the control directory
                 await worker.wait_ready()
-                await self._push_limits(worker)
-            except (WorkerFailed, aiohttp.ClientError, OSError) as exc:
+            except (WorkerFailed, OSError) as exc:
                 log.error("worker %d failed to start again: %s", worker.slot.index + 1, exc)
 
     def _check_all_exited(self) -> None:
@@ -199,15 +199,18 @@ class Supervisor:
 
     def reload(self) -> None:
         """SIGHUP: check the file here (for the HTTP port's view), then let every worker reload it."""
+        running = self.config.workers
         try:
             new = load_config(self.config_path)
+            if new.workers != running:
+                log.warning("workers changed: takes effect after a restart")
+                # The limits must suit the workers running (the workers check the same).
+                new = parse_config({**new.model_dump(mode="json"), "workers": running}, self.config_path)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return
-        if new.workers != self.config.workers:
-            log.warning("workers changed: takes effect after a restart")
-            new = new.model_copy(update={"workers": self.config.workers})
         self.config = new
+        self._limits_file.unlink(missing_ok=True)  # a reload puts the file's limits back in force
         for worker in self.workers:
             worker.signal(signal.SIGHUP)
         log.info("configuration reloaded")
@@ -234,6 +237,7 @@ class Supervisor:
         """Validate `changes` here, then apply them in every worker; (worker, status, reply) of each."""
         new = merge_limits(self.config, changes)  # ConfigError: nothing was sent anywhere
         self.config = new
+        self._save_limits()
         return await asyncio.gather(*(self._put_limits(worker, changes) for worker in self.workers))
 
     async def _put_limits(self, worker: Worker, changes: dict[str, Any]) -> tuple[int, int, Any]:
@@ -243,8 +247,14 @@ class Supervisor:
             return worker.slot.index, 502, {"error": f"worker unreachable: {exc}"}
         return worker.slot.index, status, reply
 
-    async def _push_limits(self, worker: Worker) -> None:
-        """A restarted worker read the file; give it the limits in force (PUT /limits since)."""
+    @property
+    def _limits_file(self) -> Path:
+        path = self.workers[0].slot.limits_file
+        assert path is not None
+        return path
+
+    def _save_limits(self) -> None:
+        """Write the limits in force where a worker that starts again reads them."""
         from .http import DATABASE_LIMITS, USER_LIMITS, limits_in_force_config
 
         body = limits_in_force_config(self.config)
@@ -252,9 +262,9 @@ class Supervisor:
         for group, keys in (("databases", DATABASE_LIMITS), ("users", USER_LIMITS)):
             for entry in body[group].values():
                 entry.update({key: None for key in keys if key not in entry})
-        status, reply = await worker.request("PUT", "/limits", body)
-        if status != 200:
-            log.error("worker %d refused the limits in force: %s", worker.slot.index + 1, reply)
+        temporary = self._limits_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(body))
+        temporary.replace(self._limits_file)  # never half a file for a worker starting now
 
 
 async def supervise(config: PoolerConfig, config_path: str, worker_argv: Sequence[str]) -> int:

@@ -95,13 +95,15 @@ def database_config(pooler: Pooler, name: str) -> DatabaseConfig:
 
 
 def effective_pool_size(pooler: Pooler, name: str) -> int:
+    """The pool size this process applies to a database (a worker's share, with workers > 1)."""
     db = database_config(pooler, name)
-    return db.pool_size if db.pool_size is not None else pooler.config.default_pool_size
+    return pooler.slot.portion(db.pool_size if db.pool_size is not None else pooler.config.default_pool_size)
 
 
 def effective_max_db_connections(pooler: Pooler, name: str) -> int:
     db = database_config(pooler, name)
-    return db.max_db_connections if db.max_db_connections is not None else pooler.config.max_db_connections
+    limit = db.max_db_connections if db.max_db_connections is not None else pooler.config.max_db_connections
+    return pooler.slot.portion(limit)
 
 
 def pools_of(pooler: Pooler, database: str | None) -> list[Pool]:

@@ -709,13 +709,9 @@ def reload_settled(log: str) -> bool:
     )  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a reload checks limits against the file's `workers`, not the running count, so worker 2 "
-    "gets a pool share of 0 and its clients hang at login",
-)
 async def test_sighup_never_leaves_a_worker_without_a_server(fleet: StartFleet, http: aiohttp.ClientSession) -> None:
-    """The file says workers: 1 (for the next restart) and default_pool_size: 1: 2 workers still run."""
+    """The file says workers: 1 (for the next restart) and default_pool_size: 1, which 2 running
+    workers cannot share: the reload is refused and every worker keeps its servers."""
     f = fleet(default_pool_size=4)
     for (conn,) in await on_each_worker(f.connect, asyncpg_pid, 1):
         assert await conn.fetchval("SELECT 1") == 1  # the pool exists on both workers
