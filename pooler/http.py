@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,17 +256,29 @@ REGISTRY_KEY: web.AppKey[Any] = web.AppKey("registry", object)
 INTERNAL_KEY: web.AppKey[bool] = web.AppKey("internal", bool)
 
 
-def build_app(pooler: Any, *, internal: bool = False) -> web.Application:
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def new_app(owner: Any, handlers: Sequence[Handler], *, internal: bool = False) -> web.Application:
+    """The control port's app: `owner` (a pooler or the supervisor) and the handlers of
+    /metrics, /healthz, /readyz, /status, PUT /limits and POST /drain, in that order."""
     app = web.Application(client_max_size=MAX_BODY)
-    app[POOLER_KEY] = pooler
+    app[POOLER_KEY] = owner
     app[INTERNAL_KEY] = internal
+    metrics, healthz, readyz, status_, put_limits, drain = handlers
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status_)
+    app.router.add_put("/limits", put_limits)
+    app.router.add_post("/drain", drain)
+    return app
+
+
+def build_app(pooler: Any, *, internal: bool = False) -> web.Application:
+    handlers = (handle_metrics, handle_healthz, handle_readyz, handle_status, handle_put_limits, handle_drain)
+    app = new_app(pooler, handlers, internal=internal)
     app[REGISTRY_KEY], _collector = make_registry(pooler)
-    app.router.add_get("/metrics", handle_metrics)
-    app.router.add_get("/healthz", handle_healthz)
-    app.router.add_get("/readyz", handle_readyz)
-    app.router.add_get("/status", handle_status)
-    app.router.add_put("/limits", handle_put_limits)
-    app.router.add_post("/drain", handle_drain)
     return app
 
 

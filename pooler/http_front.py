@@ -26,7 +26,6 @@ from prometheus_client.samples import Sample
 
 from .config import ConfigError
 from .http import (
-    INTERNAL_KEY,
     MAX_BODY,
     POOLER_KEY,
     BadRequest,
@@ -34,6 +33,7 @@ from .http import (
     error_response,
     json_response,
     limits_in_force_config,
+    new_app,
     parse_limits,
 )
 
@@ -204,16 +204,9 @@ async def handle_drain(request: web.Request) -> web.Response:
 
 
 def build_front(supervisor: Supervisor) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
-    app[POOLER_KEY] = supervisor  # authorize reads the token file from its config
-    app[INTERNAL_KEY] = False
-    app.router.add_get("/metrics", handle_metrics)
-    app.router.add_get("/healthz", handle_healthz)
-    app.router.add_get("/readyz", handle_readyz)
-    app.router.add_get("/status", handle_status)
-    app.router.add_put("/limits", handle_put_limits)
-    app.router.add_post("/drain", handle_drain)
-    return app
+    # `authorize` reads the token file from the supervisor's config, as from a pooler's.
+    handlers = (handle_metrics, handle_healthz, handle_readyz, handle_status, handle_put_limits, handle_drain)
+    return new_app(supervisor, handlers)
 
 
 async def start_front(supervisor: Supervisor) -> web.AppRunner:
