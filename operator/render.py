@@ -216,28 +216,24 @@ def render_config_map(pgpool: model.PgPool, config: PoolerConfig) -> Obj:
     )
 
 
-def render_auth_secret(pgpool: model.PgPool, facts: Facts) -> Obj:
+def _secret(pgpool: model.PgPool, name: str, string_data: dict[str, str]) -> Obj:
     return _stamped(
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": _meta(pgpool, auth_secret_name(pgpool.name)),
+            "metadata": _meta(pgpool, name),
             "type": "Opaque",
-            "stringData": {"userlist.txt": userlist(facts)},
+            "stringData": string_data,
         }
     )
+
+
+def render_auth_secret(pgpool: model.PgPool, facts: Facts) -> Obj:
+    return _secret(pgpool, auth_secret_name(pgpool.name), {"userlist.txt": userlist(facts)})
 
 
 def render_token_secret(pgpool: model.PgPool, facts: Facts) -> Obj:
-    return _stamped(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": _meta(pgpool, token_secret_name(pgpool.name)),
-            "type": "Opaque",
-            "stringData": {"token": facts.token},
-        }
-    )
+    return _secret(pgpool, token_secret_name(pgpool.name), {"token": facts.token})
 
 
 def app_credentials(facts: Facts) -> tuple[str, str]:
@@ -252,21 +248,17 @@ def render_app_secret(pgpool: model.PgPool, facts: Facts) -> Obj:
     user, password = app_credentials(facts)
     dbname = pgpool.spec.database.dbname
     uri = f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{POSTGRES_PORT}/{quote(dbname, safe='')}"
-    return _stamped(
+    return _secret(
+        pgpool,
+        app_secret_name(pgpool.name),
         {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": _meta(pgpool, app_secret_name(pgpool.name)),
-            "type": "Opaque",
-            "stringData": {
-                "host": host,
-                "port": str(POSTGRES_PORT),
-                "dbname": dbname,
-                "username": user,
-                "password": password,
-                "uri": uri,
-            },
-        }
+            "host": host,
+            "port": str(POSTGRES_PORT),
+            "dbname": dbname,
+            "username": user,
+            "password": password,
+            "uri": uri,
+        },
     )
 
 

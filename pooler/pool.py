@@ -143,11 +143,10 @@ class Pool:
         self.waiting.append(client)
         self.launch_for_waiters()
 
-    def _activate(self, server: ServerConnection, client: ClientConnection) -> None:
+    def _activate(self, server: ServerConnection, client: ClientConnection, now: float) -> None:
         """Hand a server to a client that waited in the queue for it."""
         server.state = ServerState.ACTIVE
         self.active.add(server)
-        now = self.pooler.loop.time()
         waited = now - client.wait_start
         self.stats.wait_time += int(waited * 1_000_000)
         self.stats.wait_count += 1
@@ -194,7 +193,7 @@ class Pool:
         config = self.pooler.config
         if now is None:
             now = self.pooler.loop.time()
-        if server.close_needed or not server.is_clean:
+        if not server.is_clean:
             self._close(server, "server not clean")
             return
         if self.server_count > self.limit:
@@ -209,9 +208,7 @@ class Pool:
                 client = self.waiting.popleft()
                 if client.transport is None or client.transport.is_closing() or client.server is not None:
                     continue
-                server.state = ServerState.ACTIVE
-                self.active.add(server)
-                self._activate(server, client)
+                self._activate(server, client, now)
                 return
         self.active.discard(server)
         server.state = ServerState.IDLE
