@@ -222,16 +222,6 @@ def measure(target: Target, args: PgbenchArgs, notes: list[str]) -> tuple[Pgbenc
     return result, after - before
 
 
-def reaped_cpu_seconds(pid: int) -> float:
-    """cutime+stime of `pid`: the CPU of the children it has waited for (0 if it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
-
-
 def tree_cpu_seconds(pid: int) -> float:
     """utime+stime of `pid` and all its living descendants, plus the children it reaped.
 
@@ -239,7 +229,7 @@ def tree_cpu_seconds(pid: int) -> float:
     whole run, so the before/after difference is theirs); a worker that died and was
     started again still counts, through the supervisor's cutime+cstime.
     """
-    return cpu_seconds(pid, tree=True) + reaped_cpu_seconds(pid)
+    return cpu_seconds(pid, tree=True, reaped=True)
 
 
 # The benchmark's PostgreSQL: its postmaster's pid file, set once the server runs.

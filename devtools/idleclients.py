@@ -23,11 +23,10 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pgfleet.pooler.protocol import backend, frontend
 from pgfleet.pooler.protocol.startup import build_startup_message
 
 from .procs import raise_nofile, stop_process
-
-AUTH_OK = 0
 
 
 class LoginFailed(Exception):
@@ -35,10 +34,7 @@ class LoginFailed(Exception):
 
 
 def _error_text(body: bytes) -> str:
-    fields = {}
-    for part in body.split(b"\x00"):
-        if part:
-            fields[chr(part[0])] = part[1:].decode(errors="replace")
+    fields = backend.parse_error_fields(body)
     return f"{fields.get('S', 'ERROR')} {fields.get('C', '?')}: {fields.get('M', '')}"
 
 
@@ -56,10 +52,8 @@ async def login(host: str, port: int, user: str, dbname: str, timeout: float) ->
                     return writer
                 if kind == b"E":
                     raise LoginFailed(_error_text(body))
-                if kind == b"R" and int.from_bytes(body[:4], "big") != AUTH_OK:
-                    raise LoginFailed(
-                        f"server asks for authentication {int.from_bytes(body[:4], 'big')}; only trust is supported"
-                    )
+                if kind == b"R" and (code := backend.parse_authentication(body).code) != backend.AUTH_OK:
+                    raise LoginFailed(f"server asks for authentication {code}; only trust is supported")
     except BaseException:
         writer.close()
         raise
@@ -91,7 +85,7 @@ async def hold(host: str, port: int, user: str, dbname: str, count: int, paralle
     await stop.wait()
     for writer in writers:
         with contextlib.suppress(Exception):
-            writer.write(b"X\x00\x00\x00\x04")
+            writer.write(frontend.TERMINATE)
             writer.close()
 
 
@@ -122,6 +116,7 @@ class IdleClients:
     """The parent's handle on an idle-clients process (use as a context manager)."""
 
     def __init__(self, host: str, port: int, count: int, *, user: str = "postgres", dbname: str = "postgres") -> None:
+        self.count = count
         self.argv = [
             sys.executable, "-m", "pgfleet.devtools.idleclients",
             "--host", host, "--port", str(port), "--count", str(count), "--user", user, "--dbname", dbname,
@@ -129,7 +124,7 @@ class IdleClients:
         self.popen: subprocess.Popen[str] | None = None
 
     def start(self) -> IdleClients:
-        raise_nofile(int(self.argv[self.argv.index("--count") + 1]) + 256)
+        raise_nofile(self.count + 256)
         self.popen = subprocess.Popen(
             self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
         )

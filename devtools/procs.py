@@ -21,12 +21,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pgfleet.pooler.userlist import dump_userlist
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -42,19 +43,23 @@ class ProcessFailed(RuntimeError):
 # -- /proc -------------------------------------------------------------------------------
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on, so fields[0] is the state, [1] the ppid,
+    [11]/[12] utime/stime and [13]/[14] cutime/cstime; None once the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name before them is in parentheses and may hold spaces.
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def descendants(pid: int) -> list[int]:
     """`pid` and every living process below it (by parent pid), `pid` first."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # Field 4 (ppid) follows the command name, which is in parentheses and may hold spaces.
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (fields := stat_fields(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [], [pid]
     while todo:
         current = todo.pop()
@@ -63,21 +68,21 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of one process (all its threads), in clock ticks; 0 once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+def cpu_ticks(pid: int, *, reaped: bool = False) -> int:
+    """utime + stime of one process (all its threads), in clock ticks; 0 once it is gone.
+    With `reaped`, also the cutime + cstime of the children it has waited for."""
+    fields = stat_fields(pid)
+    if fields is None:
         return 0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # After the command name: state(3) ppid(4) ... utime(14) stime(15); fields[0] is field 3.
-    return int(fields[11]) + int(fields[12])
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks + int(fields[13]) + int(fields[14]) if reaped else ticks
 
 
-def cpu_seconds(pid: int, *, tree: bool = True) -> float:
-    """CPU time (user + system) used so far by `pid`, with its living descendants if `tree`."""
+def cpu_seconds(pid: int, *, tree: bool = True, reaped: bool = False) -> float:
+    """CPU time (user + system) used so far by `pid`, with its living descendants if `tree`,
+    and (`reaped`) the children it has already waited for, e.g. a -C storm's backends."""
     pids = descendants(pid) if tree else [pid]
-    return sum(cpu_ticks(p) for p in pids) / CLK_TCK
+    return (cpu_ticks(pid, reaped=reaped) + sum(cpu_ticks(p) for p in pids[1:])) / CLK_TCK
 
 
 def rss_kib(pid: int, *, tree: bool = True) -> int:
@@ -339,11 +344,6 @@ def pgbouncer_ini(config: Mapping[str, Any], auth_file: str | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
-def userlist(users: Mapping[str, str]) -> str:
-    """PgBouncer userlist text: one `"user" "secret"` line each."""
-    return "".join(f'"{u}" "{s}"\n' for u, s in users.items())
-
-
 def start_pgbouncer(
     config: Mapping[str, Any],
     workdir: Path,
@@ -364,7 +364,7 @@ def start_pgbouncer(
     auth_file = None
     if "auth_file" not in config:
         auth_file = str(workdir / "userlist.txt")
-        Path(auth_file).write_text(userlist(users or {"postgres": ""}))
+        Path(auth_file).write_text(dump_userlist(users or {"postgres": ""}))
     ini = workdir / "pgbouncer.ini"
     ini.write_text(pgbouncer_ini(config, auth_file))
     run_as = None
@@ -377,12 +377,6 @@ def start_pgbouncer(
     host = str(config.get("listen_addr", "127.0.0.1"))
     port = int(config.get("listen_port", 6432))
     return spawn("pgbouncer", [exe, str(ini)], host, port, workdir, config, user=run_as, ready_timeout=ready_timeout)
-
-
-def stop_all(procs: Iterable[PoolerProcess]) -> None:
-    """Stop every process given, ignoring the ones already gone."""
-    for proc in procs:
-        proc.stop()
 
 
 def _tcp_sockets() -> Iterator[tuple[int, str]]:

@@ -11,11 +11,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .procs import free_port
 
 # Users the server is created with, one per authentication method it is reached with
 # over TCP. The superuser `postgres` is trusted.
@@ -35,12 +36,6 @@ def find_bindir() -> Path:
         "PostgreSQL server binaries not found: install Debian's `postgresql` package "
         "(apt-get install postgresql) or put pg_ctl on PATH"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

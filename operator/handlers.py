@@ -83,7 +83,7 @@ def _client() -> KubeClient:
 async def _pooler_image(client: KubeClient) -> str:
     """The image for pooler pods: configured, else the operator's own, else the default."""
     if runtime.pooler_image is None:
-        image = SETTINGS.pooler_image if os.environ.get("PGFLEET_POOLER_IMAGE") else None
+        image = SETTINGS.pooler_image
         pod_name, pod_namespace = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
         if image is None and pod_name and pod_namespace:
             pod = await client.get(object_path("v1", "Pod", pod_namespace, pod_name)) or {}

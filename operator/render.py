@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pgfleet.pooler.config import AuthType, DatabaseConfig, PoolerConfig, dump_config
+from pgfleet.pooler.userlist import dump_userlist
 
 from . import model
 from .budget import Allocation
@@ -193,15 +194,10 @@ def _without_limits(config: PoolerConfig) -> Obj:
 
 def userlist(facts: Facts) -> str:
     """PgBouncer auth_file text: the server role first, then the client users."""
-
-    def line(user: str, secret: str) -> str:
-        return '"{}" "{}"\n'.format(user.replace('"', '""'), secret.replace('"', '""'))
-
-    lines = [line(facts.username, facts.password)]
+    users = {facts.username: facts.password}
     for user, secret in (facts.client_userlist or {}).items():
-        if user != facts.username:  # the server role's real password must win
-            lines.append(line(user, secret))
-    return "".join(lines)
+        users.setdefault(user, secret)  # the server role's real password must win
+    return dump_userlist(users)
 
 
 # -- the objects --------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def _float(name: str, default: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class OperatorSettings:
-    pooler_image: str
+    pooler_image: str | None  # None: the operator's own image, else DEFAULT_IMAGE
     reconcile_interval: float  # how often each PgPool is re-checked (secrets, database, pods)
     probe_timeout: float  # connecting to and querying the database
     push_timeout: float  # PUT /limits to one pod
@@ -33,7 +33,7 @@ class OperatorSettings:
     @classmethod
     def from_env(cls) -> OperatorSettings:
         return cls(
-            pooler_image=os.environ.get("PGFLEET_POOLER_IMAGE") or DEFAULT_IMAGE,
+            pooler_image=os.environ.get("PGFLEET_POOLER_IMAGE") or None,
             reconcile_interval=_float("PGFLEET_RECONCILE_INTERVAL", 30.0),
             probe_timeout=_float("PGFLEET_PROBE_TIMEOUT", 5.0),
             push_timeout=_float("PGFLEET_PUSH_TIMEOUT", 5.0),

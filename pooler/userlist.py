@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from .config import ConfigError
@@ -38,6 +39,13 @@ def parse_userlist(text: str, source: str = "<auth_file>") -> dict[str, str]:
         secret, _ = _quoted(line, pos, lineno, source)
         users[name] = secret
     return users
+
+
+def dump_userlist(users: Mapping[str, str]) -> str:
+    """The text `parse_userlist` reads back: quotes inside a value are doubled."""
+    return "".join(
+        '"{}" "{}"\n'.format(user.replace('"', '""'), secret.replace('"', '""')) for user, secret in users.items()
+    )
 
 
 def load_userlist(path: str) -> dict[str, str]:

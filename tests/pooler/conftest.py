@@ -22,8 +22,9 @@ import yaml
 from pgfleet.devtools.tempdb import PASSWORDS, TempPostgres, free_port
 from pgfleet.pooler.config import PoolerConfig, parse_config
 from pgfleet.pooler.pooler import Pooler
+from pgfleet.pooler.userlist import dump_userlist
 
-USERLIST = "".join(f'"{user}" "{password}"\n' for user, password in PASSWORDS.items()) + '"postgres" ""\n'
+USERLIST = dump_userlist({**PASSWORDS, "postgres": ""})
 
 StartPooler = Callable[..., Awaitable[Pooler]]
 

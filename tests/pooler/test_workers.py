@@ -31,7 +31,7 @@ import asyncpg
 import psycopg
 import pytest
 import yaml
-from pgfleet.devtools.procs import descendants, port_open
+from pgfleet.devtools.procs import descendants, port_open, stat_fields
 from pgfleet.devtools.tempdb import TempPostgres, free_port
 from pgfleet.devtools.testing import wait_until
 from pgfleet.pooler.protocol import backend, frontend
@@ -673,11 +673,8 @@ async def test_sighup_reloads_every_worker(
 
 def gone(pid: int) -> bool:
     """True once a process has exited (a zombie nobody reaped counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
+    fields = stat_fields(pid)
+    return fields is None or fields[0] == "Z"
 
 
 async def test_workers_do_not_outlive_a_killed_supervisor(fleet: StartFleet) -> None:
