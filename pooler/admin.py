@@ -41,8 +41,8 @@ VERSION_STRING = f"PgBouncer {PGBOUNCER_VERSION} (pgfleet)"
 
 TEXT, INT4, INT8, NUMERIC = 25, 23, 20, 1700
 
-# Settings that SET may not change: the sockets are already bound.
-_NOT_SETTABLE = RESTART_ONLY
+# Settings that SET may not change: the sockets are already bound, the processes started.
+_NOT_SETTABLE = (*RESTART_ONLY, "workers")
 _CONFIG_KEYS = tuple(key for key in PoolerConfig.model_fields if key not in ("databases", "users"))
 
 # Parameters some drivers SET/SHOW blindly on connect; answered without effect (as PgBouncer).
@@ -672,15 +672,14 @@ class AdminSession:
         for name in views.database_names(pooler):
             db = views.database_config(pooler, name)
             pools = views.pools_of(pooler, name)
+            limits = pooler.limits_for(name)
             rows.append(
                 [
                     name, db.host, db.port, db.dbname or name, db.user,
-                    views.effective_pool_size(pooler, name),
-                    db.min_pool_size if db.min_pool_size is not None else config.min_pool_size,
-                    db.reserve_pool_size if db.reserve_pool_size is not None else config.reserve_pool_size,
+                    limits.pool_size, limits.min_pool_size, limits.reserve_pool_size,
                     int(config.server_lifetime),
                     db.pool_mode.value if db.pool_mode is not None else None, None,
-                    views.effective_max_db_connections(pooler, name), pooler.database_server_count(name),
+                    limits.max_db_connections, pooler.database_server_count(name),
                     0, sum(len(pool.clients) for pool in pools),
                     int(self.console.is_paused(name)), 0,
                 ]
@@ -700,18 +699,14 @@ class AdminSession:
         for name in names:
             entry = config.users.get(name)
             pools = [pool for pool in self.pooler.pools.values() if pool.user == name]
-            max_conn = (
-                self.pooler.slot.portion(entry.max_user_connections)
-                if entry and entry.max_user_connections is not None
-                else None
-            )
+            limits = self.pooler.limits_for("*", name)  # a user's override wins over any database's
             rows.append(
                 [
                     name,
-                    f"{entry.pool_size:9d}" if entry and entry.pool_size is not None else "",
+                    f"{limits.pool_size:9d}" if entry and entry.pool_size is not None else "",
                     "",
                     entry.pool_mode.value if entry and entry.pool_mode is not None else None,
-                    max_conn if max_conn is not None else config.max_user_connections,
+                    limits.max_user_connections,
                     self.pooler.user_server_count(name), 0, sum(len(pool.clients) for pool in pools),
                 ]
             )  # fmt: skip

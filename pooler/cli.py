@@ -71,19 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     path = args.check_config or args.config
+    slot: WorkerSlot | None = None
+    if args.worker:
+        slot = WorkerSlot.parse(args.worker, args.control_dir)
+        _die_with_parent()
     try:
-        config = load_config(path)
+        # A worker (re)started by the supervisor runs as one of the workers already running.
+        config = load_config(path, workers=slot.count if slot is not None else None)
     except ConfigError as exc:
         print(f"pgfleet-pooler: invalid configuration: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
         print(f"{path}: OK")
         return 0
-
-    slot: WorkerSlot | None = None
-    if args.worker:
-        slot = WorkerSlot.parse(args.worker, args.control_dir)
-        _die_with_parent()
     level = logging.DEBUG if config.verbose else logging.INFO
     prefix = f"[worker {slot.index + 1}/{slot.count}] " if slot is not None else ""
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")

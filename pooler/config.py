@@ -7,12 +7,17 @@ a PgBouncer user can read a pgfleet config without a dictionary. Durations are s
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger("pgfleet.config")
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(ge=0)]
@@ -172,6 +177,50 @@ class PoolerConfig(_Strict):
         """The entry for a client-visible database name, falling back to `*`."""
         return self.databases.get(name) or self.databases.get("*")
 
+    def limits_for(self, database: str, user: str | None = None) -> PoolLimits:
+        """The limits of the (database, user) pool: a user's override wins, then the
+        database's, then the global setting."""
+        db = self.database(database) or DatabaseConfig()
+        entry = self.users.get(user) if user is not None else None
+        size = self.default_pool_size
+        if db.pool_size is not None:
+            size = db.pool_size
+        if entry is not None and entry.pool_size is not None:
+            size = entry.pool_size
+        return PoolLimits(
+            pool_size=size,
+            min_pool_size=min(db.min_pool_size if db.min_pool_size is not None else self.min_pool_size, size),
+            reserve_pool_size=db.reserve_pool_size if db.reserve_pool_size is not None else self.reserve_pool_size,
+            max_db_connections=db.max_db_connections if db.max_db_connections is not None else self.max_db_connections,
+            max_user_connections=(
+                entry.max_user_connections
+                if entry is not None and entry.max_user_connections is not None
+                else self.max_user_connections
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLimits:
+    """What one pool may open, in the config's terms (0: unlimited, for the two caps)."""
+
+    pool_size: int
+    min_pool_size: int
+    reserve_pool_size: int
+    max_db_connections: int
+    max_user_connections: int
+
+    def portioned(self, portion: Callable[[int], int]) -> PoolLimits:
+        """One worker's share of each limit (shares.WorkerSlot.portion)."""
+        size = portion(self.pool_size)
+        return PoolLimits(
+            pool_size=size,
+            min_pool_size=min(portion(self.min_pool_size), size),
+            reserve_pool_size=portion(self.reserve_pool_size),
+            max_db_connections=portion(self.max_db_connections),
+            max_user_connections=portion(self.max_user_connections),
+        )
+
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the bad key."""
@@ -216,8 +265,13 @@ def merge_limits(config: PoolerConfig, changes: dict[str, Any]) -> PoolerConfig:
     return parse_config(data, "limits")
 
 
-def load_config(path: str | Path) -> PoolerConfig:
-    """Read a YAML config file (or a PgBouncer INI file, by its extension)."""
+def load_config(path: str | Path, *, workers: int | None = None) -> PoolerConfig:
+    """Read a YAML config file (or a PgBouncer INI file, by its extension).
+
+    `workers`: the number of worker processes running now. The limits must suit them, not
+    a count the file sets for the next start, so the file is checked (and read) as if it
+    said that.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -234,6 +288,10 @@ def load_config(path: str | Path) -> PoolerConfig:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    if workers is not None:
+        if str(data.get("workers", 1)) != str(workers):
+            log.warning("%s: workers changed (%d running): takes effect after a restart", path, workers)
+        data = {**data, "workers": workers}
     config = parse_config(data, str(path))
     if config.auth_file and not Path(config.auth_file).is_absolute():
         # Relative to the config file, as PgBouncer resolves its include paths.

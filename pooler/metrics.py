@@ -147,11 +147,11 @@ class PoolerCollector(Collector):
                 database, db.host, str(db.port), db.dbname or database, db.user or "",
                 db.pool_mode.value if db.pool_mode is not None else "",
             ]  # fmt: skip
-            reserve = db.reserve_pool_size if db.reserve_pool_size is not None else pooler.config.reserve_pool_size
+            limits = pooler.limits_for(database)
             values = {
-                "pool_size": views.effective_pool_size(pooler, database),
-                "reserve_pool": reserve,
-                "max_connections": views.effective_max_db_connections(pooler, database),
+                "pool_size": limits.pool_size,
+                "reserve_pool": limits.reserve_pool_size,
+                "max_connections": limits.max_db_connections,
                 "current_connections": pooler.database_server_count(database),
                 "paused": int(admin is not None and admin.is_paused(database)),
                 "disabled": 0,
@@ -185,7 +185,7 @@ class PoolerCollector(Collector):
         yield GaugeMetricFamily(
             "pgbouncer_config_max_user_connections",
             "Config maximum number of server connections per user",
-            value=float(pooler.config.max_user_connections),
+            value=float(pooler.slot.portion(pooler.config.max_user_connections)),
         )
 
     # -- what pgfleet adds ------------------------------------------------------------------------

@@ -63,27 +63,12 @@ class Pool:
         # Read by every link, so decided here once.
         self.refuses_blocks = self.mode is PoolMode.STATEMENT
         self.maps_statements = self.mode is not PoolMode.SESSION and config.max_prepared_statements > 0
-        size = config.default_pool_size
-        if db.pool_size is not None:
-            size = db.pool_size
-        if user is not None and user.pool_size is not None:
-            size = user.pool_size
-        # With several worker processes each pool gets its share of every limit (shares.py).
-        portion = self.pooler.slot.portion
-        self.pool_size = portion(size)
-        min_size = db.min_pool_size if db.min_pool_size is not None else config.min_pool_size
-        self.min_pool_size = min(portion(min_size), self.pool_size)
-        self.reserve_pool_size = portion(
-            db.reserve_pool_size if db.reserve_pool_size is not None else config.reserve_pool_size
-        )
-        self.max_db_connections = portion(
-            db.max_db_connections if db.max_db_connections is not None else config.max_db_connections
-        )
-        self.max_user_connections = portion(
-            user.max_user_connections
-            if user is not None and user.max_user_connections is not None
-            else config.max_user_connections
-        )
+        limits = self.pooler.limits_for(self.database, self.user)
+        self.pool_size = limits.pool_size
+        self.min_pool_size = limits.min_pool_size
+        self.reserve_pool_size = limits.reserve_pool_size
+        self.max_db_connections = limits.max_db_connections
+        self.max_user_connections = limits.max_user_connections
         self.trim()
         self.launch_for_waiters()
 

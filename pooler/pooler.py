@@ -11,7 +11,7 @@ from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, PoolerConfig, load_config, merge_limits, parse_config
+from .config import ConfigError, PoolerConfig, PoolLimits, load_config, merge_limits
 from .pool import Pool
 from .protocol import errors as sqlstate
 from .protocol.startup import build_cancel_request
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgfleet.pooler")
 
 # Settings that cannot change without a restart (the sockets are already bound).
-RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_addr", "http_listen_port", "workers")
+RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_addr", "http_listen_port")
 
 
 class Pooler:
@@ -150,10 +150,7 @@ class Pooler:
         if self.config_path is None:
             return
         try:
-            new = load_config(self.config_path)
-            if not self.slot.single:
-                # The limits must suit the workers running, not a count meant for the next start.
-                new = parse_config({**new.model_dump(mode="json"), "workers": self.slot.count}, self.config_path)
+            new = load_config(self.config_path, workers=self.slot.count)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             raise
@@ -236,6 +233,10 @@ class Pooler:
         if self.config.log_disconnections and client.cancel_key[0]:
             log.info("logout: %s@%s from %s:%s", client.user, client.database, *client.address)
         self._check_drained()
+
+    def limits_for(self, database: str, user: str | None = None) -> PoolLimits:
+        """The limits this process applies to a pool: with workers, its share of them."""
+        return self.config.limits_for(database, user).portioned(self.slot.portion)
 
     @property
     def client_limit(self) -> int:

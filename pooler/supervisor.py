@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from .config import ConfigError, PoolerConfig, load_config, merge_limits, parse_config
+from .config import ConfigError, PoolerConfig, load_config, merge_limits
 from .shares import WorkerSlot
 
 log = logging.getLogger("pgfleet.supervisor")
@@ -199,13 +199,8 @@ class Supervisor:
 
     def reload(self) -> None:
         """SIGHUP: check the file here (for the HTTP port's view), then let every worker reload it."""
-        running = self.config.workers
         try:
-            new = load_config(self.config_path)
-            if new.workers != running:
-                log.warning("workers changed: takes effect after a restart")
-                # The limits must suit the workers running (the workers check the same).
-                new = parse_config({**new.model_dump(mode="json"), "workers": running}, self.config_path)
+            new = load_config(self.config_path, workers=self.config.workers)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return

@@ -94,18 +94,6 @@ def database_config(pooler: Pooler, name: str) -> DatabaseConfig:
     return pooler.config.database(name) or DatabaseConfig()
 
 
-def effective_pool_size(pooler: Pooler, name: str) -> int:
-    """The pool size this process applies to a database (a worker's share, with workers > 1)."""
-    db = database_config(pooler, name)
-    return pooler.slot.portion(db.pool_size if db.pool_size is not None else pooler.config.default_pool_size)
-
-
-def effective_max_db_connections(pooler: Pooler, name: str) -> int:
-    db = database_config(pooler, name)
-    limit = db.max_db_connections if db.max_db_connections is not None else pooler.config.max_db_connections
-    return pooler.slot.portion(limit)
-
-
 def pools_of(pooler: Pooler, database: str | None) -> list[Pool]:
     """The pools of one database, or all of them."""
     return [pool for pool in pooler.pools.values() if database is None or pool.database == database]

@@ -6,8 +6,10 @@ follow, which must hold for every combination, not just the ones a process test 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from pgfleet.pooler.config import ConfigError, parse_config
+from pgfleet.pooler.config import ConfigError, load_config, parse_config
 from pgfleet.pooler.http_front import label_families, merge_status
 from pgfleet.pooler.pooler import Pooler
 from pgfleet.pooler.shares import WorkerSlot, share
@@ -147,3 +149,37 @@ def test_metrics_of_the_workers_carry_a_worker_label() -> None:
         ("pgbouncer_stats_queries_pooled_total", "1"): 3.0,
     }
     assert exposed.count("# TYPE pgbouncer_stats_queries_pooled_total counter") == 1
+
+
+async def test_every_view_of_a_worker_reads_the_limits_it_enforces() -> None:
+    """SHOW DATABASES/USERS and /metrics call limits_for, as Pool.configure does."""
+    config = parse_config(
+        _config(
+            workers=2,
+            min_pool_size=3,
+            reserve_pool_size=4,
+            max_user_connections=10,
+            users={"bob": {"pool_size": 4}},
+        )
+    )
+    pooler = Pooler(config, slot=WorkerSlot(0, 2))
+    pool = pooler.get_pool("app", "bob")
+    limits = pooler.limits_for("app", "bob")
+    assert limits.pool_size == pool.pool_size == 2
+    assert (limits.min_pool_size, limits.reserve_pool_size, limits.max_user_connections) == (2, 2, 5)
+    assert (pool.min_pool_size, pool.reserve_pool_size, pool.max_user_connections) == (2, 2, 5)
+    assert pooler.limits_for("app").pool_size == 10  # default_pool_size 20 over two workers
+
+
+def test_a_file_is_read_for_the_workers_running(tmp_path: Path) -> None:
+    path = tmp_path / "pooler.yaml"
+    # Meant for the next start (3 workers), valid for the 2 running: read as 2.
+    path.write_text("auth_type: trust\nworkers: 3\ndefault_pool_size: 2\n")
+    assert load_config(path, workers=2).workers == 2
+    with pytest.raises(ConfigError, match="default_pool_size"):
+        load_config(path)
+    # Valid alone (1 worker), but the 2 running could not share a pool of 1.
+    path.write_text("auth_type: trust\nworkers: 1\ndefault_pool_size: 1\n")
+    assert load_config(path).default_pool_size == 1
+    with pytest.raises(ConfigError, match=r"default_pool_size is 1, below workers \(2\)"):
+        load_config(path, workers=2)
