@@ -954,9 +954,3 @@ COMMANDS: dict[str, Callable[[AdminSession, str], Awaitable[bytes | None]]] = {
     "shutdown": AdminSession.cmd_shutdown,
     "wait_close": AdminSession.cmd_wait_close,
 }
-
-
-def install(pooler: Pooler) -> AdminConsole:
-    console = AdminConsole(pooler)
-    pooler.admin = console
-    return console

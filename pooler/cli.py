@@ -129,10 +129,10 @@ def _die_with_parent() -> None:
 
 
 def _load_extensions() -> None:
-    """Import optional parts that register themselves (admin console, HTTP port)."""
+    """Import optional parts that register themselves (the HTTP port)."""
     import importlib
 
-    for name in ("pgfleet.pooler.admin", "pgfleet.pooler.http"):
+    for name in ("pgfleet.pooler.http",):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:

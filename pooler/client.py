@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import struct
 from typing import TYPE_CHECKING, cast
 
@@ -326,7 +327,7 @@ class ClientConnection(asyncio.Protocol):
             if not auth.check_plain_password(user, secret, cleartext):
                 raise self._auth_failed()
         elif method is AuthType.MD5 and not auth.is_scram(secret):
-            salt = self.pooler.random_bytes(4)
+            salt = os.urandom(4)
             self.transport.write(backend.authentication_md5(salt))
             given = (await self._read_password()).rstrip(b"\x00").decode(errors="replace")
             if not auth.check_md5_password(user, secret, salt, given):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +62,21 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 # -- reading the pooler ----------------------------------------------------------------------------
 
 
-def limits_in_force_config(config: Any) -> dict[str, Any]:
-    """The limit settings of `config`, overrides included, in PUT /limits' own terms."""
+def limits_in_force_config(config: Any, *, keep_unset: bool = False) -> dict[str, Any]:
+    """The limit settings of `config`, overrides included, in PUT /limits' own terms.
+
+    `keep_unset`: list an override that is not set as null, so that applying the result
+    also drops an override set elsewhere (a restarted worker's file).
+    """
+
+    def overrides(entry: Any, keys: frozenset[str]) -> dict[str, Any]:
+        values = {key: getattr(entry, key) for key in sorted(keys)}
+        return values if keep_unset else {key: value for key, value in values.items() if value is not None}
+
     return {
         **{key: getattr(config, key) for key in sorted(GLOBAL_LIMITS)},
-        "databases": {
-            name: {key: getattr(db, key) for key in sorted(DATABASE_LIMITS) if getattr(db, key) is not None}
-            for name, db in config.databases.items()
-        },
-        "users": {
-            name: {key: getattr(user, key) for key in sorted(USER_LIMITS) if getattr(user, key) is not None}
-            for name, user in config.users.items()
-        },
+        "databases": {name: overrides(db, DATABASE_LIMITS) for name, db in config.databases.items()},
+        "users": {name: overrides(user, USER_LIMITS) for name, user in config.users.items()},
     }
 
 
@@ -99,10 +102,14 @@ def pool_limits(pool: Any) -> dict[str, int]:
     }
 
 
+# The counts /status sums over the pools (and a multi-worker pooler over its workers).
+STATUS_COUNTS = ("clients_active", "clients_waiting", "servers_active", "servers_idle", "servers_used", "servers_login")
+
+
 def status(pooler: Any) -> dict[str, Any]:
     now = pooler.loop.time()
     pools = []
-    totals = {"clients_active": 0, "clients_waiting": 0, "servers_active": 0, "servers_idle": 0, "servers_used": 0, "servers_login": 0}  # fmt: skip
+    totals = dict.fromkeys(STATUS_COUNTS, 0)
     for pool in pooler.pools.values():
         counts = views.pool_counts(pool, now)
         pools.append(
@@ -135,7 +142,7 @@ def status(pooler: Any) -> dict[str, Any]:
         "uptime_seconds": round(now - pooler.started_at, 3),
         "clients": len(pooler.clients),
         "servers": sum(pool.server_count for pool in pooler.pools.values()),
-        "limits": limits_in_force(pooler),
+        "limits": limits_in_force_config(pooler.config),
         "totals": totals,
         "pools": pools,
     }
@@ -225,18 +232,29 @@ async def handle_status(request: web.Request) -> web.Response:
     return json_response(status(request.app[POOLER_KEY]))
 
 
-async def handle_put_limits(request: web.Request) -> web.Response:
+async def read_limits(request: web.Request) -> dict[str, Any] | web.Response:
+    """The checked body of a PUT /limits, or the response that refuses the request."""
     refused = authorize(request)
     if refused is not None:
         return refused
-    pooler = request.app[POOLER_KEY]
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        return error_response(413, "body too large")
     try:
-        changes = parse_limits(body)
+        body = await request.read()  # the whole body; larger than client_max_size raises
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"body too large (at most {MAX_BODY} bytes)")
+    try:
+        return parse_limits(body)
+    except BadRequest as exc:
+        return error_response(400, str(exc))
+
+
+async def handle_put_limits(request: web.Request) -> web.Response:
+    changes = await read_limits(request)
+    if isinstance(changes, web.Response):
+        return changes
+    pooler = request.app[POOLER_KEY]
+    try:
         pooler.set_limits(changes)
-    except (BadRequest, ConfigError) as exc:
+    except ConfigError as exc:
         return error_response(400, str(exc))
     log.info("PUT /limits from %s: %s", request.remote, json.dumps(changes, sort_keys=True))
     return json_response(limits_in_force(pooler))
@@ -259,26 +277,42 @@ INTERNAL_KEY: web.AppKey[bool] = web.AppKey("internal", bool)
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def new_app(owner: Any, handlers: Sequence[Handler], *, internal: bool = False) -> web.Application:
-    """The control port's app: `owner` (a pooler or the supervisor) and the handlers of
-    /metrics, /healthz, /readyz, /status, PUT /limits and POST /drain, in that order."""
+def new_app(
+    owner: Any,
+    *,
+    metrics: Handler,
+    healthz: Handler,
+    readyz: Handler,
+    status: Handler,
+    put_limits: Handler,
+    drain: Handler,
+    internal: bool = False,
+) -> web.Application:
+    """The control port's routes, served for `owner`: a pooler, or the supervisor of workers."""
     app = web.Application(client_max_size=MAX_BODY)
     app[POOLER_KEY] = owner
     app[INTERNAL_KEY] = internal
-    metrics, healthz, readyz, status_, put_limits, drain = handlers
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/status", status_)
+    app.router.add_get("/status", status)
     app.router.add_put("/limits", put_limits)
     app.router.add_post("/drain", drain)
     return app
 
 
 def build_app(pooler: Any, *, internal: bool = False) -> web.Application:
-    handlers = (handle_metrics, handle_healthz, handle_readyz, handle_status, handle_put_limits, handle_drain)
-    app = new_app(pooler, handlers, internal=internal)
-    app[REGISTRY_KEY], _collector = make_registry(pooler)
+    app = new_app(
+        pooler,
+        metrics=handle_metrics,
+        healthz=handle_healthz,
+        readyz=handle_readyz,
+        status=handle_status,
+        put_limits=handle_put_limits,
+        drain=handle_drain,
+        internal=internal,
+    )
+    app[REGISTRY_KEY] = make_registry(pooler)
     return app
 
 
@@ -298,7 +332,7 @@ async def start_worker_http(pooler: Any) -> web.AppRunner:
     """A worker's control port on its private socket, for the supervisor to front."""
     runner = web.AppRunner(build_app(pooler, internal=True), access_log=None)
     await runner.setup()
-    path = pooler.slot.http_socket(pooler.slot.index)
+    path = pooler.slot.http_socket
     path.unlink(missing_ok=True)
     await web.UnixSite(runner, str(path)).start()
     return runner

@@ -12,9 +12,10 @@ asks each worker's private control socket in turn:
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -22,19 +23,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
-from prometheus_client.samples import Sample
 
 from .config import ConfigError
 from .http import (
-    MAX_BODY,
     POOLER_KEY,
-    BadRequest,
+    STATUS_COUNTS,
     authorize,
     error_response,
     json_response,
     limits_in_force_config,
     new_app,
-    parse_limits,
+    read_limits,
 )
 
 if TYPE_CHECKING:
@@ -43,9 +42,6 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor, Worker
 
 log = logging.getLogger("pgfleet.http")
-
-_COUNTS = ("clients_active", "clients_waiting", "servers_active", "servers_idle", "servers_used", "servers_login")
-
 
 # -- merging what the workers say (pure) -------------------------------------------------------------
 
@@ -58,13 +54,13 @@ def merge_status(statuses: list[dict[str, Any]]) -> dict[str, Any]:
             key = (pool["database"], pool["user"])
             merged = pools.get(key)
             if merged is None:
-                pools[key] = json.loads(json.dumps(pool))  # a deep copy to add the others to
+                pools[key] = copy.deepcopy(pool)  # the others are added to it
                 continue
             merged["paused"] = merged["paused"] or pool["paused"]
             merged["maxwait_seconds"] = max(merged["maxwait_seconds"], pool["maxwait_seconds"])
             for group in ("clients", "servers", "limits", "totals"):
                 _add_into(merged[group], pool[group])
-    totals = {key: sum(status["totals"][key] for status in statuses) for key in _COUNTS}
+    totals = {key: sum(status["totals"][key] for status in statuses) for key in STATUS_COUNTS}
     return {
         "clients": sum(status["clients"] for status in statuses),
         "servers": sum(status["servers"] for status in statuses),
@@ -84,20 +80,13 @@ def label_families(texts: Iterable[tuple[int, str]]) -> list[Metric]:
     families: dict[str, Metric] = {}
     for index, text in texts:
         for family in text_string_to_metric_families(text):
-            merged = families.get(family.name)
-            if merged is None:
-                merged = families[family.name] = family
-                samples = list(family.samples)
-                merged.samples = []
+            labelled = [sample._replace(labels={**sample.labels, "worker": str(index)}) for sample in family.samples]
+            merged = families.setdefault(family.name, family)
+            if merged is family:
+                family.samples = labelled
             else:
-                samples = list(family.samples)
-            merged.samples.extend(_with_worker(samples, index))
+                merged.samples.extend(labelled)
     return list(families.values())
-
-
-def _with_worker(samples: list[Sample], index: int) -> Iterator[Sample]:
-    for sample in samples:
-        yield sample._replace(labels={**sample.labels, "worker": str(index)})
 
 
 class FamiliesCollector(Collector):
@@ -173,17 +162,13 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 
 async def handle_put_limits(request: web.Request) -> web.Response:
-    refused = authorize(request)
-    if refused is not None:
-        return refused
+    changes = await read_limits(request)
+    if isinstance(changes, web.Response):
+        return changes
     supervisor = _supervisor(request)
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        return error_response(413, "body too large")
     try:
-        changes = parse_limits(body)
         results = await supervisor.set_limits(changes)
-    except (BadRequest, ConfigError) as exc:
+    except ConfigError as exc:
         return error_response(400, str(exc))
     log.info("PUT /limits from %s: %s", request.remote, json.dumps(changes, sort_keys=True))
     failed = {str(index): reply for index, status, reply in results if status != 200}
@@ -205,8 +190,15 @@ async def handle_drain(request: web.Request) -> web.Response:
 
 def build_front(supervisor: Supervisor) -> web.Application:
     # `authorize` reads the token file from the supervisor's config, as from a pooler's.
-    handlers = (handle_metrics, handle_healthz, handle_readyz, handle_status, handle_put_limits, handle_drain)
-    return new_app(supervisor, handlers)
+    return new_app(
+        supervisor,
+        metrics=handle_metrics,
+        healthz=handle_healthz,
+        readyz=handle_readyz,
+        status=handle_status,
+        put_limits=handle_put_limits,
+        drain=handle_drain,
+    )
 
 
 async def start_front(supervisor: Supervisor) -> web.AppRunner:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, DatabaseConfig, PoolerConfig, UserConfig
+from .config import AuthType, ConfigError, DatabaseConfig, PoolerConfig, UserConfig
 
 log = logging.getLogger("pgfleet.ini")
 
@@ -126,7 +126,7 @@ IGNORED_USER_KEYS = frozenset({"reserve_pool_size", "max_user_client_connections
 _SUPPORTED_PGBOUNCER_KEYS = frozenset(PoolerConfig.model_fields) - {"databases", "users"}
 _SUPPORTED_DATABASE_KEYS = frozenset(DatabaseConfig.model_fields)
 _SUPPORTED_USER_KEYS = frozenset(UserConfig.model_fields)
-_SUPPORTED_AUTH_TYPES = ("trust", "any", "plain", "md5", "scram-sha-256")
+_SUPPORTED_AUTH_TYPES = tuple(auth_type.value for auth_type in AuthType)
 
 
 def parse_duration(value: str, key: str, where: str) -> float:
@@ -271,8 +271,6 @@ def _pgbouncer_setting(data: dict[str, Any], key: str, value: str, where: str) -
             raise ConfigError(
                 f"{where}: auth_type {value!r} is not supported (use one of {', '.join(_SUPPORTED_AUTH_TYPES)})"
             )
-        data[key] = value
-    elif key in ("server_reset_query",):
         data[key] = value
     else:
         # Booleans (0/1, on/off, yes/no), integers and comma lists are left to the

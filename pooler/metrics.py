@@ -242,10 +242,9 @@ class PoolerCollector(Collector):
         yield uptime
 
 
-def make_registry(pooler: Pooler) -> tuple[CollectorRegistry, PoolerCollector]:
+def make_registry(pooler: Pooler) -> CollectorRegistry:
     """A registry of its own per pooler (tests run several in one process)."""
     registry = CollectorRegistry(auto_describe=False)
-    collector = PoolerCollector(pooler)
-    registry.register(collector)
+    registry.register(PoolerCollector(pooler))
     ProcessCollector(registry=registry)
-    return registry, collector
+    return registry

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import socket
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -302,10 +301,6 @@ class Pooler:
             raise ClientError(sqlstate.INVALID_CATALOG_NAME, 'no such database: "pgbouncer"')
         await self.admin.login(client)
 
-    @staticmethod
-    def random_bytes(count: int) -> bytes:
-        return os.urandom(count)
-
     # -- maintenance ----------------------------------------------------------------------------------
     def _janitor_period(self) -> float:
         config = self.config
@@ -340,15 +335,15 @@ class Pooler:
         now = self.loop.time()
         for pool in list(self.pools.values()):
             pool.maintain(now)
-        self._check_client_timeouts(now, self.clients)
+        self._check_client_timeouts(now)
 
-    def _check_client_timeouts(self, now: float, clients: Iterable[ClientConnection]) -> None:
+    def _check_client_timeouts(self, now: float) -> None:
         from .client import ClientState
 
         config = self.config
         if not (config.client_idle_timeout or config.idle_transaction_timeout or config.query_timeout):
             return
-        for client in list(clients):
+        for client in list(self.clients):
             idle_for = now - client.last_activity
             if client.state is ClientState.IDLE:
                 if config.client_idle_timeout and idle_for > config.client_idle_timeout:

@@ -61,10 +61,11 @@ class WorkerSlot:
         assert self.control_dir is not None
         return self.control_dir / f"worker-{index}.sock"
 
-    def http_socket(self, index: int) -> Path:
-        """The private socket of worker `index`'s control port, which the supervisor fronts."""
+    @property
+    def http_socket(self) -> Path:
+        """The private socket of this worker's control port, which the supervisor fronts."""
         assert self.control_dir is not None
-        return self.control_dir / f"http-{index}.sock"
+        return self.control_dir / f"http-{self.index}.sock"
 
     @property
     def limits_file(self) -> Path | None:

@@ -59,7 +59,7 @@ class Worker:
         return self.process is not None and self.process.returncode is None
 
     async def start(self) -> None:
-        self.slot.http_socket(self.slot.index).unlink(missing_ok=True)
+        self.slot.http_socket.unlink(missing_ok=True)
         env = {**os.environ, "PGFLEET_SUPERVISOR_PID": str(os.getpid())}
         self.process = await asyncio.create_subprocess_exec(*self.argv, stdin=asyncio.subprocess.DEVNULL, env=env)
 
@@ -79,7 +79,7 @@ class Worker:
             await asyncio.sleep(0.05)
 
     def session(self, timeout: float = 10.0) -> aiohttp.ClientSession:
-        connector = aiohttp.UnixConnector(path=str(self.slot.http_socket(self.slot.index)))
+        connector = aiohttp.UnixConnector(path=str(self.slot.http_socket))
         return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
 
     async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -250,13 +250,9 @@ class Supervisor:
 
     def _save_limits(self) -> None:
         """Write the limits in force where a worker that starts again reads them."""
-        from .http import DATABASE_LIMITS, USER_LIMITS, limits_in_force_config
+        from .http import limits_in_force_config
 
-        body = limits_in_force_config(self.config)
-        # An override dropped since (null) must be dropped in the new worker too.
-        for group, keys in (("databases", DATABASE_LIMITS), ("users", USER_LIMITS)):
-            for entry in body[group].values():
-                entry.update({key: None for key in keys if key not in entry})
+        body = limits_in_force_config(self.config, keep_unset=True)
         temporary = self._limits_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(body))
         temporary.replace(self._limits_file)  # never half a file for a worker starting now

@@ -34,10 +34,6 @@ class PoolCounts:
     sv_login: int
     maxwait: float  # seconds the oldest waiting client has waited
 
-    @property
-    def servers(self) -> int:
-        return self.sv_active + self.sv_idle + self.sv_used + self.sv_tested + self.sv_login
-
 
 def pool_counts(pool: Pool, now: float) -> PoolCounts:
     active = waiting = 0
