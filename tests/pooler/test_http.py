@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -179,6 +180,11 @@ async def test_put_limits_refuses_bad_tokens_and_bodies(http_pooler: StartHttp, 
         async with http.put(url, headers=AUTH, **kwargs) as response:
             assert response.status == 400, body
             assert reason in (await response.json())["error"], body
+    # A body over 1 MiB (sent in many chunks) is refused whole, never parsed in part.
+    oversized = b'{"default_pool_size": 1, "pad": "' + b"x" * (1 << 20) + b'"}'
+    async with http.put(url, headers=AUTH, data=io.BytesIO(oversized)) as response:
+        assert response.status == 413
+        assert "too large" in (await response.json())["error"]
     assert pooler.config is before  # nothing changed
     async with http.put(
         url, json={"default_pool_size": 4, "databases": {"app": {"pool_size": 2}}}, headers=AUTH
