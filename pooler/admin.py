@@ -713,31 +713,7 @@ class AdminSession:
         return result_set(USERS_COLUMNS, rows)
 
     def show_lists(self) -> bytes:
-        pooler = self.pooler
-        login = sum(
-            1
-            for client in pooler.clients
-            if client.state in (ClientState.STARTUP, ClientState.LOGIN) and not client.cancel_key[0]
-        )
-        users = {user for _db, user in pooler.pools} | set(pooler.config.users)
-        servers = sum(pool.server_count for pool in pooler.pools.values())
-        rows = [
-            ["databases", len(views.database_names(pooler)) + 1],
-            ["users", len(users)],
-            ["peers", 0],
-            ["pools", len(pooler.pools) + 1],
-            ["peer_pools", 0],
-            ["free_clients", 0],
-            ["used_clients", len(pooler.clients)],
-            ["login_clients", login],
-            ["free_servers", 0],
-            ["used_servers", servers],
-            ["dns_names", 0],
-            ["dns_zones", 0],
-            ["dns_queries", 0],
-            ["dns_pending", 0],
-        ]
-        return result_set(LISTS_COLUMNS, rows)
+        return result_set(LISTS_COLUMNS, [[name, value] for name, value in views.lists(self.pooler).items()])
 
     def show_config(self) -> bytes:
         config = self.pooler.config

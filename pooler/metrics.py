@@ -160,23 +160,9 @@ class PoolerCollector(Collector):
                 family.add_metric(labels, float(values[key]))
         yield from database_gauges.values()
 
-        users = {user for _db, user in pooler.pools} | set(pooler.config.users)
-        servers = sum(pool.server_count for pool in pools)
-        lists = (
-            ("databases", "Count of databases", len(names)),
-            ("users", "Count of users", len(users)),
-            ("pools", "Count of pools", len(pools)),
-            ("free_clients", "Count of free clients", 0),
-            ("used_clients", "Count of used clients", len(pooler.clients)),
-            ("login_clients", "Count of clients in login state", sum(1 for c in pooler.clients if not c.cancel_key[0])),
-            ("free_servers", "Count of free servers", 0),
-            ("used_servers", "Count of used servers", servers),
-            ("cached_dns_names", "Count of DNS names in the cache", 0),
-            ("cached_dns_zones", "Count of DNS zones in the cache", 0),
-            ("in_flight_dns_queries", "Count of in-flight DNS queries", 0),
-        )
-        for name, doc, value in lists:
-            yield GaugeMetricFamily(f"pgbouncer_{name}", doc, value=float(value))
+        lists = views.lists(pooler)  # what pgbouncer_exporter reads from SHOW LISTS
+        for key, name, doc in _LISTS:
+            yield GaugeMetricFamily(f"pgbouncer_{name}", doc, value=float(lists[key]))
         yield GaugeMetricFamily(
             "pgbouncer_config_max_client_connections",
             "Config maximum number of client connections",
@@ -240,6 +226,22 @@ class PoolerCollector(Collector):
         uptime = GaugeMetricFamily("pgfleet_uptime_seconds", "Seconds since the pooler started")
         uptime.add_metric([], now - pooler.started_at)
         yield uptime
+
+
+# SHOW LISTS rows as pgbouncer_exporter names them.
+_LISTS = (
+    ("databases", "databases", "Count of databases"),
+    ("users", "users", "Count of users"),
+    ("pools", "pools", "Count of pools"),
+    ("free_clients", "free_clients", "Count of free clients"),
+    ("used_clients", "used_clients", "Count of used clients"),
+    ("login_clients", "login_clients", "Count of clients in login state"),
+    ("free_servers", "free_servers", "Count of free servers"),
+    ("used_servers", "used_servers", "Count of used servers"),
+    ("dns_names", "cached_dns_names", "Count of DNS names in the cache"),
+    ("dns_zones", "cached_dns_zones", "Count of DNS zones in the cache"),
+    ("dns_queries", "in_flight_dns_queries", "Count of in-flight DNS queries"),
+)
 
 
 def make_registry(pooler: Pooler) -> CollectorRegistry:

@@ -90,6 +90,27 @@ def database_config(pooler: Pooler, name: str) -> DatabaseConfig:
     return pooler.config.database(name) or DatabaseConfig()
 
 
+def lists(pooler: Pooler) -> dict[str, int]:
+    """SHOW LISTS, in its order; the admin database and its pool count, as in PgBouncer."""
+    users = {user for _db, user in pooler.pools} | set(pooler.config.users)
+    return {
+        "databases": len(database_names(pooler)) + 1,
+        "users": len(users),
+        "peers": 0,
+        "pools": len(pooler.pools) + 1,
+        "peer_pools": 0,
+        "free_clients": 0,
+        "used_clients": len(pooler.clients),
+        "login_clients": len(pooler.clients) - pooler.logged_in_clients,
+        "free_servers": 0,
+        "used_servers": sum(pool.server_count for pool in pooler.pools.values()),
+        "dns_names": 0,
+        "dns_zones": 0,
+        "dns_queries": 0,
+        "dns_pending": 0,
+    }
+
+
 def pools_of(pooler: Pooler, database: str | None) -> list[Pool]:
     """The pools of one database, or all of them."""
     return [pool for pool in pooler.pools.values() if database is None or pool.database == database]
