@@ -442,11 +442,13 @@ class ClientConnection(asyncio.Protocol):
                 break
             new: bytes | None = None
             if msg_type == _Q:
-                if server.replies or sqlscan.worth_a_look(data, pos + 5, end - 1):
+                if sqlscan.worth_a_look(data, pos + 5, end - 1):
                     new = prepared.on_query(self, server, data[pos + 5 : end], replies, pos == 0 and end == n)
                     if new is prepared.LOCAL_ANSWER:
                         answered = True
                         replies -= 1
+                elif server.replies:
+                    prepared.track(server, prepared.SYNC_REPLY, replies)
                 replies += 1
             elif msg_type in _EXTENDED:
                 self.unsynced = True

@@ -282,45 +282,64 @@ LOCAL_ANSWER = b""  # on_query's answer when the proxy replied itself; nothing g
 def on_query(
     client: ClientConnection, server: ServerConnection, body: bytes, untracked: int, alone: bool
 ) -> bytes | None:
-    """A simple Query that `sqlscan` flagged: the bytes to send instead, LOCAL_ANSWER, or None."""
+    """A simple Query that `sqlscan` flagged: the bytes to send instead, LOCAL_ANSWER, or None.
+
+    Tracks the query's ReadyForQuery like any other: a Z entry with a callback when the
+    answer changes the link's statements, a plain one when replies are queued before it.
+    """
     effect = sqlscan.scan(body[:-1].decode(errors="replace"))
-    if not effect:
-        return None
+    sent: bytes | None = None
+    done: Callable[[bool], None] | None = None
     if effect.refuse:
-        return _refusal(effect.refuse)
-    client.apply_effect(effect)
-    if not client.maps_statements:
-        return None
-    if effect.deallocate is not None:
-        (name,) = effect.deallocate
-        if name is not None and name not in client.statements:
-            return None  # the server answers 26000, as PostgreSQL would
-        idle = not server.replies and server.outstanding == 0 and not client.unsynced and not server.busy_internally
-        if name is None:
-            client.statements.clear()
-        else:
-            client.statements.pop(name, None)
-        tag = "DEALLOCATE" if name is not None else "DEALLOCATE ALL"
-        if alone and idle:
-            if server.tx_status == backend.FAILED_TRANSACTION:
-                client.send(
-                    backend.error_response(
-                        "25P02", "current transaction is aborted, commands ignored until end of transaction block"
-                    )
-                    + backend.ready_for_query(server.tx_status)
+        sent = _refusal(effect.refuse)
+    elif effect:
+        client.apply_effect(effect)
+        maps = client.maps_statements
+        if maps and effect.deallocate is not None:
+            sent = _deallocate(client, server, effect.deallocate[0], alone)
+            if sent is LOCAL_ANSWER:
+                return sent  # only with an empty queue and nothing owed: no entry
+            if sent is not None:
+                done = _cleared(server)
+        elif maps and (effect.discard_all or effect.deallocates):
+            done = _discarded(server, client.statements if effect.discard_all else None)
+    if done is not None:
+        track(server, Reply(SYNC, done=done), untracked)
+    elif server.replies:
+        track(server, SYNC_REPLY, untracked)
+    return sent
+
+
+_DEALLOCATE_ALL = frame(b"Q", b"DEALLOCATE ALL\x00")
+
+
+def _deallocate(client: ClientConnection, server: ServerConnection, name: str | None, alone: bool) -> bytes | None:
+    """DEALLOCATE of a client name (None: ALL) as the whole query: LOCAL_ANSWER, the query to send, or None."""
+    statements = client.statements
+    if name is not None and name not in statements:
+        return None  # the server answers 26000, as PostgreSQL would
+    idle = not server.replies and server.outstanding == 0 and not client.unsynced and not server.busy_internally
+    if name is None:
+        statements.clear()
+    else:
+        del statements[name]
+    if alone and idle:
+        if server.tx_status == backend.FAILED_TRANSACTION:
+            client.send(
+                backend.error_response(
+                    sqlstate.IN_FAILED_SQL_TRANSACTION,
+                    "current transaction is aborted, commands ignored until end of transaction block",
                 )
-            else:
-                client.send(backend.command_complete(tag) + backend.ready_for_query(server.tx_status))
-            return LOCAL_ANSWER
-        # Pipelined behind other work: the server's answer must keep its place, and the
-        # server has no statement of that name; DEALLOCATE ALL has the same effect for
-        # the client (its names are gone) at the price of this link's shared statements.
-        track(server, Reply(SYNC, done=_cleared(server)), untracked)
-        return frame(b"Q", b"DEALLOCATE ALL\x00")
-    if effect.discard_all or effect.deallocates:
-        statements = client.statements
-        track(server, Reply(SYNC, done=_discarded(server, statements if effect.discard_all else None)), untracked)
-    return None
+                + backend.ready_for_query(server.tx_status)
+            )
+        else:
+            tag = "DEALLOCATE" if name is not None else "DEALLOCATE ALL"
+            client.send(backend.command_complete(tag) + backend.ready_for_query(server.tx_status))
+        return LOCAL_ANSWER
+    # Pipelined behind other work: the server's answer must keep its place, and the
+    # server has no statement of that name; DEALLOCATE ALL has the same effect for
+    # the client (its names are gone) at the price of this link's shared statements.
+    return _DEALLOCATE_ALL
 
 
 def _cleared(server: ServerConnection) -> Callable[[bool], None]:
@@ -353,7 +372,8 @@ def _refusal(message: str) -> bytes:
     # The server raises the error itself, so that a transaction block is aborted and
     # ReadyForQuery reports it exactly as for any other failing statement.
     escaped = message.replace("'", "''")
-    sql = f"DO $pgfleet$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = '{escaped}'; END$pgfleet$"
+    code = sqlstate.FEATURE_NOT_SUPPORTED
+    sql = f"DO $pgfleet$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{escaped}'; END$pgfleet$"
     return frame(b"Q", sql.encode() + b"\x00")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.pooler.protocol import extended, frontend
 from pgfleet.pooler.protocol.extended import STATEMENT
@@ -118,6 +119,28 @@ async def test_flush_without_sync_and_describe(start_pooler: StartPooler) -> Non
     assert [k for k, _ in got] == ["2", "D", "C"]
     a.send(S)
     assert kinds(await a.until_ready()) == "Z"
+    await a.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "answer"),
+    [("SELECT 2", "TDCZ"), ("PREPARE x AS SELECT 1", "EZ"), ("SET application_name = 'piped'", "CZ")],
+)
+async def test_simple_query_between_syncs_keeps_its_place(start_pooler: StartPooler, query: str, answer: str) -> None:
+    port = await one_server(start_pooler)
+    a = await RawClient.connect(port)
+    a.send(Q("SELECT pg_backend_pid()"))
+    pid = rows(await a.until_ready())
+    # One write: a named Parse+Sync, a simple Query (not flagged, refused, or flagged with
+    # nothing to do), then a Parse+Sync of the same text (a hit: the proxy's Parse+Close).
+    a.send(P("s1", "SELECT 1"), S, Q(query), P("s2", "SELECT 1"), S)
+    assert kinds(await a.until_ready()) == "1Z"
+    assert kinds(await a.until_ready()) == answer
+    assert kinds(await a.until_ready()) == "1Z"
+    a.send(*run("s1"), *run("s2"), Q("SELECT pg_backend_pid()"))
+    replies = await a.until_ready(3)
+    assert kinds(replies) == "2DCZ2DCZTDCZ"
+    assert rows(replies) == [["1"], ["1"], *pid]  # and the same server: the link was kept
     await a.close()
 
 
