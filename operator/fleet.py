@@ -1,4 +1,5 @@
-"""Talking to running pooler pods over their HTTP control port: pushing pool limits live.
+"""Talking to running pooler pods over their HTTP control port: pushing pool limits live,
+and reading back how many clients each holds (GET /status).
 
 A new pool size reaches new pods through the ConfigMap; running pods get it with
 PUT /limits, so a change of replicas or budget never needs a rolling restart.
@@ -7,6 +8,7 @@ PUT /limits, so a change of replicas or budget never needs a rolling restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,12 @@ import aiohttp
 class PushResult:
     pushed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # pod name -> why
+    clients: dict[str, int] = field(default_factory=dict)  # pod name -> client connections, where it told
+
+    @property
+    def total_clients(self) -> int | None:
+        """Clients over the pods that told; None if none did."""
+        return sum(self.clients.values()) if self.clients else None
 
 
 def running_pod_addresses(pods: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -51,6 +59,11 @@ async def push_limits(
                 result.failed[name] = str(exc) or type(exc).__name__
                 return
             result.pushed.append(name)
+            # Only for `kubectl get pgpools`: a pod that does not say is left out, not failed.
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, TypeError):
+                async with session.get(f"http://{host}:{port}/status") as response:
+                    if response.status == 200:
+                        result.clients[name] = int((await response.json())["clients"])
 
         await asyncio.gather(*(one(name, ip) for name, ip in sorted(addresses.items())))
     return result

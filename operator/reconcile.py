@@ -237,7 +237,7 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         "pods": allocation.pods,
         "maxConnections": max_connections,
         "backendsInUse": facts.backends_in_use if facts else None,
-        "clients": None,
+        "clients": push.total_clients,
     }
     if allocation.shortfall is not None:
         ready = conditions.condition(

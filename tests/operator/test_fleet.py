@@ -35,8 +35,12 @@ async def test_push_sends_the_limits_with_the_token(unused_tcp_port: int) -> Non
         received.append((request.headers.get("Authorization"), json.loads(await request.text())))
         return web.json_response({"ok": True})
 
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"clients": 7, "servers": 2})
+
     app = web.Application()
     app.router.add_put("/limits", limits)
+    app.router.add_get("/status", status)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
@@ -45,6 +49,7 @@ async def test_push_sends_the_limits_with_the_token(unused_tcp_port: int) -> Non
         result = await push_limits({"p1": "127.0.0.1"}, body, "tok", port=unused_tcp_port)
         assert result.pushed == ["p1"] and result.failed == {}
         assert received == [("Bearer tok", body)]
+        assert result.clients == {"p1": 7} and result.total_clients == 7
 
         refused = await push_limits({"p1": "127.0.0.1"}, body, "wrong", port=unused_tcp_port)
         assert refused.failed == {"p1": "HTTP 401: bad token"}
@@ -55,3 +60,4 @@ async def test_push_sends_the_limits_with_the_token(unused_tcp_port: int) -> Non
 async def test_unreachable_pod_is_reported(unused_tcp_port: int) -> None:
     result = await push_limits({"gone": "127.0.0.1"}, {"default_pool_size": 1}, "t", port=unused_tcp_port, timeout=1)
     assert list(result.failed) == ["gone"] and result.pushed == []
+    assert result.total_clients is None  # unknown, not zero
