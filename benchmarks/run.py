@@ -47,6 +47,7 @@ from pgfleet.devtools.procs import (
     start_pgbouncer,
     start_pgfleet,
     time_wait_sockets,
+    transaction_pool_config,
 )
 from pgfleet.devtools.tempdb import TempPostgres
 
@@ -381,17 +382,7 @@ def pooler_config(pg: TempPostgres, port: int, pool_size: int, max_clients: int)
     pgfleet's `workers` is not in it: `starter` adds that to pgfleet's copy only (PgBouncer
     would refuse the unknown setting).
     """
-    return {
-        "listen_addr": "127.0.0.1",
-        "listen_port": port,
-        "auth_type": "trust",
-        "pool_mode": "transaction",
-        "max_client_conn": max_clients,
-        "default_pool_size": pool_size,
-        "log_connections": False,  # a storm would otherwise be a benchmark of the log
-        "log_disconnections": False,
-        "databases": {DB: {"host": pg.host, "port": pg.port, "dbname": DB}},
-    }
+    return transaction_pool_config(pg.host, pg.port, DB, listen_port=port, pool_size=pool_size, max_clients=max_clients)
 
 
 def starter(

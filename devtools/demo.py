@@ -31,6 +31,7 @@ from .procs import (
     pgfleet_available,
     raise_nofile,
     start_pgfleet,
+    transaction_pool_config,
 )
 from .tempdb import TempPostgres, find_bindir
 
@@ -130,17 +131,9 @@ def run_demo(clients: int, duration: float, pool_size: int, select_only: bool, s
         pg.sql(f"CREATE DATABASE {DB}")
         pgbench_init(pg.host, pg.port, DB, scale=scale)
         say(f"  pgbench -i        scale {scale} ({scale * 100_000:,} accounts)")
-        config = {
-            "listen_addr": "127.0.0.1",
-            "listen_port": free_port(),
-            "auth_type": "trust",
-            "pool_mode": "transaction",
-            "max_client_conn": clients + 100,
-            "default_pool_size": pool_size,
-            "log_connections": False,
-            "log_disconnections": False,
-            "databases": {DB: {"host": pg.host, "port": pg.port, "dbname": DB}},
-        }
+        config = transaction_pool_config(
+            pg.host, pg.port, DB, listen_port=free_port(), pool_size=pool_size, max_clients=clients + 100
+        )
         pooler = start_pgfleet(config, workdir)
         say(f"  pgfleet           listening on {pooler.host}:{pooler.port} (pid {pooler.pid})")
         args = PgbenchArgs(clients=clients, jobs=2, duration=duration, mode="simple", select_only=select_only)

@@ -282,6 +282,25 @@ def pgfleet_command() -> list[str]:
     raise ToolMissing("the pgfleet pooler is not installed: run `make venv` (pip install -e .)")
 
 
+def transaction_pool_config(
+    host: str, port: int, dbname: str, *, listen_port: int, pool_size: int, max_clients: int
+) -> dict[str, Any]:
+    """A pooler config with PgBouncer's setting names (both poolers read it): transaction
+    mode, trust, `dbname` on host:port, connection logging off (a storm would otherwise
+    be a benchmark of the log)."""
+    return {
+        "listen_addr": "127.0.0.1",
+        "listen_port": listen_port,
+        "auth_type": "trust",
+        "pool_mode": "transaction",
+        "max_client_conn": max_clients,
+        "default_pool_size": pool_size,
+        "log_connections": False,
+        "log_disconnections": False,
+        "databases": {dbname: {"host": host, "port": port, "dbname": dbname}},
+    }
+
+
 def start_pgfleet(
     config: Mapping[str, Any],
     workdir: Path,
