@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,20 +102,13 @@ def _finish(pgpool: model.PgPool, status: Obj, updates: list[conditions.Conditio
 async def reconcile(ctx: Context, body: Obj) -> Outcome:
     pgpool = model.PgPool.model_validate(body)
     spec = pgpool.spec
-    gen = pgpool.generation
-    at = conditions.now()
+    # Every condition of one reconcile carries the generation it saw and one timestamp.
+    condition = functools.partial(conditions.condition, generation=pgpool.generation, at=conditions.now())
     status = _status_base(pgpool)
     events: list[Event] = []
 
     if spec.paused:
-        ready = conditions.condition(
-            conditions.READY,
-            False,
-            "Paused",
-            "spec.paused is true: children are left as they are",
-            generation=gen,
-            at=at,
-        )
+        ready = condition(conditions.READY, False, "Paused", "spec.paused is true: children are left as they are")
         return _finish(pgpool, status, [ready], events)
 
     # -- credentials -------------------------------------------------------------------------
@@ -138,8 +132,8 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
             pgpool,
             status,
             [
-                conditions.condition(conditions.READY, False, "SecretMissing", msg, generation=gen, at=at),
-                conditions.condition(conditions.DATABASE_REACHABLE, None, "SecretMissing", msg, generation=gen, at=at),
+                condition(conditions.READY, False, "SecretMissing", msg),
+                condition(conditions.DATABASE_REACHABLE, None, "SecretMissing", msg),
             ],
             events,
         )
@@ -151,18 +145,14 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
     facts: DatabaseFacts | None = None
     try:
         facts = await ctx.probe(target)
-        reachable = conditions.condition(
+        reachable = condition(
             conditions.DATABASE_REACHABLE,
             True,
             "Connected",
             f"max_connections={facts.max_connections}, {facts.backends_in_use} backends of {target.user}",
-            generation=gen,
-            at=at,
         )
     except DatabaseUnreachable as exc:
-        reachable = conditions.condition(
-            conditions.DATABASE_REACHABLE, False, "Unreachable", str(exc), generation=gen, at=at
-        )
+        reachable = condition(conditions.DATABASE_REACHABLE, False, "Unreachable", str(exc))
     # While the database cannot be measured, the last measurement still bounds the budget.
     max_connections = facts.max_connections if facts else pgpool.status.budget.max_connections
 
@@ -207,23 +197,17 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
 
     # -- status ------------------------------------------------------------------------------------
     if allocation.shortfall is not None:
-        enforced = conditions.condition(
-            conditions.BUDGET_ENFORCED, False, allocation.shortfall.value, allocation.explain(), generation=gen, at=at
-        )
+        enforced = condition(conditions.BUDGET_ENFORCED, False, allocation.shortfall.value, allocation.explain())
     elif push.failed:
         detail = "; ".join(f"{pod}: {why}" for pod, why in sorted(push.failed.items()))
-        enforced = conditions.condition(
+        enforced = condition(
             conditions.BUDGET_ENFORCED,
             False,
             "LimitsNotPushed",
             f"pods still on their old pool size until they take the new one: {detail}",
-            generation=gen,
-            at=at,
         )
     else:
-        enforced = conditions.condition(
-            conditions.BUDGET_ENFORCED, True, "Allocated", allocation.explain(), generation=gen, at=at
-        )
+        enforced = condition(conditions.BUDGET_ENFORCED, True, "Allocated", allocation.explain())
 
     deployment = await ctx.client.get(kube.path_of(children.deployment)) or {}
     dep_status = deployment.get("status") or {}
@@ -240,20 +224,13 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         "clients": push.total_clients,
     }
     if allocation.shortfall is not None:
-        ready = conditions.condition(
-            conditions.READY, False, allocation.shortfall.value, allocation.explain(), generation=gen, at=at
-        )
-    elif ready_replicas >= desired:
-        ready = conditions.condition(
-            conditions.READY, True, "PodsReady", f"{ready_replicas}/{desired} pooler pods ready", generation=gen, at=at
-        )
+        ready = condition(conditions.READY, False, allocation.shortfall.value, allocation.explain())
     else:
-        ready = conditions.condition(
+        pods_ready = ready_replicas >= desired
+        ready = condition(
             conditions.READY,
-            False,
-            "PodsNotReady",
+            pods_ready,
+            "PodsReady" if pods_ready else "PodsNotReady",
             f"{ready_replicas}/{desired} pooler pods ready",
-            generation=gen,
-            at=at,
         )
     return _finish(pgpool, status, [ready, reachable, enforced], events)
