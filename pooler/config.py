@@ -58,6 +58,11 @@ class DatabaseConfig(_Strict):
     max_db_connections: Count | None = Field(default=None, description="Overrides max_db_connections.")
     connect_query: str | None = Field(default=None, description="SQL run once on every new server connection.")
 
+    @property
+    def unix_socket(self) -> str | None:
+        """The server's socket path when `host` is a directory (starts with `/`), as libpq reads it."""
+        return f"{self.host}/.s.PGSQL.{self.port}" if self.host.startswith("/") else None
+
 
 class UserConfig(_Strict):
     """One entry of `users:` (PgBouncer's [users] section)."""

@@ -258,7 +258,7 @@ class Pooler:
         if not slot.single and slot.owner_of(pid) != slot.index:
             # The kernel gave this cancel connection to another worker than the client's.
             path = str(slot.cancel_socket(slot.owner_of(pid)))
-            self._track(self._send_cancel(path, 0, pid, key))
+            self._track(self._send_cancel(path, pid, key))
             return
         entry = self._cancel_keys.get(pid)
         if entry is None or entry[0] != key:
@@ -267,7 +267,7 @@ class Pooler:
         if server is None or not server.backend_pid:
             return
         db = server.pool.db_config
-        self._track(self._send_cancel(db.host, db.port, server.backend_pid, server.backend_key))
+        self._track(self._send_cancel(db.unix_socket or (db.host, db.port), server.backend_pid, server.backend_key))
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
@@ -275,21 +275,20 @@ class Pooler:
         self._cancel_tasks.add(task)
         task.add_done_callback(self._cancel_tasks.discard)
 
-    async def _send_cancel(self, host: str, port: int, pid: int, key: int) -> None:
-        """Send a CancelRequest to a server (host, port), or to a sibling worker (socket path, 0)."""
+    async def _send_cancel(self, address: str | tuple[str, int], pid: int, key: int) -> None:
+        """Send a CancelRequest to a unix socket path (a server's, a sibling worker's) or (host, port)."""
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self.config.server_connect_timeout or 15):
-                if host.startswith("/"):
-                    path = host if port == 0 else f"{host}/.s.PGSQL.{port}"
-                    reader, writer = await asyncio.open_unix_connection(path)
+                if isinstance(address, str):
+                    reader, writer = await asyncio.open_unix_connection(address)
                 else:
-                    reader, writer = await asyncio.open_connection(host, port)
+                    reader, writer = await asyncio.open_connection(*address)
                 writer.write(build_cancel_request(pid, key))
                 await writer.drain()
                 await reader.read()  # the server closes the connection when done
         except (OSError, TimeoutError) as exc:
-            log.warning("cancel request to %s:%s failed: %s", host, port, exc)
+            log.warning("cancel request to %s failed: %s", address, exc)
         finally:
             if writer is not None:
                 writer.close()
