@@ -140,19 +140,22 @@ class ClientConnection(asyncio.Protocol):
         self._handshake = self.pooler.loop.create_task(self._run_handshake())
 
     def data_received(self, data: bytes) -> None:
-        if self.state is ClientState.ACTIVE:
+        state = self.state
+        if state is ClientState.ACTIVE:
             self.last_activity = self.pooler.loop.time()
             if self._pending:
                 data, self._pending = self._pending + data, b""
             self._forward(data)
-        elif self.state is ClientState.IDLE or self.state is ClientState.WAITING:
+        elif state is ClientState.IDLE:
             self.last_activity = self.pooler.loop.time()
             self._pending += data
-            if self.state is ClientState.IDLE:
-                self._need_server()
-            elif len(self._pending) > _QUEUED_BUFFER_LIMIT:
+            self._need_server()
+        elif state is ClientState.WAITING:
+            self.last_activity = self.pooler.loop.time()
+            self._pending += data
+            if len(self._pending) > _QUEUED_BUFFER_LIMIT:
                 self.pause_reading()
-        elif self.state is not ClientState.CLOSED:
+        elif state is not ClientState.CLOSED:
             self._pending += data
             waiter = self._login_waiter
             if waiter is not None and not waiter.done():
@@ -279,7 +282,7 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pooler.get_pool(self.database, self.user)
         welcome = await pool.welcome_params()
         self.pool = pool
-        self.params = {name: welcome[name] for name in params.TRACKED if name in welcome}
+        self.params = {name: value for name, value in welcome.items() if name in params.TRACKED}
         self.params.update(startup_params)
         self.cancel_key = self.pooler.register_cancel_key(self)
         out = pool.welcome_frames(self.params)
@@ -375,9 +378,9 @@ class ClientConnection(asyncio.Protocol):
 
     # -- hot path ---------------------------------------------------------------------------
     def _need_server(self) -> None:
-        """Unlinked with bytes pending: get a server (or close on Terminate)."""
+        """IDLE with bytes pending: get a server (or close on Terminate)."""
         pending = self._pending
-        if len(pending) < 5 or self.state is not ClientState.IDLE:
+        if len(pending) < 5:
             return
         if pending[0] == _X:
             self.close()
@@ -401,7 +404,6 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.ACTIVE
         pool = self.pool
         assert pool is not None
-        server.refuse_blocks = pool.refuses_blocks
         self.maps_statements = pool.maps_statements
         if self.params != server.tracked_params:
             sync = params.sync_statement(self.params, server.params)
@@ -549,7 +551,7 @@ class ClientConnection(asyncio.Protocol):
         if server.outstanding > 0 or self.unsynced or server.busy_internally:
             return
         if server.tx_status != IDLE:
-            if server.refuse_blocks:
+            if pool.refuses_blocks:
                 pool.refuse_transaction_block(self, server)
             return
         if pool.mode is PoolMode.SESSION or self.pins:
@@ -575,8 +577,8 @@ class ClientConnection(asyncio.Protocol):
                 self.pool.stats.bytes_sent += len(data)
 
     def parameter_changed(self, name: str, value: str) -> None:
-        if name in self.params or params.canonical(name) == name:
-            self.params[name] = value
+        """The server reported a new value of a tracked parameter (params.TRACKED)."""
+        self.params[name] = value
 
     def server_lost(self, server: ServerConnection) -> None:
         """The linked server went away mid-transaction: say so and end this client."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 # The GUC_REPORT parameters a client can change and rely on: PostgreSQL reports each
 # change with ParameterStatus, so the proxy always knows both the client's and the
 # server's values and can SET the difference when a transaction lands on another server.
-TRACKED = (
-    "client_encoding",
-    "DateStyle",
-    "TimeZone",
-    "IntervalStyle",
-    "standard_conforming_strings",
-    "application_name",
+TRACKED = frozenset(
+    (
+        "client_encoding",
+        "DateStyle",
+        "TimeZone",
+        "IntervalStyle",
+        "standard_conforming_strings",
+        "application_name",
+    )
 )
 
 # Startup parameters are case-sensitive on the wire, GUC names are not.

@@ -129,9 +129,7 @@ class Pool:
         self.launch_for_waiters()
 
     def _activate(self, server: ServerConnection, client: ClientConnection, now: float) -> None:
-        """Hand a server to a client that waited in the queue for it."""
-        server.state = ServerState.ACTIVE
-        self.active.add(server)
+        """Hand a server to a client that waited in the queue for it (`_give`: already ACTIVE)."""
         waited = now - client.wait_start
         self.stats.wait_time += int(waited * 1_000_000)
         self.stats.wait_count += 1
@@ -159,28 +157,40 @@ class Pool:
             server.close_extended_exchange()
         if server.tx_status != IDLE:
             # Left inside a transaction: roll it back before anyone else gets the server.
-            server.run_internal("ROLLBACK", lambda: self._give(server))
+            server.run_internal("ROLLBACK", lambda: self._give_checked(server))
         elif self.mode is PoolMode.SESSION or self.pooler.config.server_reset_query_always:
             reset = self.pooler.config.server_reset_query
             if reset:
-                server.run_internal(reset, lambda: self._give(server))
+                server.run_internal(reset, lambda: self._give_checked(server))
             else:
-                self._give(server)
+                self._give_checked(server)
         elif server.busy_internally:
-            server.when_idle(lambda: self._give(server))
+            server.when_idle(lambda: self._give_checked(server))
         else:
+            # The hot path: open, clean (checked above), last_used written.
             self._give(server, now)
 
-    def _give(self, server: ServerConnection, now: float | None = None) -> None:
-        """Hand a clean server to the first waiting client, or put it on the idle list."""
+    def _give_checked(self, server: ServerConnection) -> None:
+        """`_give` for a server that may have closed or turned unfit meanwhile.
+
+        A server back from the proxy's own query (ROLLBACK, reset), a new one (its
+        connect_query may have failed), or one RESUME takes off the idle list.
+        """
         if server.state is ServerState.CLOSED:
             return
-        config = self.pooler.config
-        if now is None:
-            now = self.pooler.loop.time()
         if not server.is_clean:
             self._close(server, "server not clean")
             return
+        now = server.last_used = self.pooler.loop.time()
+        self._give(server, now)
+
+    def _give(self, server: ServerConnection, now: float) -> None:
+        """Hand a server to the first waiting client, or put it on the idle list.
+
+        The caller vouches that `server` is ACTIVE, in `self.active` and clean, and has
+        set its `last_used`.
+        """
+        config = self.pooler.config
         if self.server_count > self.limit:
             self._close(server, "pool size lowered")
             return
@@ -197,7 +207,6 @@ class Pool:
                 return
         self.active.discard(server)
         server.state = ServerState.IDLE
-        server.last_used = now
         self.idle.append(server)
         if self.reserve_in_use and not self.waiting:
             self.reserve_in_use = False
@@ -210,7 +219,7 @@ class Pool:
             server = self.idle.pop()
             self.active.add(server)  # _give hands it over or puts it back, as after _open
             server.state = ServerState.ACTIVE
-            self._give(server)
+            self._give_checked(server)
         self.launch_for_waiters()
 
     def refuse_transaction_block(self, client: ClientConnection, server: ServerConnection) -> None:
@@ -281,7 +290,7 @@ class Pool:
         self._params_waiters.clear()
         self.active.add(server)  # so that _give can move it wherever it belongs
         server.state = ServerState.ACTIVE
-        self._give(server)
+        self._give_checked(server)  # a failed connect_query leaves it unfit
 
     def _server_secret(self) -> str | None:
         if self.db_config.password is not None:

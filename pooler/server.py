@@ -79,7 +79,6 @@ class ServerConnection(asyncio.Protocol):
         self.local_address = ("", 0)
         # Set when the server must not go back to the pool (lifetime, lower limit, error).
         self.close_needed = False
-        self.refuse_blocks = False  # statement mode: transaction blocks are refused
         # Server-side statements this link holds, least recently used first.
         self.prepared: collections.OrderedDict[str, None] = collections.OrderedDict()
         # What each '1', '3' and 'Z' the client's messages will get stands for (prepared.py).
@@ -183,7 +182,7 @@ class ServerConnection(asyncio.Protocol):
                 break
         self._login_reader = None
         self._login_queue.clear()
-        self.tracked_params = {name: self.params[name] for name in params.TRACKED if name in self.params}
+        self.tracked_params = {name: value for name, value in self.params.items() if name in params.TRACKED}
 
     def _answer_auth(
         self, request: backend.AuthRequest, user: str, secret: str | None, scram: ScramClientExchange | None
@@ -261,7 +260,7 @@ class ServerConnection(asyncio.Protocol):
                     saw_ready = True
                     if self.replies:
                         statements.on_ready(self)
-                    if status != IDLE and self.refuse_blocks:
+                    if status != IDLE and self.pool.refuses_blocks:
                         # Statement mode: the client hears of the refusal in place of this
                         # ReadyForQuery, once the block is rolled back (pool.refuse_...).
                         self._emit(data[seg:pos])
@@ -319,8 +318,8 @@ class ServerConnection(asyncio.Protocol):
         self.params[name] = value
         if name in params.TRACKED:
             self.tracked_params[name] = value
-        if self.client is not None:
-            self.client.parameter_changed(name, value)
+            if self.client is not None:
+                self.client.parameter_changed(name, value)
 
     # -- the proxy's own queries ------------------------------------------------------------
     def run_internal(self, sql: str, then: Callable[[], None] | None = None) -> None:
