@@ -169,15 +169,27 @@ def _reclose(server: ServerConnection, name: str) -> Callable[[], None]:
     return undo
 
 
-def _unregister(server: ServerConnection, name: str) -> Callable[[], None]:
+def _unregister(server: ServerConnection, name: str, forget: Callable[[], None] | None) -> Callable[[], None]:
     def undo() -> None:
         server.prepared.pop(name, None)
+        if forget is not None:
+            forget()
 
     return undo
 
 
-def ensure(client: ClientConnection, server: ServerConnection, stmt: Statement, untracked: int) -> bytes:
-    """Bytes to send so that `stmt` exists on `server` (nothing when it already does)."""
+def ensure(
+    client: ClientConnection,
+    server: ServerConnection,
+    stmt: Statement,
+    untracked: int,
+    forget: Callable[[], None] | None = None,
+) -> bytes:
+    """Bytes to send so that `stmt` exists on `server` (nothing when it already does).
+
+    The Parse is the proxy's own, its ParseComplete skipped, unless `forget` is given:
+    then it answers a client's Parse, and `forget` drops the client's name if it fails.
+    """
     stats = server.pool.stats
     prepared = server.prepared
     if stmt.name in prepared:
@@ -188,7 +200,7 @@ def ensure(client: ClientConnection, server: ServerConnection, stmt: Statement, 
     stats.server_parse_count += 1
     pre = _room(client, server, untracked)
     prepared[stmt.name] = None
-    track(server, Reply(PARSE, skip=True, undo=_unregister(server, stmt.name)), untracked)
+    track(server, Reply(PARSE, skip=forget is None, undo=_unregister(server, stmt.name, forget)), untracked)
     return pre + stmt.parse
 
 
@@ -211,26 +223,13 @@ def on_parse(client: ClientConnection, server: ServerConnection, body: bytes, un
         if statements.get(name) is stmt:
             del statements[name]
 
-    prepared = server.prepared
-    stats = server.pool.stats
-    if stmt.name in prepared:
-        prepared.move_to_end(stmt.name)
-        stats.prepared_hits += 1
-        track(server, Reply(PARSE, undo=forget), untracked)
-        track(server, Reply(CLOSE, skip=True), untracked)
-        return _VOID_PARSE + _VOID_CLOSE
-    stats.prepared_misses += 1
-    stats.server_parse_count += 1
-    pre = _room(client, server, untracked)
-    prepared[stmt.name] = None
-    unregister = _unregister(server, stmt.name)
-
-    def undo() -> None:
-        forget()
-        unregister()
-
-    track(server, Reply(PARSE, undo=undo), untracked)
-    return pre + stmt.parse
+    sent = ensure(client, server, stmt, untracked, forget)
+    if sent:
+        return sent
+    # The server has it already: a Parse+Close of a void statement answers in place.
+    track(server, Reply(PARSE, undo=forget), untracked)
+    track(server, Reply(CLOSE, skip=True), untracked)
+    return _VOID_PARSE + _VOID_CLOSE
 
 
 def on_bind(
