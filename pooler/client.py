@@ -22,6 +22,7 @@ from .protocol import backend
 from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
 from .protocol.errors import ProtocolError
+from .protocol.extended import STATEMENT
 from .protocol.framing import MAX_MESSAGE_LENGTH, MessageReader, StartupReader
 from .protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, parse_startup_packet
 from .server import ServerConnection, ServerLoginError
@@ -36,7 +37,6 @@ _unpack_length = struct.Struct("!i").unpack_from
 
 _Q, _S, _X, _F, _H = ord("Q"), ord("S"), ord("X"), ord("F"), ord("H")
 _P, _B, _D, _C = ord("P"), ord("B"), ord("D"), ord("C")
-_STATEMENT = ord("S")  # Describe/Close target kind
 # Extended-protocol messages: after one of them the server is busy until the next Sync.
 _EXTENDED = frozenset(map(ord, "PBDEC"))
 _COPY = frozenset(map(ord, "dcf"))
@@ -237,16 +237,12 @@ class ClientConnection(asyncio.Protocol):
             await self._wait_for_data()
 
     async def _wait_for_data(self) -> None:
-        if self.state is ClientState.CLOSED:
+        if self.state is not ClientState.CLOSED:
+            self._login_waiter = self.pooler.loop.create_future()
+            await self._login_waiter
+            self._login_waiter = None
+        if self.state is ClientState.CLOSED:  # before, or while this coroutine waited
             raise asyncio.CancelledError
-        self._login_waiter = self.pooler.loop.create_future()
-        await self._login_waiter
-        self._login_waiter = None
-        if self._closed():  # connection_lost ran while this coroutine waited
-            raise asyncio.CancelledError
-
-    def _closed(self) -> bool:
-        return self.state is ClientState.CLOSED
 
     async def _login(self) -> None:
         assert self.transport is not None
@@ -470,11 +466,11 @@ class ClientConnection(asyncio.Protocol):
                         if 0 < portal_end < end - 1 and data[portal_end + 1] != 0:
                             new = prepared.on_bind(self, server, data[pos + 5 : end], portal_end - pos - 5, replies)
                 elif msg_type == _C:
-                    if maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
+                    if maps and data[pos + 5] == STATEMENT and data[pos + 6] != 0:
                         new = prepared.on_close(self, server, data[pos + 5 : end], replies)
                     else:
                         prepared.track(server, prepared.CLOSE_REPLY, replies)
-                elif msg_type == _D and maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
+                elif msg_type == _D and maps and data[pos + 5] == STATEMENT and data[pos + 6] != 0:
                     new = prepared.on_describe(self, server, data[pos + 5 : end], replies)
             elif msg_type == _S:
                 if server.replies or self.batch_binds:

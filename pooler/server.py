@@ -21,7 +21,7 @@ from . import prepared as statements
 from .auth import AuthFailed, ScramClientExchange, is_md5, is_plaintext, md5_response
 from .protocol import backend, frontend
 from .protocol.backend import IDLE
-from .protocol.errors import ProtocolError
+from .protocol.errors import CONNECTION_FAILURE, ProtocolError
 from .protocol.framing import MessageReader, frame
 from .protocol.startup import build_startup_message
 
@@ -34,10 +34,9 @@ log = logging.getLogger("pgfleet.server")
 _unpack_length = struct.Struct("!i").unpack_from
 
 _Z, _S, _E, _C = ord("Z"), ord("S"), ord("E"), ord("C")
-_PARSE_COMPLETE, _CLOSE_COMPLETE = ord("1"), ord("3")
 # Server messages the forwarding scan must look at (ParseComplete and CloseComplete:
 # some answer the proxy's own Parse/Close and go no further, see prepared.py).
-_WATCHED = frozenset((_Z, _S, _E, _PARSE_COMPLETE, _CLOSE_COMPLETE))
+_WATCHED = frozenset((_Z, _S, _E, statements.PARSE, statements.CLOSE))
 _CACHE_WIPED = frozenset((b"DISCARD ALL\x00", b"DEALLOCATE ALL\x00"))
 
 
@@ -53,7 +52,7 @@ class ServerLoginError(Exception):
 
     def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.fields = fields or {"S": "FATAL", "C": "08006", "M": message}
+        self.fields = fields or {"S": "FATAL", "C": CONNECTION_FAILURE, "M": message}
 
 
 class ServerConnection(asyncio.Protocol):

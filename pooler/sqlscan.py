@@ -9,6 +9,7 @@ did not need it, which costs capacity, never correctness.
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 
 from . import params
@@ -25,13 +26,11 @@ _KEYWORDS = rb"(?:prepare|deallocate|discard|listen|unlisten|set|reset|declare|c
 _SKIP = rb"(?:\s+|\(|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
 _LEAD = re.compile(_SKIP + _KEYWORDS, re.I | re.S)
 _AFTER_SEMICOLON = re.compile(rb";" + _SKIP + _KEYWORDS, re.I | re.S)
-_ADVISORY = re.compile(rb"advisory_(?:xact_)?(?:un)?lock", re.I)
-
 
 # The first four letters of each keyword but "set", lower-cased.
 _HEADS = frozenset((b"prep", b"deal", b"disc", b"list", b"unli", b"rese", b"decl", b"crea", b"clos"))
-_LETTERS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_LETTERS = frozenset(string.ascii_letters.encode())
+_WORD_BYTES = frozenset((string.ascii_letters + string.digits + "_").encode())
 
 
 def worth_a_look(data: bytes, start: int, end: int) -> bool:

@@ -1,5 +1,5 @@
 """Extended-query messages the proxy reads, rewrites or makes up: Parse, Bind, Describe,
-Close, Execute and their completions.
+Close, Execute.
 
 Only what the statement mapping needs is decoded: names. Query text, parameter type
 OIDs, parameter values and result formats stay raw bytes, copied through unchanged.
@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-from .errors import ProtocolError
 from .framing import cstring, frame, read_cstring
 
 STATEMENT = ord("S")
 PORTAL = ord("P")
-
-PARSE_COMPLETE = frame(b"1")
-BIND_COMPLETE = frame(b"2")
-CLOSE_COMPLETE = frame(b"3")
-NO_DATA = frame(b"n")
 
 
 # -- builders ---------------------------------------------------------------------------------
@@ -59,58 +52,10 @@ def execute(portal: str = "", max_rows: int = 0) -> bytes:
 # -- parsers ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ParseMessage:
-    name: str
-    query: str
-    param_types: tuple[int, ...]
-
-
 def split_parse(body: bytes) -> tuple[str, bytes]:
     """Statement name and the rest of a Parse body (query, parameter types) as raw bytes."""
     name, pos = read_cstring(body, 0)
     return name, body[pos:]
-
-
-def parse_parse(body: bytes) -> ParseMessage:
-    name, pos = read_cstring(body, 0)
-    query, pos = read_cstring(body, pos)
-    if len(body) < pos + 2:
-        raise ProtocolError("Parse message without parameter count")
-    (count,) = struct.unpack_from("!h", body, pos)
-    if count < 0 or len(body) != pos + 2 + 4 * count:
-        raise ProtocolError("malformed Parse parameter types")
-    types = struct.unpack_from(f"!{count}I", body, pos + 2)
-    return ParseMessage(name, query, tuple(types))
-
-
-@dataclass(frozen=True, slots=True)
-class BindTarget:
-    portal: str
-    statement: str
-    tail: bytes  # formats, parameter values, result formats: copied as they are
-
-
-def parse_bind(body: bytes) -> BindTarget:
-    portal, pos = read_cstring(body, 0)
-    statement, pos = read_cstring(body, pos)
-    return BindTarget(portal, statement, body[pos:])
-
-
-def parse_target(body: bytes) -> tuple[int, str]:
-    """(kind, name) of a Describe or Close: kind is STATEMENT ('S') or PORTAL ('P')."""
-    if not body or body[0] not in (STATEMENT, PORTAL):
-        raise ProtocolError("Describe/Close target must be 'S' or 'P'")
-    name, _ = read_cstring(body, 1)
-    return body[0], name
-
-
-def parse_execute(body: bytes) -> tuple[str, int]:
-    portal, pos = read_cstring(body, 0)
-    if len(body) != pos + 4:
-        raise ProtocolError("malformed Execute message")
-    (max_rows,) = struct.unpack_from("!i", body, pos)
-    return portal, max_rows
 
 
 # -- error rewriting ----------------------------------------------------------------------------

@@ -51,9 +51,6 @@ class MessageReader:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
-    def __len__(self) -> int:
-        return len(self._buf)
-
     def messages(self) -> list[tuple[int, bytes]]:
         buf = self._buf
         out: list[tuple[int, bytes]] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .errors import ProtocolError
+from .errors import FEATURE_NOT_SUPPORTED, INVALID_AUTHORIZATION, ProtocolError
 from .framing import cstring, read_cstring
 
 PROTOCOL_V3 = 196608  # 3.0
@@ -17,7 +17,6 @@ CANCEL_REQUEST_CODE = 80877102
 @dataclass(frozen=True, slots=True)
 class StartupMessage:
     params: dict[str, str] = field(default_factory=dict)
-    minor_version: int = 0
 
     @property
     def user(self) -> str:
@@ -66,7 +65,7 @@ def parse_startup_packet(body: bytes) -> StartupPacket:
     if major != 3:
         raise ProtocolError(
             f"unsupported frontend protocol {major}.{minor}: server supports 3.0",
-            "0A000",
+            FEATURE_NOT_SUPPORTED,
         )
     params: dict[str, str] = {}
     pos = 4
@@ -79,8 +78,8 @@ def parse_startup_packet(body: bytes) -> StartupPacket:
         value, pos = read_cstring(body, pos)
         params[name] = value
     if "user" not in params or not params["user"]:
-        raise ProtocolError("no PostgreSQL user name specified in startup packet", "28000")
-    return StartupMessage(params, minor)
+        raise ProtocolError("no PostgreSQL user name specified in startup packet", INVALID_AUTHORIZATION)
+    return StartupMessage(params)
 
 
 def build_startup_message(params: dict[str, str]) -> bytes:

@@ -5,43 +5,21 @@ from __future__ import annotations
 import pytest
 from pgfleet.pooler import sqlscan
 from pgfleet.pooler.protocol import backend, extended
-from pgfleet.pooler.protocol.errors import ProtocolError
 
 
 def test_parse_bytes_and_back() -> None:
     msg = extended.parse("s1", "SELECT $1", [23])
     assert msg == b"P\x00\x00\x00\x17s1\x00SELECT $1\x00\x00\x01\x00\x00\x00\x17"
-    parsed = extended.parse_parse(msg[5:])
-    assert parsed == extended.ParseMessage("s1", "SELECT $1", (23,))
     assert extended.split_parse(msg[5:]) == ("s1", b"SELECT $1\x00\x00\x01\x00\x00\x00\x17")
     assert extended.parse_renamed("pgf_x", b"SELECT 1\x00\x00\x00") == b"P\x00\x00\x00\x15pgf_x\x00SELECT 1\x00\x00\x00"
-
-
-def test_parse_rejects_malformed_bodies() -> None:
-    with pytest.raises(ProtocolError):
-        extended.parse_parse(b"s1\x00SELECT 1")
-    with pytest.raises(ProtocolError):
-        extended.parse_parse(b"s1\x00SELECT 1\x00\x00\x02\x00\x00\x00\x17")
 
 
 def test_bind_describe_close_execute() -> None:
     msg = extended.bind("", "s1")
     assert msg == b"B\x00\x00\x00\x0e\x00s1\x00\x00\x00\x00\x00\x00\x00"
-    assert extended.parse_bind(msg[5:]) == extended.BindTarget("", "s1", b"\x00\x00\x00\x00\x00\x00")
     assert extended.describe(extended.STATEMENT, "s1") == b"D\x00\x00\x00\x08Ss1\x00"
     assert extended.close(extended.PORTAL, "") == b"C\x00\x00\x00\x06P\x00"
-    assert extended.parse_target(b"Ss1\x00") == (extended.STATEMENT, "s1")
-    with pytest.raises(ProtocolError):
-        extended.parse_target(b"Xs1\x00")
     assert extended.execute("", 0) == b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"
-    assert extended.parse_execute(b"c1\x00\x00\x00\x00\x05") == ("c1", 5)
-
-
-def test_completions() -> None:
-    assert extended.PARSE_COMPLETE == b"1\x00\x00\x00\x04"
-    assert extended.BIND_COMPLETE == b"2\x00\x00\x00\x04"
-    assert extended.CLOSE_COMPLETE == b"3\x00\x00\x00\x04"
-    assert extended.NO_DATA == b"n\x00\x00\x00\x04"
 
 
 def test_rewrite_error_changes_message_and_detail_only() -> None:
