@@ -258,8 +258,8 @@ class Pool:
         server = ServerConnection(self)
         try:
             async with asyncio.timeout(config.server_connect_timeout or None):
-                if db.host.startswith("/"):
-                    await loop.create_unix_connection(lambda: server, f"{db.host}/.s.PGSQL.{db.port}")
+                if db.unix_socket is not None:
+                    await loop.create_unix_connection(lambda: server, db.unix_socket)
                 else:
                     await loop.create_connection(lambda: server, db.host, db.port)
                 await server.login(self.server_user, self.server_dbname, self._server_secret())
