@@ -5,11 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv linktree demo test check lint typecheck pytest bench crd clean
+.PHONY: help deps venv compiled linktree demo test check lint typecheck pytest pytest-compiled bench crd clean
 
 help:
 	@echo "make demo       start PostgreSQL + pgfleet, drive it with pgbench, print what happened"
-	@echo "make test       ruff, mypy, import layers and the whole pytest suite"
+	@echo "make test       ruff, mypy, import layers, the whole pytest suite, and the pooler's"
+	@echo "                tests again against its compiled build"
+	@echo "make compiled   build the pooler as the image ships it (hot path compiled by mypyc)"
 	@echo "make bench      pgbench: direct vs pgfleet vs PgBouncer (if installed)"
 	@echo "make crd        regenerate crds/pgpool.yaml from the operator's models"
 
@@ -23,6 +25,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The pooler as the image ships it: its hot path compiled by mypyc (see setup.py),
+# installed apart from the editable .venv so that tests and benchmarks can run either.
+# Any source change rebuilds it: the tree is a copy, and a stale copy would be tested.
+COMPILED := build/compiled
+$(COMPILED)/.stamp: $(STAMP) setup.py pyproject.toml $(wildcard pooler/*.py pooler/protocol/*.py operator/*.py devtools/*.py)
+	@PYTHON=$(BIN)/python bash scripts/ensure-deps.sh compiler
+	rm -rf $(COMPILED)
+	PGFLEET_COMPILE=1 $(BIN)/pip install -q --no-deps --no-build-isolation --target $(COMPILED) .
+	touch $@
+
+compiled: $(COMPILED)/.stamp
 
 demo: deps venv
 	$(BIN)/python -m pgfleet.devtools.demo
@@ -44,11 +58,16 @@ typecheck: venv linktree
 pytest: deps venv
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# PGFLEET_EXPECT_COMPILED fails the run unless the compiled modules are the ones imported,
+# in the test process and in every pooler it starts (their ready line says which build).
+pytest-compiled: deps compiled
+	PYTHONPATH=$(CURDIR)/$(COMPILED) PGFLEET_EXPECT_COMPILED=1 $(BIN)/pytest tests/pooler $(PYTEST_ARGS)
+
+test: lint typecheck pytest pytest-compiled
 
 check: test
 
-bench: deps venv
+bench: deps venv compiled
 	@bash scripts/ensure-deps.sh pgbouncer || true
 	$(BIN)/python benchmarks/run.py
 

@@ -1,10 +1,12 @@
 """pgbench through pgfleet, PgBouncer and straight to PostgreSQL, in one run.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--duration S] [--rounds N] [--workers N] [--out FILE.md]
+    make compiled && .venv/bin/python benchmarks/run.py [--quick] [--duration S] [--rounds N] [--workers N]
 
 One throwaway PostgreSQL (`pgbench -i`) with, in front of it and in transaction mode with
 the same pool size: pgfleet with `workers: N` (default: one per CPU), pgfleet as one
-process (`pgfleet-1`) and PgBouncer (if installed). Each case (pgbench `-S` in a query
+process (`pgfleet-1`), both as the image ships them (the hot path compiled by mypyc, from
+`make compiled`); pgfleet as one process from the pure-Python sources (`pgfleet-py`); and
+PgBouncer (if installed). Each case (pgbench `-S` in a query
 mode at a client count, or a `-C` connection storm) runs once per target per round, the
 targets taking turns so that drift hits all of them alike. Then each pooler, started
 afresh, holds 10,000 idle clients while the resident memory of its processes is read.
@@ -53,8 +55,11 @@ from pgfleet.devtools.tempdb import TempPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 DB = "bench"
-DIRECT, PGFLEET, PGFLEET_1, PGBOUNCER = "direct", "pgfleet", "pgfleet-1", "pgbouncer"
-PGFLEETS = (PGFLEET, PGFLEET_1)  # pgfleet with --workers N, and pgfleet as one process
+DIRECT, PGFLEET, PGFLEET_1, PGFLEET_PY, PGBOUNCER = "direct", "pgfleet", "pgfleet-1", "pgfleet-py", "pgbouncer"
+# pgfleet with --workers N, and as one process (both compiled when built), and from the sources
+PGFLEETS = (PGFLEET, PGFLEET_1, PGFLEET_PY)
+COMPILED_BUILD = "hot path compiled"  # what the ready line says of each build (pooler/compiled.py)
+PURE_BUILD = "pure Python"
 POOLERS = (*PGFLEETS, PGBOUNCER)
 TARGETS = (DIRECT, *POOLERS)
 LOUD_LEVELS = ("WARNING", "ERROR", "CRITICAL")
@@ -150,9 +155,14 @@ def indent(text: str, prefix: str = "    ") -> str:
 
 
 def target_labels(workers: int) -> dict[str, str]:
-    """How the tables name each target: pgfleet says how many processes it ran as."""
+    """How the tables name each target: pgfleet says how many processes it ran as, and
+    `pure Python` marks the build from the sources."""
     one = "pgfleet (1 process)"
-    return {PGFLEET: f"pgfleet ({workers} workers)" if workers > 1 else one, PGFLEET_1: one}
+    return {
+        PGFLEET: f"pgfleet ({workers} workers)" if workers > 1 else one,
+        PGFLEET_1: one,
+        PGFLEET_PY: "pgfleet (1 process, pure Python)",
+    }
 
 
 def fmt_num(value: float | None, digits: int = 0) -> str:
@@ -386,13 +396,19 @@ def pooler_config(pg: TempPostgres, port: int, pool_size: int, max_clients: int)
 
 
 def starter(
-    kind: str, pg: TempPostgres, workroot: Path, pool_size: int, max_clients: int, workers: int
+    kind: str, pg: TempPostgres, workroot: Path, pool_size: int, max_clients: int, workers: int, compiled: Path | None
 ) -> Callable[[], PoolerProcess]:
     """A function that starts a fresh pooler of `kind` on a new port in its own directory.
 
-    `workers` goes into pgfleet's config (1 for pgfleet-1), never into PgBouncer's.
+    `workers` goes into pgfleet's config (1 for pgfleet-1 and pgfleet-py), never into
+    PgBouncer's. pgfleet and pgfleet-1 import the package from `compiled` (an install of
+    the compiled build) when given; pgfleet-py always from the sources.
     """
     counter = iter(range(1_000_000))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if compiled is not None and kind != PGFLEET_PY:
+        env["PYTHONPATH"] = str(compiled)
+    build = COMPILED_BUILD if "PYTHONPATH" in env else PURE_BUILD
 
     def start() -> PoolerProcess:
         workdir = workroot / f"{kind}-{next(counter)}"
@@ -401,32 +417,40 @@ def starter(
         if kind == PGBOUNCER:
             return start_pgbouncer(config, workdir)
         config["workers"] = workers if kind == PGFLEET else 1
-        proc = start_pgfleet(config, workdir)
-        if config["workers"] > 1:
-            wait_all_workers(proc)
+        proc = start_pgfleet(config, workdir, env=env)
+        ready = wait_ready_line(proc)
+        if f"{build})" not in ready:
+            proc.stop()
+            raise ProcessFailed(f"{kind} was to run the {build} build, but says: {ready}")
         return proc
 
     return start
 
 
-def wait_all_workers(proc: PoolerProcess, timeout: float = 30.0) -> None:
-    """Block until pgfleet's supervisor says every worker is ready.
+def wait_ready_line(proc: PoolerProcess, timeout: float = 30.0) -> str:
+    """pgfleet's ready line, once it is printed; it names the build that runs.
 
-    The port accepts connections as soon as the first worker listens; until the others do,
-    SO_REUSEPORT hands them all the connections, which would skew the first run.
+    With workers, the port accepts connections as soon as the first worker listens; until
+    the others do, SO_REUSEPORT hands them all the connections, which would skew the first
+    run. The supervisor prints the line when every worker is ready.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            if "pgfleet-pooler ready on" in proc.log_path.read_text(errors="replace"):
-                return
+            for line in proc.log_path.read_text(errors="replace").splitlines():
+                if "pgfleet-pooler ready on" in line:
+                    return line
         if not proc.alive():
-            raise ProcessFailed(
-                f"pgfleet exited with code {proc.popen.returncode} while starting its workers\n{proc.log_tail()}"
-            )
+            raise ProcessFailed(f"pgfleet exited with code {proc.popen.returncode} while starting\n{proc.log_tail()}")
         time.sleep(0.05)
     proc.stop()
-    raise ProcessFailed(f"pgfleet's workers were not all ready within {timeout:g}s\n{proc.log_tail()}")
+    raise ProcessFailed(f"pgfleet did not print its ready line within {timeout:g}s\n{proc.log_tail()}")
+
+
+def compiled_build(path: Path) -> Path | None:
+    """`path` if it holds the compiled build (`make compiled`), else None."""
+    package = path / "pgfleet" / "pooler"
+    return path if any(package.glob("client.*.so")) else None
 
 
 def versions() -> dict[str, str]:
@@ -496,6 +520,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="`workers` of the pgfleet target (default: one per CPU); pgfleet-1 always runs as one process",
     )
     parser.add_argument(
+        "--compiled",
+        type=Path,
+        default=ROOT / "build" / "compiled",
+        help="the compiled build pgfleet and pgfleet-1 run (default build/compiled, from `make compiled`)",
+    )
+    parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
         help=f"which targets to run, comma-separated (default: {','.join(TARGETS)})",
@@ -538,6 +568,16 @@ def main(argv: list[str] | None = None) -> int:
     if opts.workers == 1 and PGFLEET in wanted and PGFLEET_1 in wanted:
         notes.append("pgfleet-1 was skipped: with --workers 1 the pgfleet target already runs as one process.")
         wanted.remove(PGFLEET_1)
+    compiled = compiled_build(opts.compiled)
+    if compiled is None:
+        if any(t in wanted for t in (PGFLEET, PGFLEET_1)):
+            notes.append(
+                f"No compiled build in {opts.compiled} (`make compiled`): pgfleet and pgfleet-1 ran from the "
+                "pure-Python sources, not as the image ships them."
+            )
+        if PGFLEET_PY in wanted and PGFLEET_1 in wanted:
+            notes.append("pgfleet-py was skipped: without a compiled build it is the same as pgfleet-1.")
+            wanted.remove(PGFLEET_PY)
     if PGBOUNCER in wanted and pgbouncer_path() is None:
         notes.append("PgBouncer was not measured: `pgbouncer` is not installed.")
         wanted.remove(PGBOUNCER)
@@ -557,7 +597,9 @@ def main(argv: list[str] | None = None) -> int:
             POSTMASTER_PID_FILE.append(pg.datadir / "postmaster.pid")
             pgbench_init(pg.host, pg.port, DB, scale=opts.scale)
             starters = {
-                k: starter(k, pg, workroot, opts.pool_size, max_clients, opts.workers) for k in POOLERS if k in wanted
+                k: starter(k, pg, workroot, opts.pool_size, max_clients, opts.workers, compiled)
+                for k in POOLERS
+                if k in wanted
             }
             for name in wanted:
                 target = Target(name, pg.host, pg.port, starters.get(name))
@@ -653,6 +695,7 @@ def render_report(
     )
     one_too = any(PGFLEET_1 in outcomes for outcomes in results.values()) or any(m.target == PGFLEET_1 for m in memory)
     lines.append(f"- pgfleet: {pgfleet_processes(opts.workers, one_too)}")
+    lines.append(f"- pgfleet build: {build_note(compiled_build(opts.compiled))}")
     lines += ["", "## Throughput", ""]
     lines.append(
         "tps is pgbench's, without initial connection time (with reconnections for -C); spread is ±half the "
@@ -677,6 +720,16 @@ def render_report(
         lines += ["", "## Notes", ""]
         lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def build_note(compiled: Path | None) -> str:
+    """Which build the pgfleet targets ran, for the report header."""
+    if compiled is None:
+        return "every pgfleet target ran from the pure-Python sources (no compiled build)"
+    return (
+        f"pgfleet and pgfleet-1 ran the image's build, the hot path compiled by mypyc (`make compiled`, {compiled}); "
+        "pgfleet (1 process, pure Python) ran from the sources"
+    )
 
 
 def pgfleet_processes(workers: int, one_too: bool) -> str:

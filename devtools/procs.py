@@ -306,12 +306,14 @@ def start_pgfleet(
     workdir: Path,
     *,
     extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
     ready_timeout: float = 30.0,
 ) -> PoolerProcess:
     """Write `config` as workdir/pgfleet.yaml, run `pgfleet-pooler --config` on it, wait for its port.
 
-    `extra_args` go after the config (e.g. `--no-uvloop`). Use the result as a context
-    manager to stop the pooler on the way out.
+    `extra_args` go after the config (e.g. `--no-uvloop`); `env` replaces the environment
+    (e.g. a PYTHONPATH naming the compiled build). Use the result as a context manager to
+    stop the pooler on the way out.
     """
     if not pgfleet_available():
         raise ToolMissing("the pgfleet pooler cannot run here: `pgfleet.pooler.cli` is not importable")
@@ -320,7 +322,7 @@ def start_pgfleet(
     host = str(config.get("listen_addr", "127.0.0.1"))
     port = int(config.get("listen_port", 6432))
     argv = [*pgfleet_command(), "--config", str(path), *extra_args]
-    return spawn("pgfleet", argv, host, port, workdir, config, ready_timeout=ready_timeout)
+    return spawn("pgfleet", argv, host, port, workdir, config, env=env, ready_timeout=ready_timeout)
 
 
 # -- PgBouncer ---------------------------------------------------------------------------

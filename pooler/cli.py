@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from .compiled import BUILD
 from .config import ConfigError, PoolerConfig, load_config
 from .pooler import Pooler
 from .shares import WorkerSlot
@@ -53,7 +54,7 @@ async def serve(config: PoolerConfig, config_path: str | None, slot: WorkerSlot 
     loop.add_signal_handler(signal.SIGTERM, pooler.drain)
     loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(pooler.stop()))
     if pooler.slot.single:
-        print(f"pgfleet-pooler ready on {config.listen_addr}:{pooler.port}", file=sys.stderr, flush=True)
+        print(f"pgfleet-pooler ready on {config.listen_addr}:{pooler.port} ({BUILD})", file=sys.stderr, flush=True)
     await pooler.wait_stopped()
     log.info("stopped")
     return 0

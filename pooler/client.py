@@ -196,12 +196,13 @@ class ClientConnection(asyncio.Protocol):
         try:
             async with asyncio.timeout(timeout):
                 await self._login()
-        except ClientError as exc:
-            self.terminate(exc.code, str(exc), exc.detail)
-        except ProtocolError as exc:
-            self.terminate(exc.code, str(exc))
-        except ServerLoginError as exc:
-            self.fatal_fields(exc.fields)
+        # One name per clause: compiled (mypyc), a name is one typed variable.
+        except ClientError as refused:
+            self.terminate(refused.code, str(refused), refused.detail)
+        except ProtocolError as malformed:
+            self.terminate(malformed.code, str(malformed))
+        except ServerLoginError as failed:
+            self.fatal_fields(failed.fields)
         except TimeoutError:
             self.terminate(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout (server down or wrong password?)")
         except asyncio.CancelledError:

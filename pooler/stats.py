@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+# The counters by name; compiled (mypyc), the class has fixed attributes but no __slots__.
+COUNTERS = (
+    "bind_count",
+    "bytes_received",
+    "bytes_sent",
+    "client_parse_count",
+    "errors",
+    "prepared_hits",
+    "prepared_misses",
+    "query_count",
+    "query_time",
+    "server_parse_count",
+    "wait_count",
+    "wait_time",
+    "xact_count",
+    "xact_time",
+)
+
 
 class PoolStats:
     """Totals since start; times are microseconds, as PgBouncer reports them."""
 
-    __slots__ = (
-        "bind_count",
-        "bytes_received",
-        "bytes_sent",
-        "client_parse_count",
-        "errors",
-        "prepared_hits",
-        "prepared_misses",
-        "query_count",
-        "query_time",
-        "server_parse_count",
-        "wait_count",
-        "wait_time",
-        "xact_count",
-        "xact_time",
-    )
+    __slots__ = COUNTERS
 
     def __init__(self) -> None:
         self.xact_count = 0
@@ -40,4 +43,4 @@ class PoolStats:
         self.prepared_misses = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in COUNTERS}

@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from .compiled import BUILD
 from .config import ConfigError, PoolerConfig, load_config, merge_limits
 from .shares import WorkerSlot
 
@@ -131,7 +132,7 @@ class Supervisor:
             self._watchers = [self.loop.create_task(self._watch(worker)) for worker in self.workers]
             print(
                 f"pgfleet-pooler ready on {self.config.listen_addr}:{self.config.listen_port} "
-                f"({len(self.workers)} workers)",
+                f"({len(self.workers)} workers, {BUILD})",
                 file=sys.stderr,
                 flush=True,
             )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages the tests, the demo and the benchmarks need, when they are
 # missing: PostgreSQL's server and client (initdb, pg_ctl, psql, pgbench), and the client
-# drivers of the prepared-statement tests (ensure-driver-deps.sh). Installs only
+# drivers of the prepared-statement tests (ensure-driver-deps.sh); with the argument
+# `compiler`, a C compiler and Python's headers for the mypyc build. Installs only
 # as root on Debian/Ubuntu; otherwise says what to install and fails.
 set -euo pipefail
 
@@ -16,6 +17,11 @@ command -v pgbench >/dev/null 2>&1 || missing+=(postgresql-client)
 for extra in "$@"; do
   case "$extra" in
     pgbouncer) command -v pgbouncer >/dev/null 2>&1 || missing+=(pgbouncer) ;;
+    compiler)
+      command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+      "${PYTHON:-python3}" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || missing+=(python3-dev)
+      ;;
     *) dpkg -s "$extra" >/dev/null 2>&1 || missing+=("$extra") ;;
   esac
 done

@@ -25,6 +25,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    if os.environ.get("PGFLEET_EXPECT_COMPILED") == "1":
+        _require_compiled()
+
+
+def _require_compiled() -> None:
+    """`make pytest-compiled`: the run is void unless mypyc's modules are the ones in use."""
+    from pgfleet.pooler import client, compiled
+
+    if not compiled.COMPILED:
+        raise pytest.UsageError(f"PGFLEET_EXPECT_COMPILED=1, but the pooler runs from {client.__file__}")
 
 
 @pytest.fixture(scope="session")

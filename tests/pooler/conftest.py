@@ -8,6 +8,7 @@ in production. `pooler_process` runs the real `pgfleet-pooler` command for signa
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -109,7 +110,11 @@ class PoolerProcess:
     def wait_ready(self, timeout: float = 15) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if "ready on" in self.log_path.read_text():
+            log = self.log_path.read_text()
+            if "ready on" in log:
+                if os.environ.get("PGFLEET_EXPECT_COMPILED") == "1":
+                    # `make pytest-compiled`: a pooler from the sources would void the run.
+                    assert "hot path compiled" in log, log
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pooler exited early:\n{self.log_path.read_text()}")
