@@ -14,7 +14,7 @@ import enum
 import logging
 import os
 import struct
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from . import auth, params, prepared, sqlscan
 from .config import AuthType, PoolMode
@@ -33,18 +33,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgfleet.client")
 
-_unpack_length = struct.Struct("!i").unpack_from
-
-_Q, _S, _X, _F, _H = ord("Q"), ord("S"), ord("X"), ord("F"), ord("H")
-_P, _B, _D, _C = ord("P"), ord("B"), ord("D"), ord("C")
+# Final: compiled (mypyc), names read for every message are C statics, not lookups in
+# the module's dict (an imported name is such a lookup, hence the aliases).
+_unpack_length: Final = struct.Struct("!i").unpack_from
+_Q: Final = ord("Q")
+_S: Final = ord("S")
+_X: Final = ord("X")
+_F: Final = ord("F")
+_H: Final = ord("H")
+_P: Final = ord("P")
+_B: Final = ord("B")
+_D: Final = ord("D")
+_C: Final = ord("C")
+_STATEMENT: Final = STATEMENT
+_IDLE: Final = IDLE
 # Extended-protocol messages: after one of them the server is busy until the next Sync.
-_EXTENDED = frozenset(map(ord, "PBDEC"))
-_COPY = frozenset(map(ord, "dcf"))
+_EXTENDED: Final = frozenset(map(ord, "PBDEC"))
+_COPY: Final = frozenset(map(ord, "dcf"))
 _ADMIN_DATABASE = "pgbouncer"
 # A queued client keeps being read until it has sent this much: pausing and resuming the
 # socket for every queued transaction would cost two syscalls each, and a client that
 # waits for its answer rarely sends more than one message meanwhile.
-_QUEUED_BUFFER_LIMIT = 64 * 1024
+_QUEUED_BUFFER_LIMIT: Final = 64 * 1024
 
 
 class ClientState(enum.Enum):
@@ -67,6 +77,7 @@ class ClientError(Exception):
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_clock",
         "_handshake",
         "_login_waiter",
         "_pending",
@@ -98,6 +109,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, pooler: Pooler) -> None:
         self.pooler = pooler
+        self._clock = pooler.loop.time  # bound once: read on every message
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
         self.pool: Pool | None = None
@@ -142,16 +154,16 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state is ClientState.ACTIVE:
-            self.last_activity = self.pooler.loop.time()
+            self.last_activity = self._clock()
             if self._pending:
                 data, self._pending = self._pending + data, b""
             self._forward(data)
         elif state is ClientState.IDLE:
-            self.last_activity = self.pooler.loop.time()
+            self.last_activity = self._clock()
             self._pending += data
             self._need_server()
         elif state is ClientState.WAITING:
-            self.last_activity = self.pooler.loop.time()
+            self.last_activity = self._clock()
             self._pending += data
             if len(self._pending) > _QUEUED_BUFFER_LIMIT:
                 self.pause_reading()
@@ -467,11 +479,11 @@ class ClientConnection(asyncio.Protocol):
                         if 0 < portal_end < end - 1 and data[portal_end + 1] != 0:
                             new = prepared.on_bind(self, server, data[pos + 5 : end], portal_end - pos - 5, replies)
                 elif msg_type == _C:
-                    if maps and data[pos + 5] == STATEMENT and data[pos + 6] != 0:
+                    if maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
                         new = prepared.on_close(self, server, data[pos + 5 : end], replies)
                     else:
                         prepared.track(server, prepared.CLOSE_REPLY, replies)
-                elif msg_type == _D and maps and data[pos + 5] == STATEMENT and data[pos + 6] != 0:
+                elif msg_type == _D and maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
                     new = prepared.on_describe(self, server, data[pos + 5 : end], replies)
             elif msg_type == _S:
                 if server.replies or self.batch_binds:
@@ -547,7 +559,7 @@ class ClientConnection(asyncio.Protocol):
         pool.stats.query_count += 1
         if server.outstanding > 0 or self.unsynced or server.busy_internally:
             return
-        if server.tx_status != IDLE:
+        if server.tx_status != _IDLE:
             if pool.refuses_blocks:
                 pool.refuse_transaction_block(self, server)
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .config import DatabaseConfig, PoolerConfig, PoolMode
 from .prepared import StatementRegistry
@@ -25,10 +25,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgfleet.pool")
 
+_IDLE: Final = IDLE  # compiled (mypyc): a C static, not a module-dict lookup
+
 
 class Pool:
     def __init__(self, pooler: Pooler, database: str, user: str) -> None:
         self.pooler = pooler
+        self._clock = pooler.loop.time  # bound once: read for every transaction
         self.database = database
         self.user = user
         self.name = f"{database}/{user}"
@@ -120,7 +123,7 @@ class Pool:
                 server.link_time = client.request_time
                 client.link(server)
                 return
-        now = self.pooler.loop.time()
+        now = self._clock()
         client.wait_start = now
         if self.last_error is not None and now < self.error_until and not self.active and not self.connecting:
             client.fatal_fields(self.last_error.fields)
@@ -139,7 +142,7 @@ class Pool:
 
     def release(self, server: ServerConnection, unsynced: bool) -> None:
         """A client is done with `server` (transaction over, or the client left)."""
-        now = self.pooler.loop.time()
+        now = self._clock()
         if server.link_time:
             self.stats.xact_count += 1
             self.stats.xact_time += int((now - server.link_time) * 1_000_000)
@@ -155,7 +158,7 @@ class Pool:
         server.outstanding = 0
         if unsynced:
             server.close_extended_exchange()
-        if server.tx_status != IDLE:
+        if server.tx_status != _IDLE:
             # Left inside a transaction: roll it back before anyone else gets the server.
             server.run_internal("ROLLBACK", lambda: self._give_checked(server))
         elif self.mode is PoolMode.SESSION or self.pooler.config.server_reset_query_always:

@@ -27,7 +27,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from . import sqlscan
 from .protocol import backend, extended
@@ -47,7 +47,9 @@ VOID = PREFIX + "void"
 _VOID_PARSE = extended.parse(VOID, "")
 _VOID_CLOSE = extended.close(extended.STATEMENT, VOID)
 
-PARSE, CLOSE, SYNC = ord("1"), ord("3"), ord("Z")
+PARSE: Final = ord("1")
+CLOSE: Final = ord("3")
+SYNC: Final = ord("Z")
 
 _STALE_PLAN = "cached plan must not change result type"
 _SERVER_NAME = re.compile(r'"(' + PREFIX + r'[0-9a-f]+(?:_\d+)?)"')
@@ -67,9 +69,10 @@ class Reply:
     failed: bool = False
 
 
-PARSE_REPLY = Reply(PARSE)
-CLOSE_REPLY = Reply(CLOSE)
-SYNC_REPLY = Reply(SYNC)
+# Final: compiled (mypyc), C statics rather than module attributes for their users.
+PARSE_REPLY: Final = Reply(PARSE)
+CLOSE_REPLY: Final = Reply(CLOSE)
+SYNC_REPLY: Final = Reply(SYNC)
 
 
 @dataclass(slots=True, eq=False)

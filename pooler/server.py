@@ -14,7 +14,7 @@ import enum
 import logging
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from . import params
 from . import prepared as statements
@@ -31,12 +31,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgfleet.server")
 
-_unpack_length = struct.Struct("!i").unpack_from
-
-_Z, _S, _E, _C = ord("Z"), ord("S"), ord("E"), ord("C")
+# Final: compiled (mypyc), names read for every message are C statics (see client.py).
+_unpack_length: Final = struct.Struct("!i").unpack_from
+_Z: Final = ord("Z")
+_S: Final = ord("S")
+_E: Final = ord("E")
+_C: Final = ord("C")
+_IDLE: Final = IDLE
 # Server messages the forwarding scan must look at (ParseComplete and CloseComplete:
 # some answer the proxy's own Parse/Close and go no further, see prepared.py).
-_WATCHED = frozenset((_Z, _S, _E, statements.PARSE, statements.CLOSE))
+_WATCHED: Final = frozenset((_Z, _S, _E, statements.PARSE, statements.CLOSE))
 _CACHE_WIPED = frozenset((b"DISCARD ALL\x00", b"DEALLOCATE ALL\x00"))
 
 
@@ -259,7 +263,7 @@ class ServerConnection(asyncio.Protocol):
                     saw_ready = True
                     if self.replies:
                         statements.on_ready(self)
-                    if status != IDLE and self.pool.refuses_blocks:
+                    if status != _IDLE and self.pool.refuses_blocks:
                         # Statement mode: the client hears of the refusal in place of this
                         # ReadyForQuery, once the block is rolled back (pool.refuse_...).
                         self._emit(data[seg:pos])

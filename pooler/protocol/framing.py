@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from .errors import ProtocolError
 
 # PostgreSQL itself refuses startup packets over 10000 bytes; regular messages may be
 # large (COPY data, big Bind values), so they get a generous but finite bound to keep a
 # malicious length from making the proxy buffer gigabytes.
 MAX_STARTUP_LENGTH = 10_000
-MAX_MESSAGE_LENGTH = 1 << 30
+MAX_MESSAGE_LENGTH: Final = 1 << 30  # Final: a constant in compiled (mypyc) callers
 
 
 class StartupReader:
