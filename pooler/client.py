@@ -470,8 +470,12 @@ class ClientConnection(asyncio.Protocol):
                     else:
                         stats.server_parse_count += 1
                         prepared.track(server, prepared.PARSE_REPLY, replies)
-                        if sqlscan.worth_a_look(data, pos + 6, end):
-                            self._unnamed_parse(data[pos + 5 : end])
+                        # The SQL alone: a ';' ends many a query, and after it the regex
+                        # would look at the parameter types that follow.
+                        name_end = data.find(b"\x00", pos + 5, end)
+                        query_end = data.find(b"\x00", name_end + 1, end)
+                        if query_end > name_end >= 0 and sqlscan.worth_a_look(data, name_end + 1, query_end):
+                            self._parse_effect(data[name_end + 1 : query_end])
                 elif msg_type == _B:
                     stats.bind_count += 1
                     if maps:
@@ -529,14 +533,11 @@ class ClientConnection(asyncio.Protocol):
         if answered:
             self.server_ready(server)
 
-    def _unnamed_parse(self, body: bytes) -> None:
-        """A Parse of the unnamed statement whose SQL may touch session state."""
-        name_end = body.find(b"\x00")
-        query_end = body.find(b"\x00", name_end + 1)
-        if query_end > name_end >= 0:
-            effect = sqlscan.scan(body[name_end + 1 : query_end].decode(errors="replace"))
-            if effect:
-                self.apply_effect(effect)
+    def _parse_effect(self, sql: bytes) -> None:
+        """A Parse the proxy does not map, whose SQL may touch session state."""
+        effect = sqlscan.scan(sql.decode(errors="replace"))
+        if effect:
+            self.apply_effect(effect)
 
     def apply_effect(self, effect: sqlscan.SqlEffect) -> None:
         """Pin the client to its server while session state lives there; unpin when gone."""

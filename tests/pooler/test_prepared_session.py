@@ -9,8 +9,10 @@ import psycopg
 import pytest
 from pgfleet.devtools.testing import wait_until
 from pgfleet.pooler.pooler import Pooler
+from pgfleet.pooler.protocol import extended, frontend
 
 from .conftest import StartPooler
+from .rawpg import RawClient, kinds, rows
 
 
 async def connect(pooler: Pooler) -> asyncpg.Connection:
@@ -69,6 +71,32 @@ async def test_set_outside_a_transaction_stays_with_its_client(start_pooler: Sta
     for _ in range(5):
         assert await b.fetchval("SHOW work_mem") == "4MB"
     await b.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [("", {}), ("s1", {"max_prepared_statements": 0})],
+    ids=["unnamed", "named-passed-through"],
+)
+async def test_set_by_parse_stays_with_its_client(
+    start_pooler: StartPooler, name: str, settings: dict[str, int]
+) -> None:
+    """A SET the proxy does not map (unnamed, or named with mapping off) pins like a simple one."""
+    pooler = await start_pooler(auth_type="trust", default_pool_size=2, **settings)
+    client = await RawClient.connect(pooler.port)
+    # The ';' and the parameter-type count after the SQL must not hide the statement.
+    client.send(
+        extended.parse(name, "SET work_mem = '7MB';"), extended.bind("", name), extended.execute(), frontend.SYNC
+    )
+    assert kinds(await client.until_ready()) == "12CZ"
+    assert linked(pooler) == 1
+    other = await connect(pooler)
+    for _ in range(3):
+        assert await other.fetchval("SHOW work_mem") == "4MB"
+    client.send(frontend.query("SHOW work_mem"))
+    assert rows(await client.until_ready()) == [["7MB"]]
+    await other.close()
+    await client.close()
 
 
 async def test_with_hold_cursor_and_temp_table_pin(start_pooler: StartPooler) -> None:
