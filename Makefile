@@ -75,4 +75,4 @@ crd: venv
 	$(BIN)/pgfleet-operator crd > crds/pgpool.yaml
 
 clean:
-	rm -rf $(VENV) .mypy-src .pytest_cache .ruff_cache .mypy_cache .pytest-kind
+	rm -rf $(VENV) build .mypy-src .pytest_cache .ruff_cache .mypy_cache .pytest-kind
