@@ -12,6 +12,8 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 # 1: the pooler's hot path compiled by mypyc (setup.py); 0: the pure-Python build.
 ARG PGFLEET_COMPILE=1
+# The mypy (mypyc) the test suite's compiled run uses: pyproject's test extra pins the same.
+ARG MYPY_VERSION=2.4.1
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # mypyc emits C: it needs a compiler (the python image has Python's headers already).
@@ -33,11 +35,11 @@ COPY devtools ./devtools
 RUN /opt/pgfleet/bin/pip install --upgrade pip \
  && if [ "$PGFLEET_COMPILE" = 1 ]; then \
         python -P -m venv /tmp/mypyc \
-     && /tmp/mypyc/bin/pip install mypy 'setuptools>=77' \
+     && /tmp/mypyc/bin/pip install "mypy==$MYPY_VERSION" 'setuptools>=77' \
      && /tmp/mypyc/bin/pip wheel --no-build-isolation --no-deps -w /tmp/wheels . \
      && set -- /tmp/wheels/pgfleet-*.whl \
      && /opt/pgfleet/bin/pip install "$1[operator]" \
-     && /opt/pgfleet/bin/python -P -c 'from pgfleet.pooler.compiled import COMPILED; assert COMPILED, "mypyc build not loaded"'; \
+     && /opt/pgfleet/bin/python -P -c 'import pgfleet.pooler.pooler; from pgfleet.pooler.compiled import COMPILED; assert COMPILED, "no mypyc build"'; \
     else \
         /opt/pgfleet/bin/pip install '.[operator]'; \
     fi \

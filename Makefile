@@ -32,7 +32,8 @@ venv: $(STAMP)
 COMPILED := build/compiled
 $(COMPILED)/.stamp: $(STAMP) setup.py pyproject.toml $(wildcard pooler/*.py pooler/protocol/*.py operator/*.py devtools/*.py)
 	@PYTHON=$(BIN)/python bash scripts/ensure-deps.sh compiler
-	rm -rf $(COMPILED)
+	# setuptools ships whatever build/lib holds: a module no longer compiled must not linger.
+	rm -rf $(COMPILED) build/lib.* build/bdist.*
 	PGFLEET_COMPILE=1 $(BIN)/pip install -q --no-deps --no-build-isolation --target $(COMPILED) .
 	touch $@
 

@@ -6,6 +6,7 @@ pooling, linking), not the kernel's. Socket costs come on top; benchmarks/run.py
 the whole.
 
     .venv/bin/python benchmarks/hotpath.py [--transactions N] [--clients N]
+    make compiled && PYTHONPATH=build/compiled .venv/bin/python benchmarks/hotpath.py   # the compiled build
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from typing import Any
 
 from pgfleet.pooler.client import ClientConnection, ClientState
+from pgfleet.pooler.compiled import BUILD
 from pgfleet.pooler.config import parse_config
 from pgfleet.pooler.pooler import Pooler
 from pgfleet.pooler.protocol import backend, frontend
@@ -119,7 +121,7 @@ def main() -> None:
     parser.add_argument("--transactions", type=int, default=200_000)
     parser.add_argument("--clients", type=int, default=50)
     args = parser.parse_args()
-    print("| protocol | µs of Python per transaction |\n|---|---|")
+    print(f"| protocol | µs of Python per transaction ({BUILD}) |\n|---|---|")
     for mode in ("simple", "extended"):
         best = min(asyncio.run(measure(args.transactions, args.clients, mode)) for _ in range(3))
         print(f"| {mode} | {best:.2f} |")

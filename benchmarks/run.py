@@ -52,14 +52,13 @@ from pgfleet.devtools.procs import (
     transaction_pool_config,
 )
 from pgfleet.devtools.tempdb import TempPostgres
+from pgfleet.pooler.compiled import COMPILED_LABEL, SOURCES_LABEL
 
 ROOT = Path(__file__).resolve().parent.parent
 DB = "bench"
 DIRECT, PGFLEET, PGFLEET_1, PGFLEET_PY, PGBOUNCER = "direct", "pgfleet", "pgfleet-1", "pgfleet-py", "pgbouncer"
 # pgfleet with --workers N, and as one process (both compiled when built), and from the sources
 PGFLEETS = (PGFLEET, PGFLEET_1, PGFLEET_PY)
-COMPILED_BUILD = "hot path compiled"  # what the ready line says of each build (pooler/compiled.py)
-PURE_BUILD = "pure Python"
 POOLERS = (*PGFLEETS, PGBOUNCER)
 TARGETS = (DIRECT, *POOLERS)
 LOUD_LEVELS = ("WARNING", "ERROR", "CRITICAL")
@@ -406,9 +405,10 @@ def starter(
     """
     counter = iter(range(1_000_000))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if compiled is not None and kind != PGFLEET_PY:
+    runs_compiled = compiled is not None and kind != PGFLEET_PY
+    if runs_compiled:
         env["PYTHONPATH"] = str(compiled)
-    build = COMPILED_BUILD if "PYTHONPATH" in env else PURE_BUILD
+    build = COMPILED_LABEL if runs_compiled else SOURCES_LABEL  # as the ready line says it
 
     def start() -> PoolerProcess:
         workdir = workroot / f"{kind}-{next(counter)}"
@@ -695,7 +695,8 @@ def render_report(
     )
     one_too = any(PGFLEET_1 in outcomes for outcomes in results.values()) or any(m.target == PGFLEET_1 for m in memory)
     lines.append(f"- pgfleet: {pgfleet_processes(opts.workers, one_too)}")
-    lines.append(f"- pgfleet build: {build_note(compiled_build(opts.compiled))}")
+    ran_sources = any(PGFLEET_PY in outcomes for outcomes in results.values())
+    lines.append(f"- pgfleet build: {build_note(compiled_build(opts.compiled), ran_sources)}")
     lines += ["", "## Throughput", ""]
     lines.append(
         "tps is pgbench's, without initial connection time (with reconnections for -C); spread is ±half the "
@@ -722,14 +723,12 @@ def render_report(
     return "\n".join(lines) + "\n"
 
 
-def build_note(compiled: Path | None) -> str:
+def build_note(compiled: Path | None, ran_sources: bool) -> str:
     """Which build the pgfleet targets ran, for the report header."""
     if compiled is None:
         return "every pgfleet target ran from the pure-Python sources (no compiled build)"
-    return (
-        f"pgfleet and pgfleet-1 ran the image's build, the hot path compiled by mypyc (`make compiled`, {compiled}); "
-        "pgfleet (1 process, pure Python) ran from the sources"
-    )
+    note = f"pgfleet and pgfleet-1 ran the image's build, the hot path compiled by mypyc (`make compiled`, {compiled})"
+    return note + ("; pgfleet (1 process, pure Python) ran from the sources" if ran_sources else "")
 
 
 def pgfleet_processes(workers: int, one_too: bool) -> str:

@@ -7,9 +7,13 @@ tell.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
+
+COMPILED_LABEL = "hot path compiled"
+SOURCES_LABEL = "pure Python"
 
 # Where an extension module sits beside its source, the import system loads the extension.
 _client = importlib.util.find_spec(f"{__package__}.client")
-COMPILED = _client is not None and not str(_client.origin).endswith(".py")
-BUILD = "hot path compiled" if COMPILED else "pure Python"
+COMPILED = _client is not None and str(_client.origin).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+BUILD = COMPILED_LABEL if COMPILED else SOURCES_LABEL

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from pgfleet.devtools.tempdb import PASSWORDS, TempPostgres, free_port
+from pgfleet.pooler.compiled import COMPILED_LABEL
 from pgfleet.pooler.config import PoolerConfig, parse_config
 from pgfleet.pooler.pooler import Pooler
 from pgfleet.pooler.userlist import dump_userlist
@@ -114,7 +115,7 @@ class PoolerProcess:
             if "ready on" in log:
                 if os.environ.get("PGFLEET_EXPECT_COMPILED") == "1":
                     # `make pytest-compiled`: a pooler from the sources would void the run.
-                    assert "hot path compiled" in log, log
+                    assert f"{COMPILED_LABEL})" in log, log  # "(hot path compiled)", "(2 workers, hot path compiled)"
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pooler exited early:\n{self.log_path.read_text()}")
