@@ -11,7 +11,7 @@ from enum import Enum
 from typing import Annotated, Any
 
 from pgfleet.pooler.config import PoolMode  # the pooler's own modes: one definition
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "pgfleet.io"
@@ -125,9 +125,25 @@ class BudgetSpec(_Model):
     reserve: int = Field(default=0, ge=0, description="Backends kept free for others (migrations, admins, jobs).")
 
 
+# The pooler splits max_client_conn among its workers and refuses a nonzero limit below their count.
+_CLIENTS_PER_WORKER = "pooler.maxClientConn must be at least pooler.workers: each worker takes a share of the clients"
+
+
 class PoolerSpec(_Model):
     """Pooler settings; names and meanings are PgBouncer's."""
 
+    model_config = ConfigDict(json_schema_extra=_rules(("self.maxClientConn >= self.workers", _CLIENTS_PER_WORKER)))
+
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Worker processes per pooler pod, sharing its port; match the CPUs the pod gets. Each costs about "
+            "55 MB of memory, and every limit (maxClientConn, the pool size) is split among them. "
+            "Changing it restarts the pods."
+        ),
+    )
     max_client_conn: int = Field(default=1000, ge=1, description="Client connections each pooler pod accepts.")
     max_prepared_statements: int = Field(
         default=200, ge=0, description="Prepared statements tracked per server connection; 0 disables tracking."
@@ -151,6 +167,13 @@ class PoolerSpec(_Model):
     ignore_startup_parameters: list[str] = Field(
         default_factory=list, description="Client startup parameters to accept and ignore (e.g. extra_float_digits)."
     )
+
+    @model_validator(mode="after")
+    def _clients_per_worker(self) -> PoolerSpec:
+        # The CEL rule above says the same at admission; this keeps the operator in agreement.
+        if self.max_client_conn < self.workers:
+            raise ValueError(_CLIENTS_PER_WORKER)
+        return self
 
 
 def _default_requests() -> dict[str, Quantity]:

@@ -164,6 +164,7 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         max_backends_percent=spec.budget.max_backends_percent,
         reserve=spec.budget.reserve,
         max_connections=max_connections,
+        workers=spec.pooler.workers,
     )
     token = await _token(ctx.client, pgpool)
     children = render.render(

@@ -134,12 +134,18 @@ def _stamped(obj: Obj) -> Obj:
 
 # -- the pooler's configuration ---------------------------------------------------------
 def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
+    # PoolerConfig refuses a nonzero limit below `workers`; none is rendered: the model keeps
+    # maxClientConn >= workers, and the allocation (made with the same workers) gives each
+    # pod a pool of 0 or at least `workers`.
     spec = pgpool.spec
     pooler = spec.pooler
     per_pod = facts.allocation.per_pod
     return PoolerConfig(
         listen_addr="0.0.0.0",
         listen_port=POSTGRES_PORT,
+        # Not a limit: it stays in the pod template's config hash, so a change rolls the pods
+        # (a running pooler cannot change its worker count).
+        workers=pooler.workers,
         auth_type=AuthType(spec.client_auth.auth_type.value),
         auth_file=USERLIST_FILE,
         pool_mode=spec.pool_mode,

@@ -161,6 +161,13 @@ REJECTED = [
     ("rollout cannot progress", {"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "cannot both be 0"),
     ("bad service type", {"service": {"type": "ExternalName"}}, "ExternalName"),
     ("negative timeout", {"pooler": {"queryWaitTimeout": -1}}, "-1"),
+    ("no workers", {"pooler": {"workers": 0}}, "0 is less than the minimum of 1"),
+    ("too many workers", {"pooler": {"workers": 65}}, "65 is greater than the maximum of 64"),
+    (
+        "fewer clients than workers",
+        {"pooler": {"workers": 8, "maxClientConn": 7}},
+        "pooler.maxClientConn must be at least pooler.workers",
+    ),
 ]
 
 
@@ -179,3 +186,26 @@ def test_budget_exactly_one_backend_per_pod_is_admitted() -> None:
 def test_percentage_budget_alone_is_admitted() -> None:
     _, errors = admit(_with({"budget": {"maxBackends": None, "maxBackendsPercent": 50}}))
     assert errors == []
+
+
+# maxClientConn is split among the workers; the rule is checked on the stored (defaulted) spec.
+WORKERS_ADMITTED = [
+    ("default: one worker", {}),
+    ("as many clients as workers", {"pooler": {"workers": 8, "maxClientConn": 8}}),
+    ("workers under the default maxClientConn", {"pooler": {"workers": 64}}),
+]
+
+
+@pytest.mark.parametrize("change", [c for _, c in WORKERS_ADMITTED], ids=[w[0] for w in WORKERS_ADMITTED])
+def test_workers_admitted_and_read_alike(change: dict[str, Any]) -> None:
+    stored, errors = admit(_with(change))
+    assert errors == []
+    spec = model.PgPoolSpec.model_validate(stored["spec"])
+    assert spec.pooler.workers == stored["spec"]["pooler"]["workers"]
+
+
+def test_workers_above_max_client_conn_refused_by_the_model_too() -> None:
+    # The operator must not read a spec the API server would refuse, nor refuse one it admits.
+    spec = _with({"pooler": {"workers": 8, "maxClientConn": 7}})["spec"]
+    with pytest.raises(ValueError, match=r"pooler\.maxClientConn must be at least pooler\.workers"):
+        model.PgPoolSpec.model_validate(spec)

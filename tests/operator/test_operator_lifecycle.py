@@ -148,3 +148,31 @@ async def test_missing_secret_then_recovery(api: Any, operator: Any, postgres: A
         what="DatabaseReachable=True once the Secret exists",
     )
     assert reachable["reason"] == "Connected"
+
+
+async def test_workers_split_the_pool_and_roll_the_pods(api: Any, operator: Any, postgres: Any) -> None:
+    await api.put_object(SECRETS, creds_secret())
+    await api.put_object(PGPOOLS, pgpool(postgres, pooler={"workers": 4}))
+
+    def reconciled(generation: int) -> dict[str, Any] | None:
+        obj = api.get(PGPOOLS, NS, "main")
+        return obj if obj and obj.get("status", {}).get("observedGeneration") == generation else None
+
+    obj = await eventually(lambda: reconciled(1), what="status.observedGeneration == 1")
+    kids = children(api)
+    config = yaml.safe_load(kids["config"]["data"]["pooler.yaml"])
+    assert config["workers"] == 4 and config["default_pool_size"] == 9  # (40 - 4) // (3 + 1) >= 4 workers
+    assert condition(obj, "BudgetEnforced")["status"] == "True"  # type: ignore[index]
+    template_before = kids["deployment"]["spec"]["template"]
+
+    # 9 backends per pod cannot feed 10 workers: the budget falls short, and no pod runs.
+    await api.patch_object(PGPOOLS, NS, "main", {"spec": {"pooler": {"workers": 10}}})
+    obj = await eventually(lambda: reconciled(2), what="status.observedGeneration == 2")
+    enforced = condition(obj, "BudgetEnforced")
+    assert enforced and enforced["status"] == "False" and enforced["reason"] == "BudgetTooSmall"
+    assert "one backend per worker (10)" in enforced["message"]
+    assert obj["status"]["budget"]["perPod"] == 0
+    kids = children(api)
+    assert kids["deployment"]["spec"]["replicas"] == 0
+    assert yaml.safe_load(kids["config"]["data"]["pooler.yaml"])["workers"] == 10
+    assert kids["deployment"]["spec"]["template"] != template_before  # the worker count needs new pods

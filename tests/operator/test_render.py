@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -10,7 +11,8 @@ import pytest
 import yaml
 from pgfleet.operator import model, render
 from pgfleet.operator.budget import allocate
-from pgfleet.pooler.config import AuthType, PoolMode, parse_config
+from pgfleet.pooler.config import AuthType, PoolerConfig, PoolMode, parse_config
+from pgfleet.pooler.http import parse_limits
 from pgfleet.pooler.userlist import parse_userlist
 
 from .conftest import pgpool_body
@@ -28,6 +30,7 @@ def facts_for(p: model.PgPool, **changes: Any) -> render.Facts:
         max_backends_percent=p.spec.budget.max_backends_percent,
         reserve=p.spec.budget.reserve,
         max_connections=100,
+        workers=p.spec.pooler.workers,
     )
     base = render.Facts(image="pgfleet:1.2", username="app", password="s3cret", allocation=alloc, token="tok")
     return dataclasses.replace(base, **changes)
@@ -166,6 +169,72 @@ def test_no_pods_while_the_budget_cannot_feed_them() -> None:
         p, facts_for(p, allocation=allocate(replicas=3, max_surge=1, max_backends=None, max_backends_percent=50))
     )
     assert kids.deployment["spec"]["replicas"] == 0
+
+
+def rendered_config(kids: render.Children) -> PoolerConfig:
+    return parse_config(yaml.safe_load(kids.config_map["data"]["pooler.yaml"]), "rendered")
+
+
+def test_workers_are_carried_over() -> None:
+    assert rendered_config(children()).workers == 1
+    config = rendered_config(children(pooler={"workers": 4}))
+    assert config.workers == 4
+    # 36 backends over 3 replicas + 1 surge: 9 per pod, which the pooler splits among its 4 workers.
+    assert config.default_pool_size == 9 and config.databases["app"].pool_size == 9
+
+
+# (replicas, maxSurge, budget, pooler) that put each limit at or next to `workers`.
+EDGES = [
+    (3, 1, {"maxBackends": 16}, {"workers": 4, "maxClientConn": 4}),  # 4 per pod: one per worker
+    (3, 1, {"maxBackends": 15}, {"workers": 4}),  # 3 per pod < 4 workers: shortfall, pools 0
+    (3, 1, {"maxBackends": 4}, {"workers": 64, "maxClientConn": 64}),  # 1 per pod < 64 workers
+    (1, 1, {"maxBackends": 129}, {"workers": 64}),  # 64 per pod, exactly
+    (3, 1, {"maxBackendsPercent": 10}, {"workers": 3}),  # 10 of 100 over 4 pods: 2 < 3
+    (0, 0, {"maxBackends": 3}, {"workers": 4}),  # scaled to zero, budget below the workers
+    (0, 0, {"maxBackends": 8}, {"workers": 4}),  # scaled to zero, the whole budget
+    (2, 1, {"maxBackends": 300, "reserve": 297}, {"workers": 2}),  # the reserve leaves 1 per pod < 2
+]
+
+
+@pytest.mark.parametrize(("replicas", "max_surge", "budget", "pooler"), EDGES)
+def test_pooler_accepts_every_rendered_config(
+    replicas: int, max_surge: int, budget: dict[str, int], pooler: dict[str, int]
+) -> None:
+    p = pool(replicas=replicas, rollout={"maxSurge": max_surge, "maxUnavailable": 1}, budget=budget, pooler=pooler)
+    facts = facts_for(p)
+    config = rendered_config(render.render(p, facts))  # parse_config raises on any limit below workers
+    assert config.workers == pooler["workers"]
+    per_pod = facts.allocation.per_pod
+    assert per_pod == 0 or per_pod >= config.workers
+    assert config.default_pool_size == per_pod and config.databases["app"].pool_size == per_pod
+    # ... and a running pod with these workers accepts the same pool live.
+    live = parse_limits(json.dumps(render.live_limits(p, facts.allocation)).encode())
+    data = config.model_dump()
+    data["default_pool_size"] = live["default_pool_size"]
+    data["databases"]["app"]["pool_size"] = live["databases"]["app"]["pool_size"]
+    assert PoolerConfig.model_validate(data).limits_for("app").pool_size == per_pod
+
+
+def test_every_valid_pool_renders_for_every_worker_count() -> None:
+    for workers in (1, 2, 3, 8, 64):
+        for replicas in range(0, 12):
+            for max_backends in range(replicas + 1, 200, 7):
+                p = pool(replicas=replicas, budget={"maxBackends": max_backends}, pooler={"workers": workers})
+                facts = facts_for(p)
+                assert facts.allocation.used_at_most <= max_backends
+                assert render.pooler_config(p, facts).workers == workers  # PoolerConfig refuses nothing
+
+
+def test_no_pods_while_the_budget_cannot_feed_every_worker() -> None:
+    kids = children(replicas=3, budget={"maxBackends": 15}, pooler={"workers": 4})  # 15 // 4 = 3 < 4
+    assert kids.deployment["spec"]["replicas"] == 0
+    assert rendered_config(kids).default_pool_size == 0
+
+
+def test_a_workers_change_rolls_the_pods() -> None:
+    # A running pooler cannot change its worker count: only new pods get it.
+    assert _template_hash(children(pooler={"workers": 2})) != _template_hash(children())
+    assert _template_hash(children(pooler={"workers": 2})) != _template_hash(children(pooler={"workers": 3}))
 
 
 def _template_hash(kids: render.Children) -> str:
