@@ -184,7 +184,7 @@ class Pool:
         if not server.is_clean:
             self._close(server, "server not clean")
             return
-        now = server.last_used = self.pooler.loop.time()
+        now = server.last_used = self._clock()
         self._give(server, now)
 
     def _give(self, server: ServerConnection, now: float) -> None:

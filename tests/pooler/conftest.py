@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from pgfleet.devtools.tempdb import PASSWORDS, TempPostgres, free_port
@@ -155,3 +156,10 @@ def pooler_process(pg: TempPostgres, tmp_path: Path) -> Iterator[Callable[..., P
     yield start
     for proc in running:
         proc.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client for the pooler's HTTP port."""
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -47,12 +47,6 @@ async def http_pooler(start_pooler: StartPooler, tmp_path: Path) -> AsyncIterato
         await runner.cleanup()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def connect(pooler: Pooler, database: str = "app") -> asyncpg.Connection:
     return await asyncpg.connect(
         host="127.0.0.1", port=pooler.port, user="postgres", database=database, statement_cache_size=0

@@ -131,12 +131,6 @@ async def fleet(pooler_process: Callable[..., PoolerProcess], tmp_path: Path) ->
         await fleet.close_clients()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
     async with http.get(url) as response:
         assert response.status == 200, await response.text()
