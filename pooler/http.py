@@ -106,12 +106,22 @@ def pool_limits(pool: Any) -> dict[str, int]:
 STATUS_COUNTS = ("clients_active", "clients_waiting", "servers_active", "servers_idle", "servers_used", "servers_login")
 
 
+def backend_pids(pool: Any) -> list[int]:
+    """PIDs of the PostgreSQL backends the pool holds (from BackendKeyData), logins not done excluded."""
+    return sorted(server.backend_pid for server in (*pool.idle, *pool.active) if server.backend_pid)
+
+
 def status(pooler: Any) -> dict[str, Any]:
     now = pooler.loop.time()
     pools = []
     totals = dict.fromkeys(STATUS_COUNTS, 0)
+    maxwait = 0.0
+    pids: list[int] = []
     for pool in pooler.pools.values():
         counts = views.pool_counts(pool, now)
+        pool_pids = backend_pids(pool)
+        pids.extend(pool_pids)
+        maxwait = max(maxwait, counts.maxwait)
         pools.append(
             {
                 "database": pool.database,
@@ -126,6 +136,8 @@ def status(pooler: Any) -> dict[str, Any]:
                     "login": counts.sv_login,
                 },
                 "maxwait_seconds": round(counts.maxwait, 6),
+                "backend_pids": pool_pids,
+                "full_refusals": pool.full_refusals,
                 "limits": pool_limits(pool),
                 "totals": pool.stats.as_dict(),
             }
@@ -142,6 +154,9 @@ def status(pooler: Any) -> dict[str, Any]:
         "uptime_seconds": round(now - pooler.started_at, 3),
         "clients": len(pooler.clients),
         "servers": sum(pool.server_count for pool in pooler.pools.values()),
+        # The operator tells the fleet's backends from others' on the server by these PIDs.
+        "backend_pids": sorted(pids),
+        "maxwait_seconds": round(maxwait, 6),
         "limits": limits_in_force_config(pooler.config),
         "totals": totals,
         "pools": pools,

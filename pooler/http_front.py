@@ -58,12 +58,15 @@ def merge_status(statuses: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             merged["paused"] = merged["paused"] or pool["paused"]
             merged["maxwait_seconds"] = max(merged["maxwait_seconds"], pool["maxwait_seconds"])
+            merged["backend_pids"] = sorted([*merged.get("backend_pids", []), *pool.get("backend_pids", [])])
             for group in ("clients", "servers", "limits", "totals"):
                 _add_into(merged[group], pool[group])
     totals = {key: sum(status["totals"][key] for status in statuses) for key in STATUS_COUNTS}
     return {
         "clients": sum(status["clients"] for status in statuses),
         "servers": sum(status["servers"] for status in statuses),
+        "backend_pids": sorted(pid for status in statuses for pid in status.get("backend_pids", [])),
+        "maxwait_seconds": max((status.get("maxwait_seconds", 0.0) for status in statuses), default=0.0),
         "totals": totals,
         "pools": list(pools.values()),
     }

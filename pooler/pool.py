@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgfleet.pool")
 
 _IDLE: Final = IDLE  # compiled (mypyc): a C static, not a module-dict lookup
+FULL_RETRY: Final = 0.25  # seconds between logins while PostgreSQL has no slot free
 
 
 class Pool:
@@ -49,6 +50,13 @@ class Pool:
         # After a failed login the pool answers at once instead of hammering the server.
         self.last_error: ServerLoginError | None = None
         self.error_until = 0.0
+        # After PostgreSQL refused a login for lack of slots (53300): clients keep waiting
+        # and the pool tries again from this time on (see _login_failed).
+        self.full_until = 0.0
+        self._full_retry: asyncio.TimerHandle | None = None
+        self.full_refusals = 0  # logins PostgreSQL refused with 53300, for /status
+        # Set while this database holds more servers than a lowered max_db_connections.
+        self.over_db_limit = False
         self.reserve_in_use = False
         self._params_waiters: list[asyncio.Future[dict[str, str]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -73,6 +81,7 @@ class Pool:
         self.max_db_connections = limits.max_db_connections
         self.max_user_connections = limits.max_user_connections
         self.trim()
+        self.trim_database()
         self.launch_for_waiters()
 
     @property
@@ -87,6 +96,17 @@ class Pool:
         """Close idle servers above the current limit."""
         while self.idle and self.server_count > self.limit:
             self._close(self.idle.popleft(), "pool size lowered")
+
+    def trim_database(self) -> None:
+        """Close idle servers of this database above max_db_connections; busy ones close as they come back."""
+        if not self.max_db_connections:
+            self.over_db_limit = False
+            return
+        pooler = self.pooler
+        while pooler.database_server_count(self.database) > self.max_db_connections:
+            if not (self.close_idle(1) or pooler.evict_idle(self, by_database=True)):
+                break
+        self.over_db_limit = pooler.database_server_count(self.database) > self.max_db_connections
 
     def _room(self) -> bool:
         if self.server_count >= self.limit:
@@ -197,6 +217,12 @@ class Pool:
         if self.server_count > self.limit:
             self._close(server, "pool size lowered")
             return
+        if self.over_db_limit:
+            # Checked only while a lowered max_db_connections is not met yet: off the hot path.
+            if self.pooler.database_server_count(self.database) > self.max_db_connections:
+                self._close(server, "max_db_connections lowered")
+                return
+            self.over_db_limit = False
         if config.server_lifetime and now - server.created_at > config.server_lifetime:
             self._close(server, "server_lifetime")
             self.launch_for_waiters()
@@ -241,7 +267,8 @@ class Pool:
     def launch_for_waiters(self) -> None:
         if self.paused:
             return
-        if self.last_error is not None and self.pooler.loop.time() < self.error_until:
+        now = self.pooler.loop.time()
+        if (self.last_error is not None and now < self.error_until) or now < self.full_until:
             return
         # A client logging in before the pool has met its server waits too.
         wanted = len(self.waiting) + (1 if self._params_waiters else 0)
@@ -301,6 +328,9 @@ class Pool:
         return self.pooler.userlist.get(self.server_user)
 
     def _login_failed(self, exc: Exception) -> None:
+        if isinstance(exc, ServerLoginError) and exc.fields.get("C") == sqlstate.TOO_MANY_CONNECTIONS:
+            self._database_full(exc)
+            return
         if isinstance(exc, ServerLoginError):
             error = exc
         elif isinstance(exc, TimeoutError):
@@ -320,6 +350,25 @@ class Pool:
             waiting, self.waiting = self.waiting, collections.deque()
             for client in waiting:
                 client.fatal_fields(error.fields)
+
+    def _database_full(self, error: ServerLoginError) -> None:
+        """PostgreSQL has no slot free (53300): the budget is moving, so wait rather than fail.
+
+        The error is the database's, not the client's: passing it on would fail clients that
+        a moment later (once the operator lowers the pool) would have been served. They stay
+        queued, bounded by query_wait_timeout, and the pool asks again shortly.
+        """
+        if self.pooler.config.log_pooler_errors:
+            log.warning("pool %s: the database is full, retrying: %s", self.name, error.fields.get("M"))
+        self.full_refusals += 1
+        self.full_until = self.pooler.loop.time() + FULL_RETRY
+        if self._full_retry is None:
+
+            def retry() -> None:
+                self._full_retry = None
+                self.launch_for_waiters()
+
+            self._full_retry = self.pooler.loop.call_later(FULL_RETRY, retry)
 
     def welcome_frames(self, client_params: dict[str, str]) -> list[bytes]:
         """ParameterStatus messages greeting a client: the server's, with the client's own values.
@@ -355,9 +404,9 @@ class Pool:
             raise self.last_error
         waiter: asyncio.Future[dict[str, str]] = loop.create_future()
         self._params_waiters.append(waiter)
-        if not self.connecting and self._room():
+        if not self.connecting and self._room() and loop.time() >= self.full_until:
             self.launch()
-        return await waiter
+        return await waiter  # bounded by client_login_timeout
 
     def server_closed(self, server: ServerConnection, previous: ServerState) -> None:
         """connection_lost of a server this pool still counted."""
@@ -390,6 +439,9 @@ class Pool:
         """The pooler stops: abandon logins in progress, close every server."""
         for task in self._tasks:
             task.cancel()
+        if self._full_retry is not None:
+            self._full_retry.cancel()
+            self._full_retry = None
         self.close_all(reason, active=True)
 
     def close_all(self, reason: str, *, active: bool = False) -> None:

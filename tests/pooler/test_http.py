@@ -301,3 +301,103 @@ async def test_pooler_process_serves_http_and_drains_on_sigterm(
     await conn.close()
     await asyncio.to_thread(proc.proc.wait, 10)
     assert proc.proc.returncode == 0
+
+
+async def test_status_reports_the_backend_pids_it_holds(
+    pg: TempPostgres, fresh_db: str, http_pooler: StartHttp, http: aiohttp.ClientSession
+) -> None:
+    """The PIDs in /status are exactly the backends PostgreSQL shows for the pooler."""
+    pooler, base = await http_pooler(
+        auth_type="trust", databases={"app": {"host": pg.host, "port": pg.port, "dbname": fresh_db}}
+    )
+    conns = [await connect(pooler) for _ in range(3)]
+    transactions = [conn.transaction() for conn in conns]
+    for transaction in transactions:
+        await transaction.start()  # three servers busy at once
+    seen = {await conn.fetchval("SELECT pg_backend_pid()") for conn in conns}
+    async with http.get(f"{base}/status") as response:
+        data = await response.json()
+    (pool,) = data["pools"]
+    assert set(data["backend_pids"]) == set(pool["backend_pids"]) == seen
+    server_side = await asyncio.to_thread(
+        pg.sql, f"SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE datname = '{fresh_db}'"
+    )
+    assert {int(pid) for pid in server_side.split(",")} == seen
+    assert data["maxwait_seconds"] == 0
+    for transaction in transactions:
+        await transaction.commit()
+    for conn in conns:
+        await conn.close()
+
+
+async def wait_for_backends(pg: TempPostgres, dbname: str, ok: Callable[[int], bool], timeout: float = 5) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not ok(count := await backends(dbname, pg)):
+        assert asyncio.get_running_loop().time() < deadline, f"{count} backends on {dbname}"
+        await asyncio.sleep(0.02)
+
+
+async def test_put_max_db_connections_lowers_backends_live(
+    pg: TempPostgres, fresh_db: str, http_pooler: StartHttp, http: aiohttp.ClientSession
+) -> None:
+    """max_db_connections pushed live closes idle servers above it now, busy ones as they return."""
+    pooler, base = await http_pooler(
+        auth_type="trust",
+        databases={"app": {"host": pg.host, "port": pg.port, "dbname": fresh_db, "pool_size": 6}},
+    )
+    conns = [await connect(pooler) for _ in range(4)]
+    transactions = [conn.transaction() for conn in conns]
+    for conn, transaction in zip(conns, transactions, strict=True):
+        await transaction.start()
+        await conn.execute("SELECT 1")
+    await transactions[0].commit()
+    await transactions[1].commit()  # two idle, two busy
+    async with http.put(f"{base}/limits", json={"databases": {"app": {"max_db_connections": 1}}}, headers=AUTH) as r:
+        assert r.status == 200
+    await wait_for_backends(pg, fresh_db, lambda n: n == 2)  # the idle ones went
+    async with http.get(f"{base}/status") as response:
+        data = await response.json()
+    assert data["limits"]["databases"]["app"]["max_db_connections"] == 1  # the limit in force, for the operator
+    assert data["pools"][0]["limits"]["max_db_connections"] == 1
+    await transactions[2].commit()
+    await transactions[3].commit()
+    await wait_for_backends(pg, fresh_db, lambda n: n <= 1)
+    # And the lowered cap holds under a burst.
+    await asyncio.gather(*(conn.fetchval("SELECT pg_sleep(0.05)") for conn in conns))
+    assert pooler.database_server_count("app") <= 1
+    for conn in conns:
+        await conn.close()
+
+
+async def test_a_full_database_queues_clients_instead_of_failing_them(
+    pg: TempPostgres, fresh_db: str, http_pooler: StartHttp, http: aiohttp.ClientSession
+) -> None:
+    """PostgreSQL's 53300 at server login is the budget moving, not the client's error: they wait."""
+    role = f"capped_{fresh_db}"
+    await asyncio.to_thread(pg.sql, f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2")
+    try:
+        pooler, base = await http_pooler(
+            auth_type="trust",
+            query_wait_timeout=30,
+            databases={"app": {"host": pg.host, "port": pg.port, "dbname": fresh_db, "user": role, "pool_size": 5}},
+        )
+        conns = [await connect(pooler) for _ in range(5)]
+
+        async def transaction(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                return int(await conn.fetchval("SELECT 1 FROM pg_sleep(0.3)"))
+
+        results = await asyncio.gather(*(transaction(conn) for conn in conns), return_exceptions=True)
+        assert results == [1] * 5  # nobody saw 53300
+        async with http.get(f"{base}/status") as response:
+            data = await response.json()
+        assert data["pools"][0]["full_refusals"] >= 1  # the database did refuse, and the pooler waited
+        assert pooler.database_server_count("app") <= 2
+        for conn in conns:
+            await conn.close()
+    finally:
+        await asyncio.to_thread(
+            pg.sql, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        )
+        await wait_for_backends(pg, fresh_db, lambda n: n == 0)
+        await asyncio.to_thread(pg.sql, f"DROP ROLE {role}")

@@ -88,9 +88,12 @@ async def test_each_worker_applies_its_share_of_the_pool_limits() -> None:
 
 def _status(active: int, servers: int, xacts: int, pool_size: int, maxwait: float) -> dict[str, object]:
     counts = {"clients_active": active, "clients_waiting": 0, "servers_active": servers, "servers_idle": 0, "servers_used": 0, "servers_login": 0}  # fmt: skip
+    pids = [1000 * pool_size + i for i in range(servers)]
     return {
         "clients": active,
         "servers": servers,
+        "backend_pids": pids,
+        "maxwait_seconds": maxwait,
         "totals": counts,
         "pools": [
             {
@@ -101,6 +104,7 @@ def _status(active: int, servers: int, xacts: int, pool_size: int, maxwait: floa
                 "clients": {"active": active, "waiting": 0},
                 "servers": {"active": servers, "idle": 0, "used": 0, "login": 0},
                 "maxwait_seconds": maxwait,
+                "backend_pids": pids,
                 "limits": {"pool_size": pool_size, "limit": pool_size},
                 "totals": {"xact_count": xacts},
             }
@@ -118,6 +122,9 @@ def test_status_of_the_workers_sums_per_pool() -> None:
     assert pool["limits"] == {"pool_size": 5, "limit": 5}
     assert pool["totals"] == {"xact_count": 15}
     assert pool["maxwait_seconds"] == 0.5
+    # Every worker's backends, so the operator can tell the pod's from others' on the server.
+    assert merged["backend_pids"] == pool["backend_pids"] == [2000, 2001, 3000]
+    assert merged["maxwait_seconds"] == 0.5
 
 
 def test_metrics_of_the_workers_carry_a_worker_label() -> None:
