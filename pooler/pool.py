@@ -213,6 +213,11 @@ class Pool:
         The caller vouches that `server` is ACTIVE, in `self.active` and clean, and has
         set its `last_used`.
         """
+        if server.cancels_in_flight:
+            # A cancel for the client that just left may still land on this backend:
+            # nobody else gets it before PostgreSQL has taken every such request.
+            server.after_cancels = lambda: self._give_checked(server)
+            return
         config = self.pooler.config
         if self.server_count > self.limit:
             self._close(server, "pool size lowered")

@@ -19,6 +19,7 @@ from .userlist import load_userlist
 
 if TYPE_CHECKING:
     from .client import ClientConnection, ClientState
+    from .server import ServerConnection
 
 log = logging.getLogger("pgfleet.pooler")
 
@@ -266,8 +267,15 @@ class Pooler:
         server = entry[1].server
         if server is None or not server.backend_pid:
             return
+        server.cancels_in_flight += 1
+        self._track(self._cancel_server(server))
+
+    async def _cancel_server(self, server: ServerConnection) -> None:
         db = server.pool.db_config
-        self._track(self._send_cancel(db.unix_socket or (db.host, db.port), server.backend_pid, server.backend_key))
+        try:
+            await self._send_cancel(db.unix_socket or (db.host, db.port), server.backend_pid, server.backend_key)
+        finally:
+            server.cancel_done()
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)

@@ -74,6 +74,11 @@ class ServerConnection(asyncio.Protocol):
         self.tx_status = IDLE
         # Replies (ReadyForQuery) the linked client still waits for.
         self.outstanding = 0
+        # CancelRequests sent to this backend whose connections PostgreSQL has not yet
+        # closed. Until it has, a cancel meant for the previous client could still stop
+        # the next one's query, so the pool holds the server back (pool._give, as PgBouncer).
+        self.cancels_in_flight = 0
+        self.after_cancels: Callable[[], None] | None = None
         loop = asyncio.get_running_loop()
         self.created_at = loop.time()
         self.last_used = self.created_at
@@ -354,6 +359,13 @@ class ServerConnection(asyncio.Protocol):
             then()
 
         self._swallow[-1] = both
+
+    def cancel_done(self) -> None:
+        """A CancelRequest to this backend has been answered (or given up on)."""
+        self.cancels_in_flight -= 1
+        if not self.cancels_in_flight and self.after_cancels is not None:
+            then, self.after_cancels = self.after_cancels, None
+            then()
 
     @property
     def busy_internally(self) -> bool:
