@@ -176,22 +176,37 @@ class Pool:
             self._close(server, "client left with a request in flight")
             return
         server.outstanding = 0
+        reset = self.mode is PoolMode.SESSION or self.pooler.config.server_reset_query_always
         if unsynced:
             server.close_extended_exchange()
-        if server.tx_status != _IDLE:
-            # Left inside a transaction: roll it back before anyone else gets the server.
-            server.run_internal("ROLLBACK", lambda: self._give_checked(server))
-        elif self.mode is PoolMode.SESSION or self.pooler.config.server_reset_query_always:
-            reset = self.pooler.config.server_reset_query
-            if reset:
-                server.run_internal(reset, lambda: self._give_checked(server))
-            else:
-                self._give_checked(server)
-        elif server.busy_internally:
-            server.when_idle(lambda: self._give_checked(server))
+        if unsynced or server.busy_internally or server.tx_status != _IDLE or reset:
+            # Every way back to the pool but the hot path: the proxy's own queries in
+            # flight are answered first, then the transaction rolled back, then the reset.
+            server.when_idle(lambda: self._clean_up(server, reset))
         else:
             # The hot path: open, clean (checked above), last_used written.
             self._give(server, now)
+
+    def _clean_up(self, server: ServerConnection, reset: bool) -> None:
+        """Roll back what the client left open, reset the session if asked, then give.
+
+        The reset runs after the rollback, never instead of it: a client that leaves
+        inside a transaction (psycopg's default) has SETs, prepared statements, locks,
+        LISTENs, temp tables and WITH HOLD cursors from committed ones too.
+        """
+        if server.state is ServerState.CLOSED:
+            return
+        if server.close_needed:
+            self._close(server, "server not clean")
+            return
+        if server.tx_status != _IDLE:
+            server.run_internal("ROLLBACK", lambda: self._clean_up(server, reset))
+            return
+        query = self.pooler.config.server_reset_query if reset else ""
+        if query:
+            server.run_internal(query, lambda: self._give_checked(server))
+        else:
+            self._give_checked(server)
 
     def _give_checked(self, server: ServerConnection) -> None:
         """`_give` for a server that may have closed or turned unfit meanwhile.

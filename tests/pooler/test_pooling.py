@@ -10,8 +10,10 @@ import psycopg
 import pytest
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.devtools.testing import wait_until
+from pgfleet.pooler.protocol import extended, frontend
 
 from .conftest import StartPooler
+from .rawpg import RawClient, kinds, rows
 
 
 async def connect(port: int, **kwargs: object) -> asyncpg.Connection:
@@ -58,6 +60,39 @@ async def test_session_mode_keeps_the_server_and_resets_it(pg: TempPostgres, sta
     assert await blocked == pid
     assert await b.fetchval("SHOW work_mem") == "4MB"
     assert await b.fetchval("SELECT count(*) FROM pg_tables WHERE tablename = 'session_scratch'") == 0
+    await b.close()
+
+
+async def test_session_reset_follows_the_rollback_of_an_unsynced_exchange(start_pooler: StartPooler) -> None:
+    """A client leaves mid-pipeline inside BEGIN: Sync, ROLLBACK, then the reset; the link is kept."""
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1, pool_mode="session")
+    a = await RawClient.connect(pooler.port)
+    a.send(frontend.query("SET work_mem = '7MB'"))
+    await a.until_ready()
+    a.send(frontend.query("SELECT pg_backend_pid()"))
+    pid = rows(await a.until_ready())[0][0]
+    a.send(extended.parse("", "BEGIN"), extended.bind("", ""), extended.execute(""), frontend.FLUSH)
+    assert kinds([await a.message() for _ in range(3)]) == "12C"
+    await a.close()
+    b = await connect(pooler.port)
+    assert str(await b.fetchval("SELECT pg_backend_pid()")) == pid  # reused, not closed
+    assert await b.fetchval("SHOW work_mem") == "4MB"
+    assert await b.fetchval("SELECT txid_current_if_assigned() IS NULL")
+    await b.close()
+
+
+async def test_reset_always_runs_after_a_client_left_inside_a_transaction(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(
+        auth_type="trust",
+        default_pool_size=1,
+        server_reset_query="SELECT set_config('pgfleet.was_reset', 'yes', false)",
+        server_reset_query_always=True,
+    )
+    a = await psycopg.AsyncConnection.connect(host="127.0.0.1", port=pooler.port, user="postgres", dbname="app")
+    await a.execute("SELECT 1")  # psycopg opened a transaction
+    await a.close()
+    b = await connect(pooler.port)
+    assert await b.fetchval("SELECT current_setting('pgfleet.was_reset', true)") == "yes"
     await b.close()
 
 

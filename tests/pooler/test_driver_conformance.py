@@ -1,0 +1,75 @@
+"""Drivers see PostgreSQL: the same behaviour directly, through session mode and through
+transaction mode, except where docs/compatibility.md says otherwise.
+
+Each test runs three ways (the `target` fixture): straight to PostgreSQL, through a
+session-mode pooler and through a transaction-mode pooler, both with one server link so
+that a second client lands on the backend the first one used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from pgfleet.devtools.tempdb import TempPostgres
+from pgfleet.pooler.pooler import Pooler
+
+from .conftest import StartPooler
+
+MODES = ["direct", "session", "transaction"]
+
+
+@dataclass
+class Target:
+    mode: str
+    port: int
+    pooler: Pooler | None
+
+    async def connect(self, **kwargs: object) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        return await psycopg.AsyncConnection.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname="app", **kwargs
+        )
+
+
+@pytest.fixture(params=MODES)
+async def target(request: pytest.FixtureRequest, pg: TempPostgres, start_pooler: StartPooler) -> Target:
+    mode: str = request.param
+    if mode == "direct":
+        return Target(mode, pg.port, None)
+    pooler = await start_pooler(auth_type="trust", pool_mode=mode, default_pool_size=1)
+    return Target(mode, pooler.port, pooler)
+
+
+# -- a client that leaves inside a transaction ---------------------------------------------------
+
+
+async def test_close_inside_a_transaction_leaves_nothing_to_the_next_client(target: Target) -> None:
+    """psycopg is not autocommit by default: closing inside a transaction is the usual case."""
+    c1 = await target.connect()
+    await c1.execute("set search_path = pg_catalog")
+    await c1.execute("select pg_advisory_lock(42)")
+    await c1.execute("listen leaked")
+    await c1.execute("create temp table leaked (x int)")
+    await c1.execute("declare leaked cursor with hold for select 1")
+    await c1.commit()
+    await c1.execute("select 1", prepare=True)  # Parse "_pg3_0"; a transaction is open
+    await c1.close()
+
+    c2 = await target.connect(autocommit=True)
+    # Transaction mode lists its own shared statements (pgf_…): a documented difference.
+    cur = await c2.execute(r"select name from pg_prepared_statements where name not like 'pgf\_%'")
+    assert await cur.fetchall() == []
+    cur = await c2.execute("show search_path")
+    assert await cur.fetchone() == ('"$user", public',)
+    cur = await c2.execute("select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()")
+    assert await cur.fetchone() == (0,)
+    cur = await c2.execute("select count(*) from pg_listening_channels()")
+    assert await cur.fetchone() == (0,)
+    cur = await c2.execute("select count(*) from pg_cursors")
+    assert await cur.fetchone() == (0,)
+    cur = await c2.execute("select count(*) from pg_class where relnamespace = pg_my_temp_schema()")
+    assert await cur.fetchone() == (0,)
+    cur = await c2.execute("select 1", prepare=True)  # "_pg3_0" again: no DuplicatePreparedStatement
+    assert await cur.fetchone() == (1,)
+    await c2.close()
