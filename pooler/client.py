@@ -292,7 +292,8 @@ class ClientConnection(asyncio.Protocol):
         welcome = await pool.welcome_params()
         self.pool = pool
         self.params = {name: value for name, value in welcome.items() if name in params.TRACKED}
-        self.params.update(startup_params)
+        for name, value in startup_params.items():
+            self.params[name] = params.reported_value(name, value, welcome.get(name))
         self.cancel_key = self.pooler.register_cancel_key(self)
         out = pool.welcome_frames(self.params)
         out.append(backend.backend_key_data(*self.cancel_key))

@@ -311,7 +311,7 @@ class ServerConnection(asyncio.Protocol):
             if then is not None:
                 then()
         elif msg_type == _S:
-            self._parameter_status(data[pos + 5 : end])
+            self._parameter_status(data[pos + 5 : end], swallowed=True)
         elif msg_type == _C and data[pos + 5 : end] in _CACHE_WIPED:
             # A reset query (server_reset_query) took the link's prepared statements.
             self.prepared.clear()
@@ -321,13 +321,21 @@ class ServerConnection(asyncio.Protocol):
             log.warning("internal query on server %s failed: %s", self.backend_pid, fields.get("M"))
             self.close_needed = True
 
-    def _parameter_status(self, body: bytes) -> None:
+    def _parameter_status(self, body: bytes, swallowed: bool = False) -> None:
+        """A ParameterStatus, forwarded by the caller or (`swallowed`) a reply to the proxy's own query.
+
+        Of the swallowed ones, the client hears those that differ from what it was told:
+        the server's spelling of the value a SET asked for (`utc` is reported `UTC`).
+        """
         name, value = backend.parse_parameter_status(body)
         self.params[name] = value
         if name in params.TRACKED:
             self.tracked_params[name] = value
-            if self.client is not None:
-                self.client.parameter_changed(name, value)
+            client = self.client
+            if client is not None:
+                if swallowed and client.params.get(name) != value:
+                    client.send(frame(b"S", body))
+                client.parameter_changed(name, value)
 
     # -- the proxy's own queries ------------------------------------------------------------
     def run_internal(self, sql: str, then: Callable[[], None] | None = None) -> None:

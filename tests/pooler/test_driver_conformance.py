@@ -8,6 +8,7 @@ that a second client lands on the backend the first one used.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import psycopg
@@ -73,3 +74,27 @@ async def test_close_inside_a_transaction_leaves_nothing_to_the_next_client(targ
     cur = await c2.execute("select 1", prepare=True)  # "_pg3_0" again: no DuplicatePreparedStatement
     assert await cur.fetchone() == (1,)
     await c2.close()
+
+
+# -- ParameterStatus ---------------------------------------------------------------------------------
+
+
+async def test_parameter_status_reports_the_servers_spelling(target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libpq sends PGDATESTYLE and PGCLIENTENCODING as startup parameters, spelled as given."""
+    monkeypatch.setenv("PGDATESTYLE", "iso, dmy")
+    monkeypatch.setenv("PGCLIENTENCODING", "utf-8")
+    monkeypatch.setenv("PGTZ", "utc")
+    conn = await target.connect(autocommit=True)
+    try:
+        assert conn.info.parameter_status("client_encoding") == "UTF8"
+        assert conn.info.parameter_status("DateStyle") == "ISO, DMY"
+        cur = await conn.execute("select '2024-03-04'::date, %s::text", ["é"])
+        assert await cur.fetchone() == (datetime.date(2024, 3, 4), "é")
+        # (the time zone is learnt from the server on the first transaction)
+        assert conn.info.parameter_status("TimeZone") == "UTC"
+        await conn.execute("set datestyle = 'sql, mdy'")
+        assert conn.info.parameter_status("DateStyle") == "SQL, MDY"
+        cur = await conn.execute("select '2024-03-04'::date")
+        assert await cur.fetchone() == (datetime.date(2024, 3, 4),)
+    finally:
+        await conn.close()
