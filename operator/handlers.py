@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from . import model, reconcile
-from .kube import KubeClient, object_path
+from .kube import Credentials, KubeClient, object_path
 from .observe import AsyncpgProbe, DatabaseProbe
 from .settings import DEFAULT_IMAGE, OperatorSettings
 
@@ -27,7 +27,7 @@ ANNOTATION_PREFIX = "pgfleet.io"
 class _Runtime:
     """What the handlers share within one run of the operator (one event loop)."""
 
-    credentials: kopf.ConnectionInfo | None = None
+    credentials: Credentials | None = None
     client: KubeClient | None = None
     probe: DatabaseProbe = AsyncpgProbe()
     pooler_image: str | None = None
@@ -57,11 +57,28 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod: the ServiceAccount; elsewhere: $KUBECONFIG or ~/.kube/config."""
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-    runtime.credentials = info
-    return info
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    """In a pod: the ServiceAccount; elsewhere: $KUBECONFIG or ~/.kube/config, any credential form.
+
+    kopf calls this again when the API answers 401 or the exec plugin's token expires, so a
+    fresh load (which runs the plugin again) is what it needs then. The operator's own client,
+    once made, renews its credentials by itself (see `kube.Credentials`).
+    """
+    credentials = await Credentials.load()
+    info = await credentials.login()
+    scheme, _space, token = (info.authorization or "").partition(" ")
+    runtime.credentials = credentials
+    return kopf.ConnectionInfo(
+        server=info.server,
+        ca_path=info.ca_path,
+        insecure=info.insecure,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=info.certificate_path,
+        private_key_path=info.private_key_path,
+        default_namespace=info.namespace,
+        expiration=info.expiration,
+    )
 
 
 @kopf.on.cleanup()
@@ -73,10 +90,10 @@ async def close(**_: Any) -> None:
 
 def _client() -> KubeClient:
     if runtime.client is None:
-        info = runtime.credentials
-        if info is None:
+        credentials = runtime.credentials
+        if credentials is None:
             raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=1)
-        runtime.client = KubeClient(info.server, info.as_http_headers(), info.as_ssl_context())
+        runtime.client = KubeClient(credentials)
     return runtime.client
 
 

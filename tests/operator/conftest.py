@@ -11,6 +11,7 @@ os.environ.setdefault("PGFLEET_PUSH_TIMEOUT", "1")
 os.environ.setdefault("PGFLEET_PROBE_TIMEOUT", "2")
 os.environ.setdefault("PGFLEET_POOLER_IMAGE", "pgfleet:test")
 
+import contextlib
 import copy
 import warnings
 from collections.abc import AsyncIterator
@@ -82,6 +83,7 @@ async def api() -> AsyncIterator[Any]:
             subresources={"status", "scale"},
             verbs={"list", "watch", "get", "create", "patch", "update", "delete"},
         )
+        emulator.token = "test-token"  # what the `kubeconfig` fixture's user presents
         yield emulator
 
 
@@ -108,14 +110,13 @@ def postgres() -> Any:
         yield pg
 
 
-@pytest.fixture()
-async def operator(api: Any, kubeconfig: Any) -> AsyncIterator[Any]:
-    """The real operator (kopf CLI in a thread) talking to the emulated API server."""
+@contextlib.asynccontextmanager
+async def running_operator(api: Any) -> AsyncIterator[Any]:
+    """The real operator (kopf CLI in a thread) with the credentials $KUBECONFIG names."""
     import asyncio
 
     from kopf.testing import KopfRunner
 
-    kubeconfig(str(api.url))
     runner = KopfRunner(["run", "--standalone", "-A", "-m", "pgfleet.operator.handlers"], timeout=30)
     runner.__enter__()
     try:
@@ -124,3 +125,11 @@ async def operator(api: Any, kubeconfig: Any) -> AsyncIterator[Any]:
     finally:
         await asyncio.to_thread(runner.__exit__, None, None, None)
     assert runner.exception is None, runner.output
+
+
+@pytest.fixture()
+async def operator(api: Any, kubeconfig: Any) -> AsyncIterator[Any]:
+    """The real operator talking to the emulated API server with a token kubeconfig."""
+    kubeconfig(str(api.url))
+    async with running_operator(api) as runner:
+        yield runner

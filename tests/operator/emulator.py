@@ -13,7 +13,9 @@ answers every object request itself:
 - lists carry kind and resourceVersion, and honour `labelSelector` (equality terms);
 - a watch takes its snapshot and subscribes under one lock, so no write falls in between;
 - deletion honours finalizers (deletionTimestamp first), and a small garbage collector
-  deletes objects whose controller owner is gone.
+  deletes objects whose controller owner is gone;
+- with `token` set, a request without `Authorization: Bearer <token>` gets 401, as a real
+  API server answers a missing or wrong credential.
 
 It pokes at kmock internals, so kmock is pinned (pyproject: kmock==0.8).
 """
@@ -107,8 +109,15 @@ class FakeKubernetes(kmock.KubernetesEmulator):
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _watchers: list[tuple[str, str | None, asyncio.Queue[Obj]]] = attrs.field(factory=list, init=False)
     _state: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
+    token: str | None = attrs.field(default=None, init=False)
+    refused: int = attrs.field(default=0, init=False)  # requests answered 401
 
     async def _handle(self, request: rendering.Request) -> Any:
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            self.refused += 1
+            return await self._render_error(
+                kmock.KubernetesError(status=401, reason="Unauthorized", message="Unauthorized")
+            )
         # Skip KubernetesEmulator's own bookkeeping; the fallbacks below keep the state.
         return await apps.RawHandler._handle(self, request)
 

@@ -59,8 +59,8 @@ def test_secret_values_stay_out_of_the_record() -> None:
 
 
 @pytest.fixture()
-async def client(api: Any) -> AsyncIterator[KubeClient]:
-    kube = KubeClient(str(api.url), {}, None)
+async def client(api: Any, kubeconfig: Any) -> AsyncIterator[KubeClient]:
+    kube = await KubeClient.connect(str(kubeconfig(str(api.url))))
     yield kube
     await kube.close()
 
