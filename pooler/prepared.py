@@ -52,6 +52,9 @@ CLOSE: Final = ord("3")
 SYNC: Final = ord("Z")
 
 _STALE_PLAN = "cached plan must not change result type"
+# A parameter type of the statement is gone (dropped, or created by a rolled-back
+# transaction): PostgreSQL fixed the types at Parse and never looks again.
+_STALE_TYPE = "cache lookup failed for type "
 _SERVER_NAME = re.compile(r'"(' + PREFIX + r'[0-9a-f]+(?:_\d+)?)"')
 
 
@@ -322,6 +325,7 @@ def _deallocate(client: ClientConnection, server: ServerConnection, name: str | 
         return None  # the server answers 26000, as PostgreSQL would
     idle = not server.replies and server.outstanding == 0 and not client.unsynced and not server.busy_internally
     if name is None:
+        _renew_all(server, statements)
         statements.clear()
     else:
         del statements[name]
@@ -344,6 +348,21 @@ def _deallocate(client: ClientConnection, server: ServerConnection, name: str | 
     return _DEALLOCATE_ALL
 
 
+def _renew_all(server: ServerConnection, statements: dict[str, Statement]) -> None:
+    """DEALLOCATE ALL, DISCARD ALL: the next Parse of these texts gets a fresh server statement.
+
+    As directly, where a Parse after them always makes a new statement. Drivers send
+    them when their statements may have gone stale (psycopg after every rollback: a
+    type its transaction created is gone, and a statement whose parameter has that
+    type fails with "cache lookup failed" however often it is planned anew).
+    A single DEALLOCATE or Close keeps the shared statement (drivers evict by LRU);
+    the errors that mean stale renew it (see `on_error`).
+    """
+    registry = server.pool.statements
+    for stmt in statements.values():
+        registry.renew(stmt)
+
+
 def _cleared(server: ServerConnection) -> Callable[[bool], None]:
     def done(ok: bool) -> None:
         if ok:
@@ -361,6 +380,7 @@ def _discarded(server: ServerConnection, statements: dict[str, Statement] | None
             server.prepared.clear()
             server.to_close.clear()
             if statements is not None:
+                _renew_all(server, statements)
                 statements.clear()
         elif statements is None:
             # Some of the query may have run before its error: what the link still holds
@@ -414,7 +434,7 @@ def on_error(server: ServerConnection, body: bytes) -> bytes | None:
     if client is None:
         return None
     fields = backend.parse_error_fields(body)
-    if fields.get("C") == sqlstate.FEATURE_NOT_SUPPORTED and fields.get("M") == _STALE_PLAN and binds:
+    if binds and _is_stale(fields):
         _renew_stale(client, server, binds)
     if '"' + PREFIX in fields.get("M", "") + fields.get("D", ""):
         names = {stmt.name: name for name, stmt in client.statements.items()}
@@ -422,6 +442,14 @@ def on_error(server: ServerConnection, body: bytes) -> bytes | None:
             body, lambda text: _SERVER_NAME.sub(lambda m: '"' + names.get(m.group(1), m.group(1)) + '"', text)
         )
     return None
+
+
+def _is_stale(fields: dict[str, str]) -> bool:
+    """An error that means the server's statement no longer fits the database."""
+    code, message = fields.get("C"), fields.get("M", "")
+    if code == sqlstate.FEATURE_NOT_SUPPORTED:
+        return message == _STALE_PLAN
+    return code == sqlstate.INTERNAL_ERROR and message.startswith(_STALE_TYPE)
 
 
 def _renew_stale(client: ClientConnection, server: ServerConnection, binds: list[str]) -> None:
@@ -440,7 +468,7 @@ def _renew_stale(client: ClientConnection, server: ServerConnection, binds: list
     for client_name, stmt in list(statements.items()):
         if stmt.name in stale:
             statements[client_name] = registry.renew(stmt)
-    log.info("server %s: re-preparing %d statement(s) after a result type change", server.backend_pid, len(stale))
+    log.info("server %s: re-preparing %d stale statement(s)", server.backend_pid, len(stale))
 
 
 def _lost_track(server: ServerConnection, what: str) -> None:

@@ -98,3 +98,19 @@ async def test_parameter_status_reports_the_servers_spelling(target: Target, mon
         assert await cur.fetchone() == (datetime.date(2024, 3, 4),)
     finally:
         await conn.close()
+
+
+# -- prepared statements across DDL ---------------------------------------------------------------------
+
+
+async def test_prepared_statement_of_a_rolled_back_type(target: Target) -> None:
+    """psycopg sends DEALLOCATE ALL after a rollback: its next Parse gets a fresh statement."""
+    conn = await target.connect(prepare_threshold=0)
+    try:
+        for _ in range(3):
+            await conn.execute("create type prepenum as enum ('foo', 'bar')")
+            cur = await conn.execute("select %s::prepenum", ["foo"])
+            assert await cur.fetchone() == ("foo",)
+            await conn.rollback()
+    finally:
+        await conn.close()

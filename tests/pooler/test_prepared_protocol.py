@@ -214,6 +214,28 @@ async def test_stale_plan_after_ddl_is_reprepared(pg: TempPostgres, start_pooler
     await a.close()
 
 
+async def test_statement_of_a_dropped_type_is_reprepared(pg: TempPostgres, start_pooler: StartPooler) -> None:
+    """PostgreSQL never looks at a statement's parameter types again: the proxy renews it."""
+    enum = "DROP TYPE IF EXISTS stale_enum; CREATE TYPE stale_enum AS ENUM ('x')"
+    await asyncio.to_thread(pg.sql, enum, "app")
+    port = await one_server(start_pooler)
+    a = await RawClient.connect(port)
+    x = b"\x00\x00\x00\x01\x00\x00\x00\x01x\x00\x00"  # one text parameter: 'x'
+    a.send(P("s", "SELECT $1::stale_enum::text"), B("", "s", x), E(), S)
+    assert rows(await a.until_ready()) == [["x"]]
+    await asyncio.to_thread(pg.sql, enum, "app")
+    a.send(B("", "s", x), E(), S)
+    reply = await a.until_ready()
+    assert error(reply)["C"] == "XX000" and "cache lookup failed for type" in error(reply)["M"]
+    a.send(B("", "s", x), E(), S)
+    assert rows(await a.until_ready()) == [["x"]]
+    b = await RawClient.connect(port)  # another client of that text gets the renewed statement
+    b.send(P("t", "SELECT $1::stale_enum::text"), B("", "t", x), E(), S)
+    assert rows(await b.until_ready()) == [["x"]]
+    await a.close()
+    await b.close()
+
+
 async def test_statistics_count_parses_binds_hits_and_misses(start_pooler: StartPooler) -> None:
     pooler = await start_pooler(auth_type="trust", default_pool_size=1)
     a, b = await RawClient.connect(pooler.port), await RawClient.connect(pooler.port)
