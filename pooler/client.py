@@ -50,11 +50,21 @@ _IDLE: Final = IDLE
 # Extended-protocol messages: after one of them the server is busy until the next Sync.
 _EXTENDED: Final = frozenset(map(ord, "PBDEC"))
 _COPY: Final = frozenset(map(ord, "dcf"))
+_KIND_AND_NAME: Final = frozenset(map(ord, "CD"))  # Close, Describe
 _ADMIN_DATABASE = "pgbouncer"
 # A queued client keeps being read until it has sent this much: pausing and resuming the
 # socket for every queued transaction would cost two syscalls each, and a client that
 # waits for its answer rarely sends more than one message meanwhile.
 _QUEUED_BUFFER_LIMIT: Final = 64 * 1024
+
+
+class _Violation(Exception):
+    """A client message the proxy cannot frame or read: the client is dropped with 08P01."""
+
+
+# What reading a lying message can raise deeper down (a name not NUL-terminated or not
+# UTF-8, a body shorter than its fields): the same violation.
+_MALFORMED: Final = (ProtocolError, IndexError, ValueError)
 
 
 class ClientState(enum.Enum):
@@ -443,80 +453,94 @@ class ClientConnection(asyncio.Protocol):
         seg = 0  # start of the client bytes not yet copied to `out`
         out: list[bytes] | None = None
         answered = False
-        while n - pos >= 5:
-            msg_type = data[pos]
-            length = _unpack_length(data, pos + 1)[0]
-            if length < 4 or length > MAX_MESSAGE_LENGTH:
-                self._protocol_violation(f"invalid message length {length}")
-                return
-            end = pos + 1 + length
-            if end > n:
-                break
-            new: bytes | None = None
-            if msg_type == _Q:
-                if sqlscan.worth_a_look(data, pos + 5, end - 1):
-                    new = prepared.on_query(self, server, data[pos + 5 : end], replies, pos == 0 and end == n)
-                    if new is prepared.LOCAL_ANSWER:
-                        answered = True
-                        replies -= 1
-                elif server.replies:
-                    prepared.track(server, prepared.SYNC_REPLY, replies)
-                replies += 1
-            elif msg_type in _EXTENDED:
-                self.unsynced = True
-                if msg_type == _P:
-                    stats.client_parse_count += 1
-                    if maps and data[pos + 5] != 0:
-                        new = prepared.on_parse(self, server, data[pos + 5 : end], replies)
-                    else:
-                        stats.server_parse_count += 1
-                        prepared.track(server, prepared.PARSE_REPLY, replies)
-                        # The SQL alone: a ';' ends many a query, and after it the regex
-                        # would look at the parameter types that follow.
+        try:
+            while n - pos >= 5:
+                msg_type = data[pos]
+                length = _unpack_length(data, pos + 1)[0]
+                if length < 4 or length > MAX_MESSAGE_LENGTH:
+                    raise _Violation(f"invalid message length {length}")
+                end = pos + 1 + length
+                if end > n:
+                    break
+                new: bytes | None = None
+                if msg_type == _Q:
+                    if sqlscan.worth_a_look(data, pos + 5, end - 1):
+                        new = prepared.on_query(self, server, data[pos + 5 : end], replies, pos == 0 and end == n)
+                        if new is prepared.LOCAL_ANSWER:
+                            answered = True
+                            replies -= 1
+                    elif server.replies:
+                        prepared.track(server, prepared.SYNC_REPLY, replies)
+                    replies += 1
+                elif msg_type in _EXTENDED:
+                    self.unsynced = True
+                    if msg_type == _P:
+                        stats.client_parse_count += 1
                         name_end = data.find(b"\x00", pos + 5, end)
                         query_end = data.find(b"\x00", name_end + 1, end)
-                        if query_end > name_end >= 0 and sqlscan.worth_a_look(data, name_end + 1, query_end):
-                            self._parse_effect(data[name_end + 1 : query_end])
-                elif msg_type == _B:
-                    stats.bind_count += 1
-                    if maps:
-                        portal_end = pos + 5 if data[pos + 5] == 0 else data.find(b"\x00", pos + 5, end)
-                        if 0 < portal_end < end - 1 and data[portal_end + 1] != 0:
-                            new = prepared.on_bind(self, server, data[pos + 5 : end], portal_end - pos - 5, replies)
-                elif msg_type == _C:
-                    if maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
-                        new = prepared.on_close(self, server, data[pos + 5 : end], replies)
-                    else:
-                        prepared.track(server, prepared.CLOSE_REPLY, replies)
-                elif msg_type == _D and maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
-                    new = prepared.on_describe(self, server, data[pos + 5 : end], replies)
-            elif msg_type == _S:
-                if server.replies or self.batch_binds:
-                    binds, self.batch_binds = self.batch_binds, []
-                    reply = prepared.Reply(prepared.SYNC, binds=binds) if binds else prepared.SYNC_REPLY
-                    prepared.track(server, reply, replies)
-                replies += 1
-                self.unsynced = False
-            elif msg_type == _F:
-                if server.replies:
-                    prepared.track(server, prepared.SYNC_REPLY, replies)
-                replies += 1
-            elif msg_type == _X:
-                if pos:
-                    server.outstanding += replies
-                    server.write(data[:pos] if out is None else b"".join(out) + data[seg:pos])
-                self.close()
-                return
-            elif msg_type != _H and msg_type not in _COPY:
-                self._protocol_violation(f"unknown message type {chr(msg_type)!r}")
-                return
-            if new is not None:
-                if out is None:
-                    out = []
-                out.append(data[seg:pos])
-                out.append(new)
-                seg = end
-            pos = end
+                        if name_end < 0 or query_end < 0 or end - query_end < 3:
+                            raise _Violation("invalid message format")
+                        if maps and name_end > pos + 5:
+                            new = prepared.on_parse(self, server, data[pos + 5 : end], replies)
+                        else:
+                            stats.server_parse_count += 1
+                            prepared.track(server, prepared.PARSE_REPLY, replies)
+                            # The SQL alone: a ';' ends many a query, and after it the regex
+                            # would look at the parameter types that follow.
+                            if sqlscan.worth_a_look(data, name_end + 1, query_end):
+                                self._parse_effect(data[name_end + 1 : query_end])
+                    elif msg_type == _B:
+                        stats.bind_count += 1
+                        if length < 12:  # two names, three counts
+                            raise _Violation("invalid message format")
+                        if maps:
+                            portal_end = pos + 5 if data[pos + 5] == 0 else data.find(b"\x00", pos + 5, end)
+                            if portal_end < 0:
+                                raise _Violation("invalid message format")
+                            if portal_end < end - 1 and data[portal_end + 1] != 0:
+                                new = prepared.on_bind(self, server, data[pos + 5 : end], portal_end - pos - 5, replies)
+                    elif msg_type in _KIND_AND_NAME and (length < 6 or data[end - 1] != 0):
+                        raise _Violation("invalid message format")  # a kind and a name
+                    elif msg_type == _C:
+                        if maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
+                            new = prepared.on_close(self, server, data[pos + 5 : end], replies)
+                        else:
+                            prepared.track(server, prepared.CLOSE_REPLY, replies)
+                    elif msg_type == _D and maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
+                        new = prepared.on_describe(self, server, data[pos + 5 : end], replies)
+                elif msg_type == _S:
+                    if server.replies or self.batch_binds:
+                        binds, self.batch_binds = self.batch_binds, []
+                        reply = prepared.Reply(prepared.SYNC, binds=binds) if binds else prepared.SYNC_REPLY
+                        prepared.track(server, reply, replies)
+                    replies += 1
+                    self.unsynced = False
+                elif msg_type == _F:
+                    if server.replies:
+                        prepared.track(server, prepared.SYNC_REPLY, replies)
+                    replies += 1
+                elif msg_type == _X:
+                    if pos:
+                        server.outstanding += replies
+                        server.write(data[:pos] if out is None else b"".join(out) + data[seg:pos])
+                    self.close()
+                    return
+                elif msg_type != _H and msg_type not in _COPY:
+                    raise _Violation(f"invalid frontend message type {msg_type}")
+                if new is not None:
+                    if out is None:
+                        out = []
+                    out.append(data[seg:pos])
+                    out.append(new)
+                    seg = end
+                pos = end
+        # One name per clause (compiled: one typed variable each).
+        except _Violation as violation:
+            self._malformed(server, str(violation))
+            return
+        except _MALFORMED:
+            self._malformed(server, "invalid message format")
+            return
         if pos:
             if replies:
                 server.outstanding += replies
@@ -533,6 +557,12 @@ class ClientConnection(asyncio.Protocol):
             self._pending = data[pos:]
         if answered:
             self.server_ready(server)
+
+    def _malformed(self, server: ServerConnection, message: str) -> None:
+        # Replies of earlier messages of the chunk may be tracked but their bytes unsent:
+        # the server is not reused (the pool closes it when it gets it back).
+        server.close_needed = True
+        self._protocol_violation(message)
 
     def _parse_effect(self, sql: bytes) -> None:
         """A Parse the proxy does not map, whose SQL may touch session state."""

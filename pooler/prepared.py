@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final
 from . import sqlscan
 from .protocol import backend, extended
 from .protocol import errors as sqlstate
+from .protocol.errors import ProtocolError
 from .protocol.framing import frame
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ def on_bind(
     """A client's Bind of a named statement: maybe a Parse first, then the Bind renamed."""
     name_end = body.find(b"\x00", portal_end + 1)
     if name_end < 0:
-        return None  # malformed: the server says so
+        raise ProtocolError("unterminated string in message")
     name = body[portal_end + 1 : name_end].decode(errors="replace")
     stmt = client.statements.get(name)
     if stmt is None:
