@@ -200,7 +200,8 @@ def _group_caps(server: ServerFacts, fleets: Sequence[FleetSpec], caps: dict[str
 def split(budget: int, fleet: FleetSpec, *, hysteresis: int = 1, grow: bool = True) -> tuple[dict[str, int], int, int]:
     """(pod limits, floor, surge room) for `budget`; see the module docstring."""
     floor = max(1, fleet.workers)
-    pinned = {p.name: p.limit or 0 for p in fleet.pods if not p.reachable}
+    # Not reachable: at the limit it last confirmed, or (never confirmed) the ConfigMap's floor.
+    pinned = {p.name: floor if p.limit is None else p.limit for p in fleet.pods if not p.reachable}
     live = [p for p in fleet.pods if p.reachable]
     free = budget - sum(pinned.values())
     limits: dict[str, int] = dict(pinned)
@@ -261,7 +262,10 @@ def allocate_server(server: ServerFacts | None, fleets: Sequence[FleetSpec], *, 
     wanted = _group_caps(server, fleets, {f.name: spec_cap(f, usable) for f in fleets})
     weights = {f.name: f.weight for f in fleets}
     # What unreachable pods hold cannot be taken back this period: it comes off the top.
-    stuck = {f.name: sum(p.limit or 0 for p in f.pods if not p.reachable) for f in fleets}
+    stuck = {
+        f.name: sum(max(1, f.workers) if p.limit is None else p.limit for p in f.pods if not p.reachable)
+        for f in fleets
+    }
     fixed: dict[str, int] = {}
     shares = water_fill(headroom, wanted, weights)
     while over := {name for name in wanted if name not in fixed and stuck[name] > shares[name]}:

@@ -21,6 +21,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
     commands.add_parser("crd", help="print the PgPool CustomResourceDefinition as YAML")
+    budget = commands.add_parser(
+        "budget",
+        help="keep poolers on plain machines inside a backend budget (no Kubernetes)",
+        description="Observe one PostgreSQL server and keep the poolers given by --pooler inside the backends it "
+        "can give: the budget loop of the operator, with pods from a list of URLs.",
+    )
+    budget.add_argument("--dsn", required=True, help="the observer's connection (it is kept open)")
+    budget.add_argument(
+        "--pooler", action="append", required=True, metavar="URL", help="a pooler's HTTP control port (repeatable)"
+    )
+    budget.add_argument("--token-file", required=True, help="file holding the poolers' http_token_file token")
+    budget.add_argument("--max-backends", type=int, required=True, help="most backends the fleet may hold")
+    budget.add_argument("--max-backends-percent", type=int, help="and at most this share of usable connections")
+    budget.add_argument("--reserve", type=int, default=0, help="backends kept free for others (default 0)")
+    budget.add_argument("--period", type=float, default=2.0, help="seconds between periods (default 2)")
+    budget.add_argument("--workers", type=int, default=1, help="worker processes per pooler (each pod's floor)")
+    budget.add_argument("--role", default="", help="the poolers' PostgreSQL role, for its CONNECTION LIMIT")
+    budget.add_argument("--database", default="", help="the PostgreSQL database, for its CONNECTION LIMIT")
+    budget.add_argument("--json", action="store_true", help="print one JSON object per period")
+    budget.add_argument("--periods", type=int, default=0, help="stop after this many periods (default: run on)")
     return parser
 
 
@@ -31,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sys.stdout.write(crd_yaml())
         return 0
+
+    if args.command == "budget":
+        from .standalone import run_standalone
+
+        return run_standalone(args)
 
     if args.pooler_image:
         # Read by the handlers module when it loads, as every other setting.

@@ -6,8 +6,13 @@ one connects with asyncpg, tests may pass another.
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from .allocate import ServerFacts
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,3 +73,138 @@ class AsyncpgProbe:
             await conn.close(timeout=self.timeout)
         assert row is not None  # one row by construction of the query
         return DatabaseFacts(max_connections=int(row["max_connections"]), backends_in_use=int(row["in_use"]))
+
+
+# -- the budget loop's observer: one kept connection per server -------------------------------------
+
+_SETTINGS_SQL = """
+SELECT current_setting('max_connections')::int AS max_connections,
+       current_setting('superuser_reserved_connections')::int AS superuser_reserved,
+       coalesce(current_setting('reserved_connections', true), '0')::int AS reserved,
+       pg_backend_pid() AS me
+"""
+# Every client backend, whoever it belongs to: the fleets' are told apart by PID.
+_BACKENDS_SQL = """
+SELECT pid, coalesce(usename, '') AS usename, coalesce(datname, '') AS datname, coalesce(state, '') AS state
+  FROM pg_stat_activity WHERE backend_type = 'client backend'
+"""
+_LIMITS_SQL = """
+SELECT 'role' AS kind, rolname AS name, rolconnlimit AS lim FROM pg_roles WHERE rolname = ANY($1::text[])
+UNION ALL
+SELECT 'database', datname, datconnlimit FROM pg_database WHERE datname = ANY($2::text[])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    pid: int
+    user: str
+    database: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSnapshot:
+    """One look at a server: its settings, the limits of some roles and databases, every client backend."""
+
+    max_connections: int
+    superuser_reserved: int
+    reserved: int  # reserved_connections; 0 before PostgreSQL 16, where it does not exist
+    observer_pid: int
+    backends: tuple[Backend, ...]
+    role_limits: dict[str, int]
+    database_limits: dict[str, int]
+
+    def facts(self, fleet_pids: set[int]) -> ServerFacts:
+        """The allocator's view: whatever is not a fleet's (by PID) nor the observer is others'."""
+        others = [b for b in self.backends if b.pid not in fleet_pids and b.pid != self.observer_pid]
+        by_role: dict[str, int] = {}
+        by_database: dict[str, int] = {}
+        for backend in others:
+            by_role[backend.user] = by_role.get(backend.user, 0) + 1
+            by_database[backend.database] = by_database.get(backend.database, 0) + 1
+        return ServerFacts(
+            max_connections=self.max_connections,
+            superuser_reserved=self.superuser_reserved,
+            reserved=self.reserved,
+            others=len(others),
+            observer=1,
+            role_limits=self.role_limits,
+            database_limits=self.database_limits,
+            others_by_role=by_role,
+            others_by_database=by_database,
+        )
+
+    def held_by(self, pids: set[int]) -> int:
+        """How many of `pids` are live backends on the server now."""
+        return sum(1 for b in self.backends if b.pid in pids)
+
+
+class ServerObserver:
+    """Looks at one PostgreSQL server over a connection it keeps open.
+
+    Kept, because a server that others have filled up would refuse a new one exactly
+    when the observation matters most. Lost (server restart, network), it is opened
+    again at the next look; until then `snapshot` raises DatabaseUnreachable.
+    """
+
+    def __init__(self, dsn: str | None = None, *, target: DatabaseTarget | None = None, timeout: float = 5.0) -> None:
+        self.dsn = dsn
+        self.target = target
+        self.timeout = timeout
+        self._conn: Any = None
+
+    async def _connection(self) -> Any:
+        import asyncpg
+
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        kwargs: dict[str, Any] = {
+            "timeout": self.timeout,
+            "server_settings": {"application_name": "pgfleet-budget"},
+            "statement_cache_size": 0,
+        }
+        if self.target is not None:
+            kwargs.update(
+                host=self.target.host,
+                port=self.target.port,
+                database=self.target.dbname,
+                user=self.target.user,
+                password=self.target.password,
+            )
+        self._conn = await asyncpg.connect(self.dsn, **kwargs)
+        return self._conn
+
+    async def snapshot(self, roles: Sequence[str] = (), databases: Sequence[str] = ()) -> ServerSnapshot:
+        import asyncpg
+
+        where = self.dsn or (f"{self.target.host}:{self.target.port}" if self.target else "?")
+        try:
+            conn = await self._connection()
+            settings = await conn.fetchrow(_SETTINGS_SQL, timeout=self.timeout)
+            rows = await conn.fetch(_BACKENDS_SQL, timeout=self.timeout)
+            limit_rows = await conn.fetch(_LIMITS_SQL, list(roles), list(databases), timeout=self.timeout)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            await self.close()
+            raise DatabaseUnreachable(f"{_redact(where)}: {exc}") from exc
+        assert settings is not None
+        return ServerSnapshot(
+            max_connections=int(settings["max_connections"]),
+            superuser_reserved=int(settings["superuser_reserved"]),
+            reserved=int(settings["reserved"]),
+            observer_pid=int(settings["me"]),
+            backends=tuple(Backend(int(r["pid"]), r["usename"], r["datname"], r["state"]) for r in rows),
+            role_limits={r["name"]: int(r["lim"]) for r in limit_rows if r["kind"] == "role"},
+            database_limits={r["name"]: int(r["lim"]) for r in limit_rows if r["kind"] == "database"},
+        )
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=self.timeout)
+
+
+def _redact(dsn: str) -> str:
+    """A DSN without its password, for messages."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)

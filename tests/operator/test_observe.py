@@ -45,3 +45,54 @@ async def test_nothing_listening_is_unreachable(postgres: Any) -> None:
     port = free_port()
     with pytest.raises(DatabaseUnreachable, match=f"127.0.0.1:{port}/postgres"):
         await AsyncpgProbe(timeout=2)(target(postgres, port=port))
+
+
+async def test_the_kept_connection_sees_a_full_server_and_tells_backends_apart(postgres: Any) -> None:
+    import asyncpg
+    from pgfleet.operator.observe import ServerObserver
+
+    postgres.sql("DROP ROLE IF EXISTS limited; CREATE ROLE limited LOGIN CONNECTION LIMIT 7")
+    observer = ServerObserver(postgres.dsn("scramuser", "postgres"), timeout=2)
+    held: list[asyncpg.Connection] = []
+    try:
+        first = await observer.snapshot(roles=["limited", "nosuchrole"], databases=["postgres"])
+        assert (first.max_connections, first.superuser_reserved) == (50, 3)
+        assert first.reserved == 0 or first.reserved >= 0  # 0 before PostgreSQL 16 (the setting is absent)
+        assert first.role_limits == {"limited": 7} and first.database_limits == {"postgres": -1}
+        # Fill every slot a non-superuser may take: PostgreSQL refuses the next one.
+        while True:
+            try:
+                held.append(await asyncpg.connect(postgres.dsn("limited", "postgres")))
+            except asyncpg.TooManyConnectionsError:
+                break
+            if len(held) == 7:
+                held.append(await asyncpg.connect(postgres.dsn("md5user", "postgres")))
+                if len(held) > 60:
+                    raise AssertionError("the server never filled up")
+        full = await observer.snapshot(roles=["limited"])  # the kept connection still works
+        mine = {await held[0].fetchval("SELECT pg_backend_pid()"), await held[1].fetchval("SELECT pg_backend_pid()")}
+        facts = full.facts(fleet_pids=mine)
+        assert full.held_by(mine) == 2
+        assert facts.others == len(full.backends) - 2 - 1  # everything but the fleet's and the observer
+        assert facts.others_by_role["limited"] == 5
+        assert facts.role_limits["limited"] == 7
+    finally:
+        for conn in held:
+            await conn.close()
+        await observer.close()
+        postgres.sql("DROP ROLE limited")
+
+
+async def test_a_lost_observer_connection_is_unreachable_then_reopened(postgres: Any) -> None:
+    from pgfleet.operator.observe import ServerObserver
+
+    observer = ServerObserver(postgres.dsn("scramuser", "postgres"), timeout=2)
+    try:
+        snap = await observer.snapshot()
+        postgres.sql(f"SELECT pg_terminate_backend({snap.observer_pid})")
+        with pytest.raises(DatabaseUnreachable, match=r"scramuser:\*\*\*@"):
+            await observer.snapshot()  # the password never reaches a message
+        again = await observer.snapshot()
+        assert again.observer_pid != snap.observer_pid
+    finally:
+        await observer.close()

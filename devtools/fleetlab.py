@@ -1,0 +1,258 @@
+"""A fleet on one machine, for the budget tests and `make demo`.
+
+- `lab_database`: a throwaway PostgreSQL with a small max_connections, a database `app`,
+  the fleet's role `fleet` and a role `other` for "another application";
+- `start_fleet_pooler`: a real pooler process with its HTTP control port, starting at
+  the floor (as the ConfigMap starts a pod);
+- `Sampler`: pg_stat_activity every 100 ms, backends per role — the ground truth the
+  invariants are checked against (the fleet's poolers log in as `fleet`, nobody else does);
+- `Crowd`: clients through a pooler, each transaction counted, every error by SQLSTATE;
+- `Grabber`: another application taking and releasing a block of direct connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from .procs import PoolerProcess, free_port, start_pgfleet
+from .tempdb import TempPostgres
+
+TOKEN = "fleet-lab-token"
+FLEET_ROLE = "fleet"
+OTHER_ROLE = "other"
+
+
+def lab_database(max_connections: int = 50) -> TempPostgres:
+    """Started; the caller cleans it up. superuser_reserved_connections is 3 (TempPostgres)."""
+    pg = TempPostgres(max_connections=max_connections)
+    pg.start()
+    pg.sql(f"CREATE ROLE {FLEET_ROLE} LOGIN; CREATE ROLE {OTHER_ROLE} LOGIN")
+    pg.sql("CREATE DATABASE app")
+    return pg
+
+
+@dataclass
+class LabPooler:
+    name: str
+    process: PoolerProcess
+    port: int
+    http_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_fleet_pooler(
+    pg: TempPostgres, workdir: Path, name: str, *, floor: int = 1, workers: int = 1, **settings: Any
+) -> LabPooler:
+    """A pooler fronting `app` as role `fleet`, at the floor until the controller says otherwise."""
+    directory = workdir / name
+    directory.mkdir(parents=True, exist_ok=True)
+    token_file = workdir / "token"
+    token_file.write_text(TOKEN + "\n")
+    port, http_port = free_port(), free_port()
+    config: dict[str, Any] = {
+        "listen_addr": "127.0.0.1",
+        "listen_port": port,
+        "workers": workers,
+        "auth_type": "trust",
+        "pool_mode": "transaction",
+        "max_client_conn": 5000,
+        "default_pool_size": floor,
+        "max_db_connections": floor,
+        "query_wait_timeout": 60,
+        "server_login_retry": 1,
+        "log_connections": False,
+        "log_disconnections": False,
+        "http_listen_addr": "127.0.0.1",
+        "http_listen_port": http_port,
+        "http_token_file": str(token_file),
+        "databases": {
+            "app": {
+                "host": pg.host,
+                "port": pg.port,
+                "dbname": "app",
+                "user": FLEET_ROLE,
+                "pool_size": floor,
+                "max_db_connections": floor,
+            }
+        },
+        **settings,
+    }
+    process = start_pgfleet(config, directory)
+    return LabPooler(name, process, port, http_port)
+
+
+@dataclass
+class Sample:
+    at: float  # time.monotonic()
+    by_role: dict[str, int]
+
+    def count(self, role: str) -> int:
+        return self.by_role.get(role, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_role.values())
+
+
+class Sampler:
+    """pg_stat_activity every `interval` seconds over its own (superuser) connection."""
+
+    def __init__(self, pg: TempPostgres, interval: float = 0.1) -> None:
+        self.pg = pg
+        self.interval = interval
+        self.samples: list[Sample] = []
+        self._task: asyncio.Task[None] | None = None
+        self._conn: Any = None
+
+    async def start(self) -> None:
+        self._conn = await asyncpg.connect(self.pg.dsn(), server_settings={"application_name": "sampler"})
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            rows = await self._conn.fetch(
+                "SELECT coalesce(usename, '') AS role, count(*) AS n FROM pg_stat_activity"
+                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() GROUP BY 1"
+            )
+            self.samples.append(Sample(time.monotonic(), {r["role"]: int(r["n"]) for r in rows}))
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None:
+            await self._conn.close()
+
+    def since(self, start: float, end: float | None = None) -> list[Sample]:
+        return [s for s in self.samples if s.at >= start and (end is None or s.at <= end)]
+
+
+@dataclass
+class CrowdStats:
+    transactions: int = 0
+    connects: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # SQLSTATE (or exception name) -> count
+
+    @property
+    def failed(self) -> int:
+        return sum(self.errors.values())
+
+
+class Crowd:
+    """Clients through one pooler: `steady` ones that keep a connection, or serverless ones
+    that connect, run one or two transactions and leave."""
+
+    def __init__(self, port: int, *, query: str = "SELECT pg_sleep(0.02)", stats: CrowdStats | None = None) -> None:
+        self.port = port
+        self.query = query
+        self.stats = stats if stats is not None else CrowdStats()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _error(self, exc: BaseException) -> None:
+        self.stats.errors[getattr(exc, "sqlstate", None) or type(exc).__name__] += 1
+
+    async def _connect(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=self.port, user="app", database="app", statement_cache_size=0, timeout=60
+        )
+        self.stats.connects += 1
+        return conn
+
+    async def _steady(self) -> None:
+        conn = None
+        while True:
+            try:
+                if conn is None:
+                    conn = await self._connect()
+                async with conn.transaction():
+                    await conn.execute(self.query)
+                self.stats.transactions += 1
+            except asyncio.CancelledError:
+                if conn is not None:
+                    conn.terminate()
+                raise
+            except Exception as exc:
+                self._error(exc)
+                if conn is not None:
+                    conn.terminate()
+                conn = None
+                await asyncio.sleep(0.1)
+
+    async def _serverless(self, rng: random.Random, pause: float) -> None:
+        while True:
+            conn = None
+            try:
+                conn = await self._connect()
+                for _ in range(rng.randint(1, 2)):
+                    async with conn.transaction():
+                        await conn.execute(self.query)
+                    self.stats.transactions += 1
+                await conn.close()
+            except asyncio.CancelledError:
+                if conn is not None:
+                    conn.terminate()
+                raise
+            except Exception as exc:
+                self._error(exc)
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(rng.uniform(0, pause))
+
+    def add_steady(self, count: int) -> None:
+        self._tasks += [asyncio.create_task(self._steady()) for _ in range(count)]
+
+    def add_serverless(self, count: int, pause: float = 0.05, seed: int = 0) -> None:
+        rng = random.Random(seed)
+        self._tasks += [asyncio.create_task(self._serverless(rng, pause)) for _ in range(count)]
+
+    async def stop(self, count: int | None = None) -> None:
+        """Stop `count` clients (all by default)."""
+        count = len(self._tasks) if count is None else count
+        stopping, self._tasks = self._tasks[:count], self._tasks[count:]
+        for task in stopping:
+            task.cancel()
+        await asyncio.gather(*stopping, return_exceptions=True)
+
+    @property
+    def size(self) -> int:
+        return len(self._tasks)
+
+
+class Grabber:
+    """Another application: direct connections as role `other`, taken as they become free."""
+
+    def __init__(self, pg: TempPostgres) -> None:
+        self.pg = pg
+        self.conns: list[asyncpg.Connection] = []
+        self.refused = 0
+
+    async def grab(self, count: int, deadline: float) -> int:
+        """Open connections until `count` are held or `deadline` (monotonic) passes; how many are held."""
+        while len(self.conns) < count and time.monotonic() < deadline:
+            try:
+                self.conns.append(await asyncpg.connect(self.pg.dsn(OTHER_ROLE, "app"), timeout=5))
+            except asyncpg.TooManyConnectionsError:
+                self.refused += 1
+                await asyncio.sleep(0.05)
+        return len(self.conns)
+
+    async def release(self) -> None:
+        conns, self.conns = self.conns, []
+        await asyncio.gather(*(conn.close() for conn in conns), return_exceptions=True)

@@ -1,0 +1,226 @@
+"""The budget loop: one per PostgreSQL server, shared by every fleet on it.
+
+Each period: read every pod's /status (demand, limit in force, backend PIDs), look at
+the server over the kept connection (settings, limits, every client backend), allocate
+(allocate.py, pure), push in the safe order (fleet.py). The same loop runs in the
+operator (pods from the Kubernetes API) and standalone (`pgfleet-operator budget`, pods
+from a list of URLs): a fleet only says how to list its pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .allocate import FleetBudget, FleetSpec, PodState, ServerBudget, allocate_server
+from .fleet import PodClient, PodReport, PushOutcome, push_in_safe_order
+from .observe import DatabaseUnreachable, ServerObserver, ServerSnapshot
+
+log = logging.getLogger("pgfleet.budget")
+
+PodLister = Callable[[], Awaitable[dict[str, str]]]  # pod name -> base URL of its control port
+
+
+@dataclass(slots=True)
+class Fleet:
+    """One fleet the loop keeps in budget: its spec and where its pods are."""
+
+    name: str
+    token: str
+    pods: PodLister
+    role: str = ""  # the PostgreSQL role its poolers log in as (its CONNECTION LIMIT applies)
+    database: str = ""  # the PostgreSQL database (its CONNECTION LIMIT applies)
+    max_backends: int | None = None
+    max_backends_percent: int | None = None
+    reserve: int = 0
+    weight: int = 1
+    workers: int = 1
+    surge: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FleetReport:
+    name: str
+    budget: FleetBudget
+    pods: dict[str, PodReport]
+    push: PushOutcome
+    fleet_backends: int | None  # its backends PostgreSQL shows, by PID (None: not observed)
+
+    @property
+    def limits(self) -> dict[str, int]:
+        return {name: report.limit or 0 for name, report in self.push.reports.items() if report.reachable}
+
+    @property
+    def unconfirmed(self) -> dict[str, str]:
+        """Pods whose limit in force is not known to be within the budget, and why."""
+        out = dict(self.push.unconfirmed)
+        for name, report in self.pods.items():
+            if not report.reachable:
+                out.setdefault(name, report.error or "unreachable")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodReport:
+    at: float  # wall clock of the observation
+    took: float  # seconds the period's work took
+    error: str  # why the server was not observed, or ""
+    server: ServerBudget
+    fleets: dict[str, FleetReport]
+
+    @property
+    def observed(self) -> bool:
+        return not self.error
+
+
+@dataclass(slots=True)
+class _Memory:
+    """What a fleet's loop remembers between periods."""
+
+    confirmed: dict[str, int] = field(default_factory=dict)  # pod -> last limit it confirmed
+    pids: dict[str, frozenset[int]] = field(default_factory=dict)  # pod -> backends it last reported
+    budget: int | None = None
+
+
+class BudgetLoop:
+    def __init__(
+        self, observer: ServerObserver, *, period: float = 2.0, hysteresis: int = 1, push_timeout: float = 2.0
+    ) -> None:
+        self.observer = observer
+        self.period = period
+        self.hysteresis = hysteresis
+        self.push_timeout = push_timeout
+        self.fleets: dict[str, Fleet] = {}
+        self.last: PeriodReport | None = None
+        self._memory: dict[str, _Memory] = {}
+        self._clients: dict[str, PodClient] = {}
+
+    def set_fleet(self, fleet: Fleet) -> None:
+        self.fleets[fleet.name] = fleet
+
+    def drop_fleet(self, name: str) -> None:
+        self.fleets.pop(name, None)
+        self._memory.pop(name, None)
+
+    def _client(self, fleet: Fleet) -> PodClient:
+        client = self._clients.get(fleet.name)
+        if client is None or client.token != fleet.token:
+            client = self._clients[fleet.name] = PodClient(fleet.token, self.push_timeout)
+        return client
+
+    async def step(self) -> PeriodReport:
+        started = time.monotonic()
+        fleets = list(self.fleets.values())
+        # The server first, the pods after: a server a pod opens in between is then
+        # reported by the pod and simply not yet seen, rather than counted as others'.
+        snapshot: ServerSnapshot | None = None
+        error = ""
+        try:
+            snapshot = await self.observer.snapshot(
+                roles=sorted({f.role for f in fleets if f.role}),
+                databases=sorted({f.database for f in fleets if f.database}),
+            )
+        except DatabaseUnreachable as exc:
+            error = str(exc)
+        pods = await asyncio.gather(*(self._read_pods(fleet) for fleet in fleets))
+        reports = {fleet.name: r for fleet, r in zip(fleets, pods, strict=True)}
+        pids: dict[str, set[int]] = {}
+        for fleet in fleets:
+            memory = self._memory.setdefault(fleet.name, _Memory())
+            mine: set[int] = set()
+            for name, report in reports[fleet.name].items():
+                if report.reachable:
+                    memory.pids[name] = report.pids
+                # An unreachable pod's backends are still its fleet's, not others'.
+                mine |= memory.pids.get(name, frozenset())
+            for gone in set(memory.pids) - set(reports[fleet.name]):
+                del memory.pids[gone]
+                memory.confirmed.pop(gone, None)
+            pids[fleet.name] = mine
+        all_pids = set().union(*pids.values()) if pids else set()
+        facts = snapshot.facts(all_pids) if snapshot is not None else None
+        specs = [self._spec(fleet, reports[fleet.name]) for fleet in fleets]
+        server = allocate_server(facts, specs, hysteresis=self.hysteresis)
+        out: dict[str, FleetReport] = {}
+        pushes = await asyncio.gather(*(self._push(fleet, reports[fleet.name], server) for fleet in fleets))
+        for fleet, push in zip(fleets, pushes, strict=True):
+            budget = server.fleets[fleet.name]
+            self._memory[fleet.name].budget = budget.budget
+            out[fleet.name] = FleetReport(
+                name=fleet.name,
+                budget=budget,
+                pods=reports[fleet.name],
+                push=push,
+                fleet_backends=snapshot.held_by(pids[fleet.name]) if snapshot is not None else None,
+            )
+        period = PeriodReport(at=time.time(), took=time.monotonic() - started, error=error, server=server, fleets=out)
+        self.last = period
+        return period
+
+    async def _read_pods(self, fleet: Fleet) -> dict[str, PodReport]:
+        try:
+            pods = await fleet.pods()
+        except Exception as exc:  # a fleet whose pods cannot be listed is skipped, not the loop
+            log.warning("fleet %s: cannot list pods: %s", fleet.name, exc)
+            pods = {}
+        return await self._client(fleet).statuses(pods)
+
+    def _spec(self, fleet: Fleet, reports: dict[str, PodReport]) -> FleetSpec:
+        memory = self._memory[fleet.name]
+        states = []
+        for name, report in sorted(reports.items()):
+            if report.reachable:
+                states.append(
+                    PodState(name, limit=report.limit, held=report.held, active=report.active, waiting=report.waiting)
+                )
+            else:
+                states.append(PodState(name, limit=memory.confirmed.get(name), reachable=False))
+        return FleetSpec(
+            name=fleet.name,
+            role=fleet.role,
+            database=fleet.database,
+            max_backends=fleet.max_backends,
+            max_backends_percent=fleet.max_backends_percent,
+            reserve=fleet.reserve,
+            weight=fleet.weight,
+            workers=fleet.workers,
+            surge=fleet.surge,
+            pods=tuple(states),
+            budget=memory.budget,
+        )
+
+    async def _push(self, fleet: Fleet, reports: dict[str, PodReport], server: ServerBudget) -> PushOutcome:
+        budget = server.fleets[fleet.name]
+        targets = {name: limit for name, limit in budget.limits.items() if reports[name].reachable}
+        return await push_in_safe_order(
+            self._client(fleet),
+            reports,
+            targets,
+            budget=budget.budget - budget.surge_room,
+            confirmed=self._memory[fleet.name].confirmed,
+        )
+
+    async def run(self, on_report: Callable[[PeriodReport], None] | None = None) -> None:
+        """Step every `period` seconds until cancelled; a failed period is logged, not fatal."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                report = await self.step()
+            except Exception:
+                log.exception("budget period failed")
+            else:
+                if on_report is not None:
+                    on_report(report)
+            await asyncio.sleep(max(0.0, self.period - (loop.time() - started)))
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+        with contextlib.suppress(Exception):
+            await self.observer.close()
