@@ -44,6 +44,10 @@ class TempPostgres:
     port: int = field(default_factory=free_port)
     extra_conf: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    # TLS: (certificate chain, key, CA) PEM texts; the server then runs with ssl = on.
+    tls: tuple[bytes, bytes, bytes] | None = None
+    # pg_hba.conf lines in place of the default ones (e.g. hostssl only).
+    hba: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.bindir = find_bindir()
@@ -98,10 +102,14 @@ class TempPostgres:
             "log_min_messages": "warning",
             **self.extra_conf,
         }
+        if self.tls is not None:
+            conf.update(self._write_tls(*self.tls))
         conf_text = "".join(f"{k} = {v}\n" for k, v in conf.items())
         hba = ["local all all trust"]
         hba += [f"host all {user} 127.0.0.1/32 {method}" for user, method in HBA_METHODS.items()]
         hba += ["host all all 127.0.0.1/32 trust"]
+        if self.hba is not None:
+            hba = ["local all all trust", *self.hba]
         self._append(self.datadir / "postgresql.conf", conf_text)
         self._write(self.datadir / "pg_hba.conf", "\n".join(hba) + "\n")
         self._run(
@@ -114,6 +122,18 @@ class TempPostgres:
             "CREATE ROLE plainuser LOGIN SUPERUSER PASSWORD 'plainpass';"
         )
         return self
+
+    def _write_tls(self, cert: bytes, key: bytes, ca: bytes) -> dict[str, str]:
+        # Written as the server's owner: PostgreSQL refuses a key others can read.
+        names = {
+            "ssl_cert_file": ("server.crt", cert),
+            "ssl_key_file": ("server.key", key),
+            "ssl_ca_file": ("ca.crt", ca),
+        }
+        for name, text in names.values():
+            self._write(self.datadir / name, text.decode())
+        self._run("chmod", "600", str(self.datadir / "server.key"))
+        return {"ssl": "on", **{setting: f"'{self.datadir / name}'" for setting, (name, _) in names.items()}}
 
     def _append(self, path: Path, text: str) -> None:
         proc = subprocess.run(self._cmd("tee", "-a", str(path)), input=text, text=True, capture_output=True)

@@ -608,7 +608,8 @@ class AdminSession:
             str(local[0]) if local else "", int(local[1]) if len(local) > 1 else 0,
             _timestamp(views.wall_clock(self.pooler, connected)), _timestamp(views.wall_clock(self.pooler, requested)),
             wait_us // 1_000_000, wait_us % 1_000_000, int(close_needed),
-            f"{id(obj):#x}", f"{id(link):#x}" if link is not None else "", remote_pid, "", app_name,
+            f"{id(obj):#x}", f"{id(link):#x}" if link is not None else "", remote_pid,
+            getattr(obj, "tls", ""), app_name,  # a client's or a server's TLS version/cipher
             prepared, ident,
         ]  # fmt: skip
 

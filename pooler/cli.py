@@ -16,6 +16,7 @@ from .compiled import BUILD
 from .config import ConfigError, PoolerConfig, load_config
 from .pooler import Pooler
 from .shares import WorkerSlot
+from .tls import build_contexts
 
 log = logging.getLogger("pgfleet")
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # A worker (re)started by the supervisor runs as one of the workers already running.
         config = load_config(path, workers=slot.count if slot is not None else None)
+        build_contexts(config)  # key, certificate and CA files can be read and fit together
     except ConfigError as exc:
         print(f"pgfleet-pooler: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -13,10 +13,11 @@ import asyncio
 import enum
 import logging
 import os
+import ssl
 import struct
 from typing import TYPE_CHECKING, Final, cast
 
-from . import auth, params, prepared, sqlscan
+from . import auth, params, prepared, sqlscan, tls
 from .config import AuthType, PoolMode
 from .protocol import backend
 from .protocol import errors as sqlstate
@@ -111,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         "server",
         "state",
         "statements",
+        "tls",
         "transport",
         "unsynced",
         "user",
@@ -130,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
         self.is_admin = False
         self.cancel_key = (0, 0)
         self.address: tuple[str, int] = ("", 0)
+        self.tls = ""  # "TLSv1.3/<cipher>" once upgraded (SHOW CLIENTS)
         now = pooler.loop.time()
         self.connect_time = now
         self.last_activity = now
@@ -271,8 +274,11 @@ class ClientConnection(asyncio.Protocol):
         assert self.transport is not None
         while True:
             packet = parse_startup_packet(await self._read_startup_packet())
+            if isinstance(packet, SSLRequest) and self.pooler.tls.client is not None and not self.tls:
+                await self._start_tls(self.pooler.tls.client)
+                continue
             if isinstance(packet, SSLRequest | GSSENCRequest):
-                # No TLS yet: 'N' tells the client to go on in the clear (or give up).
+                # 'N' tells the client to go on in the clear (or give up).
                 self.transport.write(b"N")
                 continue
             break
@@ -281,6 +287,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         assert isinstance(packet, StartupMessage)
+        if not self.tls and self.pooler.tls.client_mode.demands_tls and self.address[0] != "unix":
+            raise ClientError(sqlstate.INVALID_AUTHORIZATION, "SSL required")
         self.state = ClientState.LOGIN
         self.user, self.database = packet.user, packet.database
         config = self.pooler.config
@@ -316,6 +324,25 @@ class ClientConnection(asyncio.Protocol):
             log.info("login: %s@%s from %s:%s", self.user, self.database, *self.address)
         if self._pending:
             self._need_server()
+
+    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+        """SSLRequest: answer 'S' and upgrade this connection in place."""
+        if self._pending:
+            # Bytes sent before the handshake cannot have come through it (CVE-2021-23214).
+            raise ClientError(sqlstate.PROTOCOL_VIOLATION, "received unencrypted data after SSL request")
+        assert self.transport is not None
+        pooler = self.pooler
+        try:
+            self.transport = await tls.upgrade_client(
+                pooler.loop, self.transport, self, ctx, pooler.tls_stats, pooler.config.client_login_timeout or None
+            )
+        except (OSError, TimeoutError) as exc:
+            log.info("TLS handshake with client %s:%s failed: %s", *self.address, exc)
+            self.transport.abort()
+            if self.state is not ClientState.CLOSED:
+                self.connection_lost(exc)
+            raise asyncio.CancelledError from None
+        self.tls = tls.describe(self.transport)
 
     def _check_startup_params(self, startup: dict[str, str]) -> dict[str, str]:
         tracked: dict[str, str] = {}

@@ -38,6 +38,25 @@ class AuthType(str, Enum):
     SCRAM_SHA_256 = "scram-sha-256"
 
 
+class SslMode(str, Enum):
+    """PgBouncer's client_tls_sslmode / server_tls_sslmode values (libpq's sslmode names)."""
+
+    DISABLE = "disable"
+    ALLOW = "allow"
+    PREFER = "prefer"
+    REQUIRE = "require"
+    VERIFY_CA = "verify-ca"
+    VERIFY_FULL = "verify-full"
+
+    @property
+    def demands_tls(self) -> bool:
+        return self in (SslMode.REQUIRE, SslMode.VERIFY_CA, SslMode.VERIFY_FULL)
+
+    @property
+    def verifies(self) -> bool:
+        return self in (SslMode.VERIFY_CA, SslMode.VERIFY_FULL)
+
+
 class _Strict(BaseModel):
     # A misspelt key is an error that names it, never a silently ignored setting.
     model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
@@ -97,6 +116,25 @@ class PoolerConfig(_Strict):
     admin_users: list[str] = Field(default_factory=list)
     stats_users: list[str] = Field(default_factory=list)
 
+    # TLS towards clients (PgBouncer's names; files are read at start and at every reload).
+    client_tls_sslmode: SslMode = Field(
+        default=SslMode.DISABLE, description="disable, allow, prefer, require, verify-ca, verify-full."
+    )
+    client_tls_key_file: str | None = Field(default=None, description="Private key the pooler shows clients.")
+    client_tls_cert_file: str | None = Field(default=None, description="Certificate the pooler shows clients.")
+    client_tls_ca_file: str | None = Field(default=None, description="CA that client certificates must chain to.")
+    client_tls_protocols: str = Field(default="secure", description="secure (TLS 1.2 and 1.3), all, or tlsv1.x list.")
+    client_tls_ciphers: str = Field(default="default", description="OpenSSL cipher list; default keeps Python's.")
+    # TLS towards PostgreSQL.
+    server_tls_sslmode: SslMode = Field(
+        default=SslMode.PREFER, description="disable, allow, prefer, require, verify-ca, verify-full."
+    )
+    server_tls_ca_file: str | None = Field(default=None, description="CA the server certificate must chain to.")
+    server_tls_key_file: str | None = Field(default=None, description="Client certificate key shown to PostgreSQL.")
+    server_tls_cert_file: str | None = Field(default=None, description="Client certificate shown to PostgreSQL.")
+    server_tls_protocols: str = Field(default="secure", description="secure (TLS 1.2 and 1.3), all, or tlsv1.x list.")
+    server_tls_ciphers: str = Field(default="default", description="OpenSSL cipher list; default keeps Python's.")
+
     # Pooling.
     pool_mode: PoolMode = PoolMode.TRANSACTION
     max_client_conn: Count = 100
@@ -151,6 +189,7 @@ class PoolerConfig(_Strict):
     def _check(self) -> PoolerConfig:
         if self.auth_type not in (AuthType.TRUST, AuthType.ANY) and not self.auth_file:
             raise ValueError(f"auth_type {self.auth_type.value} needs auth_file")
+        self._check_tls()
         if self.min_pool_size > self.default_pool_size:
             raise ValueError("min_pool_size must not exceed default_pool_size")
         if self.workers > 1:
@@ -161,6 +200,18 @@ class PoolerConfig(_Strict):
                         "every worker needs at least one of each limit it is given a share of"
                     )
         return self
+
+    def _check_tls(self) -> None:
+        # What a mode needs that the config must name; whether the files can be read is
+        # checked where they are loaded (tls.build_contexts), at start and at every reload.
+        if self.client_tls_sslmode is not SslMode.DISABLE:
+            for key in ("client_tls_key_file", "client_tls_cert_file"):
+                if not getattr(self, key):
+                    raise ValueError(f"client_tls_sslmode {self.client_tls_sslmode.value} needs {key}")
+        if self.client_tls_sslmode.verifies and not self.client_tls_ca_file:
+            raise ValueError(f"client_tls_sslmode {self.client_tls_sslmode.value} needs client_tls_ca_file")
+        if bool(self.server_tls_key_file) != bool(self.server_tls_cert_file):
+            raise ValueError("server_tls_key_file and server_tls_cert_file go together")
 
     def _split_limits(self) -> list[tuple[str, int]]:
         """The limits `workers` divides, by name; 0 means unlimited (or none) and is not divided."""
@@ -225,6 +276,16 @@ class PoolLimits:
             max_db_connections=portion(self.max_db_connections),
             max_user_connections=portion(self.max_user_connections),
         )
+
+
+TLS_FILE_KEYS = (
+    "client_tls_key_file",
+    "client_tls_cert_file",
+    "client_tls_ca_file",
+    "server_tls_key_file",
+    "server_tls_cert_file",
+    "server_tls_ca_file",
+)
 
 
 class ConfigError(Exception):
@@ -298,10 +359,13 @@ def load_config(path: str | Path, *, workers: int | None = None) -> PoolerConfig
             log.warning("%s: workers changed (%d running): takes effect after a restart", path, workers)
         data = {**data, "workers": workers}
     config = parse_config(data, str(path))
-    if config.auth_file and not Path(config.auth_file).is_absolute():
-        # Relative to the config file, as PgBouncer resolves its include paths.
-        config = config.model_copy(update={"auth_file": str(path.parent / config.auth_file)})
-    return config
+    # Relative to the config file, as PgBouncer resolves its include paths.
+    relative = {
+        key: str(path.parent / value)
+        for key in ("auth_file", *TLS_FILE_KEYS)
+        if (value := getattr(config, key)) and not Path(value).is_absolute()
+    }
+    return config.model_copy(update=relative) if relative else config
 
 
 def dump_config(config: PoolerConfig) -> str:

@@ -2,7 +2,7 @@
 
 A team can point `pgfleet-pooler --config pgbouncer.ini` at the file it already runs
 PgBouncer with. Settings pgfleet honours are mapped onto `PoolerConfig`; settings it
-knows and does not implement (log files, TCP tuning, TLS, DNS, ...) are named in one
+knows and does not implement (log files, TCP tuning, DNS, ...) are named in one
 warning each and skipped; anything else is an error naming the key, as a misspelt key
 in the YAML format is.
 """
@@ -101,7 +101,8 @@ IGNORED_PGBOUNCER_KEYS = frozenset(
         "stats_users_prefix",
     }
 )
-# TLS is not implemented yet; every client_tls_* / server_tls_* key is skipped alike.
+# TLS settings pgfleet does not have (TLS 1.3 cipher suites, DH/ECDH parameters) are
+# skipped alike; the rest are PoolerConfig fields.
 _IGNORED_PREFIXES = ("client_tls_", "server_tls_", "client_tls13_", "server_tls13_")
 
 # [databases] connection-string keys pgfleet does not act on.
@@ -249,7 +250,7 @@ def _unquote_name(name: str) -> str:
 
 
 def _pgbouncer_setting(data: dict[str, Any], key: str, value: str, where: str) -> None:
-    if key in IGNORED_PGBOUNCER_KEYS or key.startswith(_IGNORED_PREFIXES):
+    if key in IGNORED_PGBOUNCER_KEYS or (key.startswith(_IGNORED_PREFIXES) and key not in _SUPPORTED_PGBOUNCER_KEYS):
         log.warning("%s: %s ignored: pgfleet does not implement it", where, key)
         return
     if key not in _SUPPORTED_PGBOUNCER_KEYS:

@@ -220,6 +220,19 @@ class PoolerCollector(Collector):
             misses.add_metric(key, float(pool.stats.prepared_misses))
         yield from (limit, size, backends, queued, paused, hits, misses)
 
+        stats = pooler.tls_stats
+        handshakes = CounterMetricFamily(
+            "pgfleet_tls_handshakes", "TLS handshakes completed, by leg (client, server)", labels=["side"]
+        )
+        failures = CounterMetricFamily(
+            "pgfleet_tls_handshake_failures", "TLS handshakes that failed, by leg (client, server)", labels=["side"]
+        )
+        handshakes.add_metric(["client"], float(stats.client_handshakes))
+        handshakes.add_metric(["server"], float(stats.server_handshakes))
+        failures.add_metric(["client"], float(stats.client_failures))
+        failures.add_metric(["server"], float(stats.server_failures))
+        yield from (handshakes, failures)
+
         draining = GaugeMetricFamily("pgfleet_draining", "1 once a drain (SIGTERM, POST /drain) has started")
         draining.add_metric([], float(pooler.draining))
         yield draining

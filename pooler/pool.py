@@ -11,6 +11,7 @@ import collections
 import logging
 from typing import TYPE_CHECKING, Final
 
+from . import tls
 from .config import DatabaseConfig, PoolerConfig, PoolMode
 from .prepared import StatementRegistry
 from .protocol import backend
@@ -311,7 +312,9 @@ class Pool:
                 if db.unix_socket is not None:
                     await loop.create_unix_connection(lambda: server, db.unix_socket)
                 else:
-                    await loop.create_connection(lambda: server, db.host, db.port)
+                    pooler = self.pooler
+                    await tls.connect_server(loop, lambda: server, db.host, db.port, pooler.tls, pooler.tls_stats)
+                    server.tls = tls.describe(server.transport)
                 await server.login(self.server_user, self.server_dbname, self._server_secret())
                 if db.connect_query:
                     done = loop.create_future()

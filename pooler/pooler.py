@@ -15,6 +15,7 @@ from .pool import Pool
 from .protocol import errors as sqlstate
 from .protocol.startup import build_cancel_request
 from .shares import WorkerSlot
+from .tls import TlsContexts, TlsStats, build_contexts, open_server_stream
 from .userlist import load_userlist
 
 if TYPE_CHECKING:
@@ -27,6 +28,10 @@ log = logging.getLogger("pgfleet.pooler")
 RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_addr", "http_listen_port")
 
 
+def _tls_settings(config: PoolerConfig) -> dict[str, Any]:
+    return {key: value for key, value in config if key.startswith(("client_tls_", "server_tls_"))}
+
+
 class Pooler:
     def __init__(self, config: PoolerConfig, config_path: str | None = None, slot: WorkerSlot | None = None) -> None:
         self.config = config
@@ -34,6 +39,8 @@ class Pooler:
         self.config_path = config_path
         self.loop = asyncio.get_running_loop()
         self.userlist: dict[str, str] = load_userlist(config.auth_file) if config.auth_file else {}
+        self.tls: TlsContexts = build_contexts(config)
+        self.tls_stats = TlsStats()
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[ClientConnection] = set()
         self.logged_in_clients = 0
@@ -151,19 +158,26 @@ class Pooler:
             return
         try:
             new = load_config(self.config_path, workers=self.slot.count)
+            # Certificates and keys are read again: new handshakes use rotated files,
+            # links already open keep theirs.
+            tls = build_contexts(new)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             raise
-        self.apply_config(new)
+        self.apply_config(new, tls)
 
-    def apply_config(self, new: PoolerConfig) -> list[str]:
+    def apply_config(self, new: PoolerConfig, tls: TlsContexts | None = None) -> list[str]:
         """Switch to `new`; returns the settings that need a restart to take effect."""
+        if tls is None and _tls_settings(new) != _tls_settings(self.config):
+            tls = build_contexts(new)
         userlist = load_userlist(new.auth_file) if new.auth_file else {}
         pending = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
         for key in pending:
             log.warning("%s changed: takes effect after a restart", key)
         self.config = new
         self.userlist = userlist
+        if tls is not None:
+            self.tls = tls
         for pool in list(self.pools.values()):
             pool.configure(new)
         self._schedule_janitor()
@@ -291,7 +305,8 @@ class Pooler:
                 if isinstance(address, str):
                     reader, writer = await asyncio.open_unix_connection(address)
                 else:
-                    reader, writer = await asyncio.open_connection(*address)
+                    # The same negotiation as the pool's links: a TLS-only server gets its cancel over TLS.
+                    reader, writer = await open_server_stream(self.loop, *address, self.tls, self.tls_stats)
                 writer.write(build_cancel_request(pid, key))
                 await writer.drain()
                 await reader.read()  # the server closes the connection when done

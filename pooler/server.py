@@ -85,6 +85,7 @@ class ServerConnection(asyncio.Protocol):
         self.link_time = 0.0
         self.address = ("", 0)
         self.local_address = ("", 0)
+        self.tls = ""  # "TLSv1.3/<cipher>" on a TLS link (SHOW SERVERS)
         # Set when the server must not go back to the pool (lifetime, lower limit, error).
         self.close_needed = False
         # Server-side statements this link holds, least recently used first.

@@ -34,6 +34,7 @@ import aiohttp
 from .compiled import BUILD
 from .config import ConfigError, PoolerConfig, load_config, merge_limits
 from .shares import WorkerSlot
+from .tls import build_contexts
 
 log = logging.getLogger("pgfleet.supervisor")
 
@@ -202,6 +203,7 @@ class Supervisor:
         """SIGHUP: check the file here (for the HTTP port's view), then let every worker reload it."""
         try:
             new = load_config(self.config_path, workers=self.config.workers)
+            build_contexts(new)  # the workers would refuse it alike
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return

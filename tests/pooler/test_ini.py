@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pgfleet.devtools.tempdb import TempPostgres, free_port
 from pgfleet.devtools.testing import client_env, run_cmd
-from pgfleet.pooler.config import ConfigError, PoolMode, load_config, parse_config
+from pgfleet.pooler.config import ConfigError, PoolMode, SslMode, load_config, parse_config
 from pgfleet.pooler.ini import ini_to_dict, parse_connstring, parse_duration
 
 from .conftest import USERLIST, PoolerProcess
@@ -39,8 +39,9 @@ logfile = /var/log/pgbouncer/pgbouncer.log
 pidfile = /var/run/pgbouncer/pgbouncer.pid
 so_reuseport = 1
 tcp_keepalive = 1
-server_tls_sslmode = prefer
-client_tls_key_file = /etc/tls/key.pem
+server_tls_sslmode = verify-full
+server_tls_ca_file = /etc/tls/ca.pem
+client_tls13_ciphers = TLS_AES_128_GCM_SHA256
 
 [users]
 md5user = pool_mode=session max_user_connections=3
@@ -74,11 +75,12 @@ def test_sample_ini_maps_onto_the_config(tmp_path: Path, caplog: pytest.LogCaptu
     assert (reports.host, reports.user, reports.password) == ("replica1", "reporter", "p a'ss")
     assert reports.pool_mode is PoolMode.SESSION
     assert config.database("anything") == config.databases["*"]
+    assert (config.server_tls_sslmode, config.server_tls_ca_file) == (SslMode.VERIFY_FULL, "/etc/tls/ca.pem")
     user = config.users["md5user"]
     assert (user.pool_mode, user.max_user_connections) == (PoolMode.SESSION, 3)
     # Each setting pgfleet does not act on is named once.
     warned = caplog.text
-    for key in ("logfile", "pidfile", "so_reuseport", "tcp_keepalive", "server_tls_sslmode", "client_tls_key_file"):
+    for key in ("logfile", "pidfile", "so_reuseport", "tcp_keepalive", "client_tls13_ciphers"):
         assert f"{key} ignored" in warned, key
     assert "auth_user ignored" in warned
     assert "several hosts given; pgfleet connects to replica1 only" in warned

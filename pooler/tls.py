@@ -1,0 +1,295 @@
+"""TLS on both legs: contexts built from the config, the client upgrade, the server negotiation.
+
+A config that asks for TLS it cannot have (a file missing or unreadable, a key that does
+not fit its certificate, an unknown protocol name) is a `ConfigError` naming the key, at
+start, at `--check-config` and at every reload: nothing falls back to cleartext silently.
+
+Client links upgrade in place after SSLRequest (`loop.start_tls`). Server links send
+SSLRequest on a bare socket, read the one-byte answer, and only then hand the socket to
+the event loop with or without TLS: the handshake happens once, when the link opens, and
+the session is kept for the link's whole life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar, cast
+
+from .config import ConfigError, PoolerConfig, SslMode
+from .protocol.startup import build_ssl_request
+
+# The ALPN protocol PostgreSQL 17 registers for its connections.
+ALPN = "postgresql"
+
+_VERSIONS = {
+    "tlsv1.0": ssl.TLSVersion.TLSv1,
+    "tlsv1": ssl.TLSVersion.TLSv1,
+    "tlsv1.1": ssl.TLSVersion.TLSv1_1,
+    "tlsv1.2": ssl.TLSVersion.TLSv1_2,
+    "tlsv1.3": ssl.TLSVersion.TLSv1_3,
+}
+_PROTOCOL_ALIASES = {
+    "secure": ("tlsv1.2", "tlsv1.3"),
+    "default": ("tlsv1.2", "tlsv1.3"),
+    "all": ("tlsv1.0", "tlsv1.1", "tlsv1.2", "tlsv1.3"),
+    "legacy": ("tlsv1.0", "tlsv1.1", "tlsv1.2", "tlsv1.3"),
+}
+# libtls's cipher aliases (PgBouncer's values) that mean "the library's own choice".
+_DEFAULT_CIPHERS = frozenset({"default", "secure", "normal", "fast"})
+
+
+class TlsRefused(ConnectionError):
+    """The server cannot give the TLS that server_tls_sslmode demands."""
+
+
+@dataclass
+class TlsStats:
+    """Handshakes since start, for /metrics: completed and failed, per leg."""
+
+    client_handshakes: int = 0
+    client_failures: int = 0
+    server_handshakes: int = 0
+    server_failures: int = 0
+
+
+@dataclass(frozen=True)
+class TlsContexts:
+    """The contexts of one config: None on a leg whose mode is disable."""
+
+    client: ssl.SSLContext | None
+    client_mode: SslMode
+    server: ssl.SSLContext | None
+    server_mode: SslMode
+
+
+def parse_protocols(value: str, key: str) -> tuple[ssl.TLSVersion, ssl.TLSVersion]:
+    """(lowest, highest) TLS version from PgBouncer's protocols value ("secure", "tlsv1.2,tlsv1.3")."""
+    names: list[str] = []
+    for word in value.replace(":", ",").replace(" ", ",").lower().split(","):
+        if not word:
+            continue
+        if word in _PROTOCOL_ALIASES:
+            names.extend(_PROTOCOL_ALIASES[word])
+        elif word in _VERSIONS:
+            names.append(word)
+        else:
+            raise ConfigError(f"{key}: unknown TLS protocol {word!r} (secure, all, legacy, tlsv1.0 .. tlsv1.3)")
+    if not names:
+        raise ConfigError(f"{key}: names no TLS protocol")
+    versions = sorted({_VERSIONS[name] for name in names})
+    return versions[0], versions[-1]
+
+
+def _readable(key: str, path: str) -> str:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def _no_password() -> str:
+    # An encrypted key would otherwise make OpenSSL prompt on the terminal.
+    raise ConfigError("the key file is encrypted; give an unencrypted key")
+
+
+def _configure(ctx: ssl.SSLContext, config: PoolerConfig, side: str) -> None:
+    """Key pair, CA, protocols and ciphers of `side` ("client" or "server") into ctx."""
+    key_file: str | None = getattr(config, f"{side}_tls_key_file")
+    cert_file: str | None = getattr(config, f"{side}_tls_cert_file")
+    ca_file: str | None = getattr(config, f"{side}_tls_ca_file")
+    if key_file and cert_file:
+        _readable(f"{side}_tls_key_file", key_file)
+        _readable(f"{side}_tls_cert_file", cert_file)
+        try:
+            ctx.load_cert_chain(cert_file, key_file, password=_no_password)
+        except ConfigError as exc:
+            raise ConfigError(f"{side}_tls_key_file: {key_file}: {exc}") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"{side}_tls_cert_file/{side}_tls_key_file: {cert_file}, {key_file}: "
+                f"not a PEM certificate and its matching key ({exc})"
+            ) from None
+    if ca_file:
+        _readable(f"{side}_tls_ca_file", ca_file)
+        try:
+            ctx.load_verify_locations(cafile=ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"{side}_tls_ca_file: {ca_file}: not PEM certificates ({exc})") from None
+    lowest, highest = parse_protocols(getattr(config, f"{side}_tls_protocols"), f"{side}_tls_protocols")
+    try:
+        ctx.minimum_version = lowest
+        ctx.maximum_version = highest
+    except (ValueError, ssl.SSLError) as exc:
+        raise ConfigError(f"{side}_tls_protocols: not available here ({exc})") from None
+    ciphers: str = getattr(config, f"{side}_tls_ciphers")
+    if ciphers.lower() not in _DEFAULT_CIPHERS:
+        try:
+            ctx.set_ciphers(ciphers)
+        except ssl.SSLError:
+            raise ConfigError(f"{side}_tls_ciphers: no cipher matches {ciphers!r}") from None
+
+
+def client_context(config: PoolerConfig) -> ssl.SSLContext | None:
+    """The context the pooler answers clients' TLS with (it is their server)."""
+    mode = config.client_tls_sslmode
+    if mode is SslMode.DISABLE:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _configure(ctx, config, "client")
+    if mode.verifies:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    elif config.client_tls_ca_file:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.set_alpn_protocols([ALPN])
+    return ctx
+
+
+def server_context(config: PoolerConfig) -> ssl.SSLContext | None:
+    """The context the pooler reaches PostgreSQL with (it is the server's client)."""
+    mode = config.server_tls_sslmode
+    if mode is SslMode.DISABLE:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # libpq's meaning: only verify-full checks the host name; only verify-* the chain.
+    ctx.check_hostname = mode is SslMode.VERIFY_FULL
+    if not mode.verifies:
+        ctx.verify_mode = ssl.CERT_NONE
+    _configure(ctx, config, "server")
+    if mode.verifies and not config.server_tls_ca_file:
+        ctx.load_default_certs()
+    return ctx
+
+
+def build_contexts(config: PoolerConfig) -> TlsContexts:
+    """Both legs' contexts; a ConfigError names the setting that cannot be honoured."""
+    return TlsContexts(
+        client_context(config), config.client_tls_sslmode, server_context(config), config.server_tls_sslmode
+    )
+
+
+def describe(transport: asyncio.BaseTransport | None) -> str:
+    """What SHOW CLIENTS/SERVERS print in `tls`: "TLSv1.3/TLS_AES_256_GCM_SHA384", or "" in the clear."""
+    if transport is None:
+        return ""
+    obj = transport.get_extra_info("ssl_object")
+    if obj is None:
+        return ""
+    cipher = obj.cipher()
+    return f"{obj.version()}/{cipher[0]}" if cipher else str(obj.version())
+
+
+# -- the client leg -------------------------------------------------------------------------
+async def upgrade_client(
+    loop: asyncio.AbstractEventLoop,
+    transport: asyncio.BaseTransport,
+    protocol: asyncio.BaseProtocol,
+    ctx: ssl.SSLContext,
+    stats: TlsStats,
+    timeout: float | None,
+) -> asyncio.Transport:
+    """Answer a client's SSLRequest with 'S' and run the handshake on the same socket."""
+    # uvloop's transports are not asyncio.Transport subclasses, only alike.
+    link = cast(asyncio.Transport, transport)
+    link.write(b"S")
+    try:
+        upgraded = await loop.start_tls(
+            link,
+            protocol,
+            ctx,
+            server_side=True,
+            ssl_handshake_timeout=timeout,
+        )
+    except BaseException:
+        stats.client_failures += 1
+        link.abort()
+        raise
+    if upgraded is None:  # the client hung up during the handshake
+        stats.client_failures += 1
+        raise ConnectionResetError("client closed the connection during the TLS handshake")
+    stats.client_handshakes += 1
+    return upgraded
+
+
+# -- the server leg -------------------------------------------------------------------------
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+async def connect_server(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], P],
+    host: str,
+    port: int,
+    tls: TlsContexts,
+    stats: TlsStats,
+) -> tuple[asyncio.BaseTransport, P]:
+    """A TCP link to PostgreSQL, negotiated as server_tls_sslmode says.
+
+    allow and prefer take TLS when the server offers it and go on in the clear when it
+    answers 'N' (as PgBouncer does); require and verify-* refuse the link instead.
+    """
+    ctx = tls.server
+    if ctx is None:
+        return await loop.create_connection(factory, host, port)
+    sock = await _open_socket(loop, host, port)
+    try:
+        await loop.sock_sendall(sock, build_ssl_request())
+        answer = await loop.sock_recv(sock, 1)
+        if answer == b"S":
+            try:
+                # Any byte the server sent after 'S' stays in the socket and fails the
+                # handshake: nothing unencrypted is read as if it came through TLS.
+                link = await loop.create_connection(factory, sock=sock, ssl=ctx, server_hostname=host)
+            except BaseException:
+                stats.server_failures += 1
+                raise
+            stats.server_handshakes += 1
+            return link
+        if answer == b"N":
+            if tls.server_mode.demands_tls:
+                raise TlsRefused(f"server_tls_sslmode is {tls.server_mode.value} and the server does not offer TLS")
+            return await loop.create_connection(factory, sock=sock)
+        if not answer:
+            raise ConnectionResetError("server closed the connection after SSLRequest")
+        raise ConnectionError(f"server answered SSLRequest with {answer!r}")
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"cannot resolve {host}")
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    assert error is not None
+    raise error
+
+
+async def open_server_stream(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, tls: TlsContexts, stats: TlsStats
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """`asyncio.open_connection` negotiated like a pool's links (for cancel requests)."""
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await connect_server(loop, lambda: protocol, host, port, tls, stats)
+    return reader, asyncio.StreamWriter(cast(asyncio.Transport, transport), protocol, reader, loop)
