@@ -536,6 +536,7 @@ class ClientConnection(asyncio.Protocol):
                     elif msg_type == _D and maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
                         new = prepared.on_describe(self, server, data[pos + 5 : end], replies)
                 elif msg_type == _S:
+                    server.skipping_to_sync = False  # what follows the Sync is answered again
                     if server.replies or self.batch_binds:
                         binds, self.batch_binds = self.batch_binds, []
                         reply = prepared.Reply(prepared.SYNC, binds=binds) if binds else prepared.SYNC_REPLY

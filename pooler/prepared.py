@@ -137,6 +137,11 @@ def track(server: ServerConnection, reply: Reply, untracked: int) -> None:
     `untracked` counts the Z-producing messages of the chunk being forwarded that went
     without an entry (they are not in `server.outstanding` yet).
     """
+    if server.skipping_to_sync and reply.kind != SYNC:
+        # The server discards this message (an error came before, its Sync did not yet).
+        if reply.undo is not None:
+            reply.undo()
+        return
     replies = server.replies
     if not replies:
         for _ in range(server.outstanding + untracked):
@@ -430,6 +435,10 @@ def on_error(server: ServerConnection, body: bytes) -> bytes | None:
             if front.done is not None:
                 front.failed = True
             binds = front.binds
+    if server.outstanding == 0:
+        # No Sync (nor Query) in flight, so this is an extended-protocol error and the
+        # server skips what comes next up to the client's Sync.
+        server.skipping_to_sync = True
     if binds is None and client is not None:
         binds = client.batch_binds
     if client is None:

@@ -94,6 +94,9 @@ class ServerConnection(asyncio.Protocol):
         self.replies: collections.deque[statements.Reply] = collections.deque()
         # Statements to close here before the next Parse (stale plans, skipped Closes).
         self.to_close: list[str] = []
+        # An error in the extended protocol with no Sync sent yet: the server discards
+        # what the client sends up to its Sync, without a reply (prepared.track).
+        self.skipping_to_sync = False
         # Internal queries whose replies are swallowed, one callback per ReadyForQuery.
         self._swallow: collections.deque[Callable[[], None] | None] = collections.deque()
         self._partial = b""
@@ -352,6 +355,7 @@ class ServerConnection(asyncio.Protocol):
     def close_extended_exchange(self) -> None:
         """A client left an extended-protocol exchange open: a Sync ends it, reply swallowed."""
         assert self.transport is not None
+        self.skipping_to_sync = False
         self._swallow.append(None)
         self.transport.write(frontend.SYNC)
 

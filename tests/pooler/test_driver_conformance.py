@@ -15,8 +15,10 @@ import psycopg
 import pytest
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.pooler.pooler import Pooler
+from pgfleet.pooler.protocol import extended, frontend
 
 from .conftest import StartPooler
+from .rawpg import RawClient, error, kinds, rows
 
 MODES = ["direct", "session", "transaction"]
 
@@ -114,3 +116,29 @@ async def test_prepared_statement_of_a_rolled_back_type(target: Target) -> None:
             await conn.rollback()
     finally:
         await conn.close()
+
+
+# -- pipelines ------------------------------------------------------------------------------------------
+
+
+async def test_messages_after_a_pipeline_error_are_discarded_up_to_sync(target: Target) -> None:
+    """libpq pipeline: the error arrives (Flush), the client sends more before its Sync."""
+    P, B, E, S, H, Q = extended.parse, extended.bind, extended.execute, frontend.SYNC, frontend.FLUSH, frontend.query
+    c = await RawClient.connect(target.port)
+    try:
+        c.send(Q("BEGIN"), Q("SAVEPOINT sp"), P("s1", "SELECT 1"), S, B("", "s1"), E(), S)
+        assert kinds(await c.until_ready(4)) == "CZCZ1Z2DCZ"
+        c.send(P("", "SELECT 1/0"), B("", ""), E(), H)
+        assert kinds([await c.message() for _ in range(2)]) == "1E"  # 1/0 is folded when planned, at Bind
+        c.send(P("", "SELECT 2"), B("", ""), E(), P("s2", "SELECT 2"), S)
+        assert kinds(await c.until_ready()) == "Z"  # all of it discarded, as PostgreSQL does
+        c.send(Q("ROLLBACK TO SAVEPOINT sp"), B("", "s1"), E(), S)
+        reply = await c.until_ready(2)
+        assert kinds(reply) == "CZ2DCZ"
+        assert rows(reply) == [["1"]]
+        c.send(B("", "s2"), E(), S)  # never prepared: its Parse was discarded
+        assert error(await c.until_ready())["C"] == "26000"
+        c.send(Q("ROLLBACK"), P("s2", "SELECT 2"), B("", "s2"), E(), S)
+        assert rows(await c.until_ready(2)) == [["2"]]
+    finally:
+        await c.close()

@@ -236,6 +236,22 @@ async def test_statement_of_a_dropped_type_is_reprepared(pg: TempPostgres, start
     await b.close()
 
 
+async def test_client_leaving_after_a_pipeline_error_hands_on_a_sound_link(start_pooler: StartPooler) -> None:
+    port = await one_server(start_pooler)
+    a = await RawClient.connect(port)
+    a.send(Q("SELECT pg_backend_pid()"))
+    pid = rows(await a.until_ready())
+    a.send(P("", "SELECT 1/0"), B("", ""), E(), H)
+    assert kinds([await a.message() for _ in range(2)]) == "1E"
+    await a.close()  # the proxy ends that exchange with a Sync of its own
+    b = await RawClient.connect(port)
+    b.send(P("x", "SELECT 5"), *run("x"), Q("SELECT pg_backend_pid()"))
+    reply = await b.until_ready(2)
+    assert kinds(reply) == "12DCZTDCZ"
+    assert rows(reply) == [["5"], *pid]  # the same link, its bookkeeping intact
+    await b.close()
+
+
 async def test_statistics_count_parses_binds_hits_and_misses(start_pooler: StartPooler) -> None:
     pooler = await start_pooler(auth_type="trust", default_pool_size=1)
     a, b = await RawClient.connect(pooler.port), await RawClient.connect(pooler.port)
