@@ -650,9 +650,16 @@ class ClientConnection(asyncio.Protocol):
         self.params[name] = value
 
     def server_lost(self, server: ServerConnection) -> None:
-        """The linked server went away mid-transaction: say so and end this client."""
+        """The linked server went away mid-transaction: say so and end this client.
+
+        After the server's own FATAL (terminated, shut down) the client has heard why,
+        as directly: a second error would be one too many (drivers report both).
+        """
         self.server = None
-        self.terminate(sqlstate.CONNECTION_FAILURE, "pgfleet: server connection lost; the transaction is gone")
+        if server.ended_fatally:
+            self.close()
+        else:
+            self.terminate(sqlstate.CONNECTION_FAILURE, "pgfleet: server connection lost; the transaction is gone")
 
     # -- flow control and closing --------------------------------------------------------------
     def pause_reading(self) -> None:

@@ -97,6 +97,8 @@ class ServerConnection(asyncio.Protocol):
         # An error in the extended protocol with no Sync sent yet: the server discards
         # what the client sends up to its Sync, without a reply (prepared.track).
         self.skipping_to_sync = False
+        # The server sent the client a FATAL error: the connection ends with that.
+        self.ended_fatally = False
         # Internal queries whose replies are swallowed, one callback per ReadyForQuery.
         self._swallow: collections.deque[Callable[[], None] | None] = collections.deque()
         self._partial = b""
@@ -281,6 +283,10 @@ class ServerConnection(asyncio.Protocol):
                     self._parameter_status(data[pos + 5 : end])
                 elif msg_type == _E:
                     self.pool.stats.errors += 1
+                    severity = backend.parse_error_fields(data[pos + 5 : end]).get("V")
+                    if severity == "FATAL" or severity == "PANIC":
+                        # The server closes after it: its word is the client's last (server_lost).
+                        self.ended_fatally = True
                     rewritten = statements.on_error(self, data[pos + 5 : end])
                     if rewritten is not None:
                         self._emit(data[seg:pos])

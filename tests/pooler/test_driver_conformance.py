@@ -142,3 +142,28 @@ async def test_messages_after_a_pipeline_error_are_discarded_up_to_sync(target: 
         assert rows(await c.until_ready(2)) == [["2"]]
     finally:
         await c.close()
+
+
+# -- the end of a connection ----------------------------------------------------------------------------
+
+
+async def until_closed(c: RawClient) -> list[tuple[str, bytes]]:
+    out = []
+    while True:
+        try:
+            out.append(await c.message())
+        except ConnectionError:
+            return out
+
+
+async def test_backend_death_is_one_fatal_error(target: Target) -> None:
+    """PostgreSQL's FATAL is the last word: nothing of the proxy's own follows it."""
+    c = await RawClient.connect(target.port)
+    try:
+        c.send(frontend.query("SELECT pg_terminate_backend(pg_backend_pid())"))
+        messages = await until_closed(c)
+        assert kinds(messages)[-1:] == "E"  # after the row, or before it
+        fields = error(messages)
+        assert (fields["S"], fields["C"]) == ("FATAL", "57P01")
+    finally:
+        await c.close()
