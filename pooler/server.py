@@ -284,7 +284,7 @@ class ServerConnection(asyncio.Protocol):
                 elif msg_type == _E:
                     self.pool.stats.errors += 1
                     severity = backend.parse_error_fields(data[pos + 5 : end]).get("V")
-                    if severity == "FATAL" or severity == "PANIC":
+                    if severity in ("FATAL", "PANIC"):
                         # The server closes after it: its word is the client's last (server_lost).
                         self.ended_fatally = True
                     rewritten = statements.on_error(self, data[pos + 5 : end])
