@@ -116,6 +116,7 @@ class ClientConnection(asyncio.Protocol):
         "transport",
         "unsynced",
         "user",
+        "wait_notified",
         "wait_start",
     )
 
@@ -138,6 +139,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = now
         self.request_time = now
         self.wait_start = 0.0
+        self.wait_notified = False  # query_wait_notify's NOTICE went out in this wait
         # An extended-protocol message went out and its Sync has not yet.
         self.unsynced = False
         self.close_at_boundary = False

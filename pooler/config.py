@@ -158,6 +158,9 @@ class PoolerConfig(_Strict):
 
     # Client time limits (0 disables).
     query_wait_timeout: Seconds = 120.0
+    query_wait_notify: Seconds = Field(
+        default=5.0, description="A NOTICE tells a client queued this long that it waits for a server; 0: never."
+    )
     query_timeout: Seconds = 0.0
     client_idle_timeout: Seconds = 0.0
     client_login_timeout: Seconds = 60.0

@@ -28,6 +28,24 @@ log = logging.getLogger("pgfleet.pool")
 
 _IDLE: Final = IDLE  # compiled (mypyc): a C static, not a module-dict lookup
 FULL_RETRY: Final = 0.25  # seconds between logins while PostgreSQL has no slot free
+# A database down or restarting is tried again after FIRST_RETRY seconds, then twice as
+# long each time, up to server_login_retry (PgBouncer waits server_login_retry every time;
+# a restart of a few seconds should cost clients a few seconds, not fifteen).
+FIRST_RETRY: Final = 0.25
+# What a client queued for query_wait_notify seconds hears (PgBouncer's words).
+WAIT_NOTICE: Final = backend.notice_response(
+    "01000", "No server connection available in postgres backend, client being queued"
+)
+# Login failures no retry cures: the server refused the role (class 28: wrong password,
+# no such role, pg_hba) or has no such database (3D000). Anything else (connection refused,
+# a timeout, 57P03 "the database system is starting up / shutting down", 53300 no slot
+# free) is a database down or busy for now, and clients keep waiting for it.
+_REFUSED_CLASSES: Final = ("28", "3D")
+
+
+def login_refused(error: ServerLoginError) -> bool:
+    """Whether a failed server login is certain to fail again (see _REFUSED_CLASSES)."""
+    return error.fields.get("C", "")[:2] in _REFUSED_CLASSES
 
 
 class Pool:
@@ -48,19 +66,23 @@ class Pool:
         self.server_params: dict[str, str] | None = None
         self._welcome_cache: tuple[dict[str, str], dict[str, bytes]] | None = None
         self.paused = False
-        # After a failed login the pool answers at once instead of hammering the server.
+        # After a login that cannot succeed (login_refused) the pool answers with the
+        # server's error at once, for server_login_retry, instead of hammering the server.
         self.last_error: ServerLoginError | None = None
         self.error_until = 0.0
-        # After PostgreSQL refused a login for lack of slots (53300): clients keep waiting
-        # and the pool tries again from this time on (see _login_failed).
-        self.full_until = 0.0
-        self._full_retry: asyncio.TimerHandle | None = None
+        # After a login the database could not take now (down, restarting, full): clients
+        # keep waiting and the pool tries again from this time on (see _login_failed).
+        self.retry_at = 0.0
+        self.retry_delay = 0.0  # the last wait between tries while the database is down
+        self.last_failure: ServerLoginError | None = None  # why, told to clients who give up waiting
+        self._retry_timer: asyncio.TimerHandle | None = None
         self.full_refusals = 0  # logins PostgreSQL refused with 53300, for /status
         # Set while this database holds more servers than a lowered max_db_connections.
         self.over_db_limit = False
         self.reserve_in_use = False
         self._params_waiters: list[asyncio.Future[dict[str, str]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._target: tuple[object, ...] | None = None
         self.configure(pooler.config)
 
     # -- limits ---------------------------------------------------------------------------
@@ -71,6 +93,10 @@ class Pool:
         self.db_config = db
         self.server_dbname = db.dbname or self.database
         self.server_user = db.user or self.user
+        target = (db.host, db.port, self.server_dbname, self.server_user, self._server_secret(), db.connect_query)
+        if self._target is not None and target != self._target:
+            self._retarget()
+        self._target = target
         self.mode: PoolMode = (user and user.pool_mode) or db.pool_mode or config.pool_mode
         # Read by every link, so decided here once.
         self.refuses_blocks = self.mode is PoolMode.STATEMENT
@@ -84,6 +110,20 @@ class Pool:
         self.trim()
         self.trim_database()
         self.launch_for_waiters()
+
+    def _retarget(self) -> None:
+        """The database entry now leads elsewhere (RELOAD): no server of the old target serves again.
+
+        As PgBouncer: idle servers close now, busy ones when their client is done with
+        them; errors and back-off learnt from the old target are forgotten.
+        """
+        log.info("pool %s: connection settings changed, closing its servers", self.name)
+        self.close_idle(len(self.idle))
+        for server in self.active:
+            server.close_needed = True
+        self.server_params = None  # the new target greets clients with its own parameters
+        self.last_error = None
+        self.retry_at = self.retry_delay = 0.0
 
     @property
     def limit(self) -> int:
@@ -146,7 +186,8 @@ class Pool:
                 return
         now = self._clock()
         client.wait_start = now
-        if self.last_error is not None and now < self.error_until and not self.active and not self.connecting:
+        client.wait_notified = False
+        if self.last_error is not None and now < self.error_until and not self.connecting and not self.usable:
             client.fatal_fields(self.last_error.fields)
             return
         self.waiting.append(client)
@@ -289,7 +330,7 @@ class Pool:
         if self.paused:
             return
         now = self.pooler.loop.time()
-        if (self.last_error is not None and now < self.error_until) or now < self.full_until:
+        if (self.last_error is not None and now < self.error_until) or now < self.retry_at:
             return
         # A client logging in before the pool has met its server waits too.
         wanted = len(self.waiting) + (1 if self._params_waiters else 0)
@@ -306,6 +347,7 @@ class Pool:
         loop = self.pooler.loop
         config = self.pooler.config
         db = self.db_config
+        target = self._target
         server = ServerConnection(self)
         try:
             async with asyncio.timeout(config.server_connect_timeout or None):
@@ -332,15 +374,21 @@ class Pool:
             server.abort()
             raise
         self.connecting -= 1
+        # The database takes logins again: no cached error or back-off outlives that.
         self.last_error = None
+        self.retry_delay = 0.0
         if server.state is ServerState.CLOSED:
             return
-        if self.server_params is None:
-            self.server_params = dict(server.params)
-        for waiter in self._params_waiters:
-            if not waiter.done():
-                waiter.set_result(self.server_params)
-        self._params_waiters.clear()
+        self.last_failure = None
+        if self._target != target:
+            server.close_needed = True  # logged in to what a RELOAD has since moved away from
+        else:
+            if self.server_params is None:
+                self.server_params = dict(server.params)
+            for waiter in self._params_waiters:
+                if not waiter.done():
+                    waiter.set_result(self.server_params)
+            self._params_waiters.clear()
         self.active.add(server)  # so that _give can move it wherever it belongs
         server.state = ServerState.ACTIVE
         self._give_checked(server)  # a failed connect_query leaves it unfit
@@ -349,6 +397,11 @@ class Pool:
         if self.db_config.password is not None:
             return self.db_config.password
         return self.pooler.userlist.get(self.server_user)
+
+    @property
+    def usable(self) -> bool:
+        """Whether a server of this pool can still serve the queue (not one marked to close)."""
+        return bool(self.idle) or any(not server.close_needed for server in self.active)
 
     def _login_failed(self, exc: Exception) -> None:
         if isinstance(exc, ServerLoginError) and exc.fields.get("C") == sqlstate.TOO_MANY_CONNECTIONS:
@@ -360,19 +413,41 @@ class Pool:
             error = ServerLoginError("pgfleet: server_connect_timeout: the database did not answer in time")
         else:
             error = ServerLoginError(f"pgfleet: cannot connect to the database: {exc}")
-        if self.pooler.config.log_pooler_errors:
+        config = self.pooler.config
+        if not login_refused(error):
+            # Down or restarting: the clients wait (up to query_wait_timeout) for the retry.
+            self.last_failure = error
+            self.retry_delay = min(max(FIRST_RETRY, self.retry_delay * 2), max(config.server_login_retry, FIRST_RETRY))
+            if config.log_pooler_errors:
+                log.warning("pool %s: server login failed, retrying in %gs: %s", self.name, self.retry_delay, error)
+            self._retry_in(self.retry_delay)
+            return
+        if config.log_pooler_errors:
             log.warning("pool %s: server login failed: %s", self.name, error)
         self.last_error = error
-        self.error_until = self.pooler.loop.time() + self.pooler.config.server_login_retry
+        self.error_until = self.pooler.loop.time() + config.server_login_retry
         for waiter in self._params_waiters:
             if not waiter.done():
                 waiter.set_exception(error)
         self._params_waiters.clear()
-        if not self.active and not self.idle and not self.connecting:
-            # Nobody can serve the queue: say so now rather than at query_wait_timeout.
+        if not self.connecting and not self.usable:
+            # Nobody can serve the queue (as PgBouncer: servers marked to close by RECONNECT
+            # or a reload do not count): the clients hear the server's error now.
             waiting, self.waiting = self.waiting, collections.deque()
             for client in waiting:
                 client.fatal_fields(error.fields)
+
+    def _retry_in(self, delay: float) -> None:
+        """Open servers for the queue again in `delay` seconds, not before."""
+        self.retry_at = self.pooler.loop.time() + delay
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+
+        def retry() -> None:
+            self._retry_timer = None
+            self.launch_for_waiters()
+
+        self._retry_timer = self.pooler.loop.call_later(delay, retry)
 
     def _database_full(self, error: ServerLoginError) -> None:
         """PostgreSQL has no slot free (53300): the budget is moving, so wait rather than fail.
@@ -384,14 +459,7 @@ class Pool:
         if self.pooler.config.log_pooler_errors:
             log.warning("pool %s: the database is full, retrying: %s", self.name, error.fields.get("M"))
         self.full_refusals += 1
-        self.full_until = self.pooler.loop.time() + FULL_RETRY
-        if self._full_retry is None:
-
-            def retry() -> None:
-                self._full_retry = None
-                self.launch_for_waiters()
-
-            self._full_retry = self.pooler.loop.call_later(FULL_RETRY, retry)
+        self._retry_in(FULL_RETRY)
 
     def welcome_frames(self, client_params: dict[str, str]) -> list[bytes]:
         """ParameterStatus messages greeting a client: the server's, with the client's own values.
@@ -427,9 +495,14 @@ class Pool:
             raise self.last_error
         waiter: asyncio.Future[dict[str, str]] = loop.create_future()
         self._params_waiters.append(waiter)
-        if not self.connecting and self._room() and loop.time() >= self.full_until:
+        if not self.connecting and self._room() and loop.time() >= self.retry_at:
             self.launch()
-        return await waiter  # bounded by client_login_timeout
+        try:
+            # Bounded by client_login_timeout too; query_wait_timeout, as for any wait for a server.
+            async with asyncio.timeout(self.pooler.config.query_wait_timeout or None):
+                return await waiter
+        except TimeoutError:
+            raise self.last_failure or ServerLoginError("pgfleet: query_wait_timeout: no server in time") from None
 
     def server_closed(self, server: ServerConnection, previous: ServerState) -> None:
         """connection_lost of a server this pool still counted."""
@@ -462,9 +535,9 @@ class Pool:
         """The pooler stops: abandon logins in progress, close every server."""
         for task in self._tasks:
             task.cancel()
-        if self._full_retry is not None:
-            self._full_retry.cancel()
-            self._full_retry = None
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         self.close_all(reason, active=True)
 
     def close_all(self, reason: str, *, active: bool = False) -> None:
@@ -481,10 +554,20 @@ class Pool:
     # -- maintenance (called by the pooler's janitor) ---------------------------------------------
     def maintain(self, now: float) -> None:
         config = self.pooler.config
+        if config.query_wait_notify:
+            for client in self.waiting:
+                if now - client.wait_start <= config.query_wait_notify:
+                    break  # the queue is in order of arrival: the rest waited less
+                if not client.wait_notified:
+                    # As PgBouncer's query_wait_notify: the client knows why it waits.
+                    client.wait_notified = True
+                    client.send(WAIT_NOTICE)
         if config.query_wait_timeout and self.waiting:
             while self.waiting and now - self.waiting[0].wait_start > config.query_wait_timeout:
                 client = self.waiting.popleft()
-                client.terminate(sqlstate.QUERY_CANCELED, "query_wait_timeout: no server connection was free in time")
+                # PgBouncer's answer (08P01 "query_wait_timeout"); the detail says why, if known.
+                why = self.last_failure.fields.get("M") if self.last_failure is not None else None
+                client.terminate(sqlstate.PROTOCOL_VIOLATION, "query_wait_timeout", why)
         if (
             self.waiting
             and self.reserve_pool_size
@@ -508,10 +591,12 @@ class Pool:
             ):
                 self.idle.remove(server)
                 self._close(server, "server_idle_timeout")
-        if self.min_pool_size and self.clients and not self.paused:
+        # A forced-user database's pool fills before its first client, as PgBouncer's.
+        if self.min_pool_size and (self.clients or self.db_config.user) and not self.paused:
             while (
                 self.server_count < self.min_pool_size
                 and self._room()
                 and not (self.last_error and now < self.error_until)
+                and now >= self.retry_at
             ):
                 self.launch()

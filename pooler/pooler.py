@@ -87,6 +87,7 @@ class Pooler:
             path.unlink(missing_ok=True)
             self._servers.append(await self.loop.create_unix_server(factory, str(path), backlog=4096))
         self._schedule_janitor()
+        self._open_forced_pools()
         if slot.single:
             log.info("listening on %s:%s", config.listen_addr, self.port)
         else:
@@ -180,6 +181,7 @@ class Pooler:
             self.tls = tls
         for pool in list(self.pools.values()):
             pool.configure(new)
+        self._open_forced_pools()
         self._schedule_janitor()
         return pending
 
@@ -191,6 +193,11 @@ class Pooler:
 
     # -- pools --------------------------------------------------------------------------------------
     def get_pool(self, database: str, user: str) -> Pool:
+        """The pool serving `user` on `database`: a database with a forced user has one
+        pool, the forced user's, whoever logs in (as PgBouncer)."""
+        db = self.config.database(database)
+        if db is not None and db.user:
+            user = db.user
         key = (database, user)
         pool = self.pools.get(key)
         if pool is None:
@@ -198,6 +205,12 @@ class Pooler:
             if self.admin is not None:
                 self.admin.pool_created(pool)  # a paused database's new pool starts paused
         return pool
+
+    def _open_forced_pools(self) -> None:
+        """Pools that min_pool_size fills before any client comes: forced-user databases'."""
+        for name, db in self.config.databases.items():
+            if name != "*" and db.user and self.limits_for(name, db.user).min_pool_size:
+                self.get_pool(name, db.user)
 
     def database_server_count(self, database: str) -> int:
         return sum(p.server_count for p in self.pools.values() if p.database == database)
@@ -330,6 +343,7 @@ class Pooler:
             t
             for t in (
                 config.query_wait_timeout,
+                config.query_wait_notify,
                 config.client_idle_timeout,
                 config.idle_transaction_timeout,
                 config.query_timeout,

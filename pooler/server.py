@@ -21,7 +21,7 @@ from . import prepared as statements
 from .auth import AuthFailed, ScramClientExchange, is_md5, is_plaintext, md5_response
 from .protocol import backend, frontend
 from .protocol.backend import IDLE
-from .protocol.errors import CONNECTION_FAILURE, ProtocolError
+from .protocol.errors import CONNECTION_FAILURE, INVALID_AUTHORIZATION, ProtocolError
 from .protocol.framing import MessageReader, frame
 from .protocol.startup import build_startup_message
 
@@ -57,6 +57,11 @@ class ServerLoginError(Exception):
     def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.fields = fields or {"S": "FATAL", "C": CONNECTION_FAILURE, "M": message}
+
+
+def _refused(message: str) -> ServerLoginError:
+    """A login that pgfleet's own settings make impossible: retrying cannot help (28000)."""
+    return ServerLoginError(message, {"S": "FATAL", "C": INVALID_AUTHORIZATION, "M": message})
 
 
 class ServerConnection(asyncio.Protocol):
@@ -206,34 +211,34 @@ class ServerConnection(asyncio.Protocol):
         if code == backend.AUTH_OK:
             return scram
         if secret is None:
-            raise ServerLoginError(f'server asks for a password for user "{user}" and none is configured')
+            raise _refused(f'server asks for a password for user "{user}" and none is configured')
         if code == backend.AUTH_CLEARTEXT:
             if not is_plaintext(secret):
-                raise ServerLoginError(f'server asks for a cleartext password; auth_file has no plaintext for "{user}"')
+                raise _refused(f'server asks for a cleartext password; auth_file has no plaintext for "{user}"')
             self.transport.write(frontend.password_message(secret))
         elif code == backend.AUTH_MD5:
             if not (is_plaintext(secret) or is_md5(secret)):
-                raise ServerLoginError(f'server asks for md5; auth_file has a SCRAM secret for "{user}"')
+                raise _refused(f'server asks for md5; auth_file has a SCRAM secret for "{user}"')
             self.transport.write(frontend.password_message(md5_response(user, secret, request.data[:4])))
         elif code == backend.AUTH_SASL:
             if "SCRAM-SHA-256" not in backend.parse_sasl_mechanisms(request.data):
-                raise ServerLoginError("server offers no SASL mechanism pgfleet supports")
+                raise _refused("server offers no SASL mechanism pgfleet supports")
             if not is_plaintext(secret):
-                raise ServerLoginError(f'server asks for SCRAM; auth_file needs a plaintext password for "{user}"')
+                raise _refused(f'server asks for SCRAM; auth_file needs a plaintext password for "{user}"')
             scram = ScramClientExchange(user, secret)
             self.transport.write(frontend.sasl_initial_response("SCRAM-SHA-256", scram.first()))
         elif code == backend.AUTH_SASL_CONTINUE and scram is not None:
             try:
                 self.transport.write(frontend.sasl_response(scram.final(request.data)))
             except AuthFailed as exc:
-                raise ServerLoginError(str(exc)) from exc
+                raise _refused(str(exc)) from exc
         elif code == backend.AUTH_SASL_FINAL and scram is not None:
             try:
                 scram.verify(request.data)
             except AuthFailed as exc:
-                raise ServerLoginError(str(exc)) from exc
+                raise _refused(str(exc)) from exc
         else:
-            raise ServerLoginError(f"server asks for an unsupported authentication method ({code})")
+            raise _refused(f"server asks for an unsupported authentication method ({code})")
         return scram
 
     # -- forwarding -------------------------------------------------------------------------

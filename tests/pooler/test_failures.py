@@ -90,13 +90,13 @@ def own_pg() -> Iterator[TempPostgres]:
         yield server
 
 
-async def test_database_down_gives_fast_errors_then_recovers(
+async def test_database_down_makes_clients_wait_then_recovers(
     own_pg: TempPostgres, start_pooler: StartPooler, tmp_path: Path
 ) -> None:
     pooler = await start_pooler(
         auth_type="trust",
         server_login_retry=0.3,
-        query_wait_timeout=30,
+        query_wait_timeout=1,
         databases={"flaky": {"host": own_pg.host, "port": own_pg.port, "dbname": "postgres"}},
     )
     conn = await connect(pooler.port, "flaky")
@@ -107,14 +107,15 @@ async def test_database_down_gives_fast_errors_then_recovers(
         await conn.fetchval("SELECT 1")
     started = time.monotonic()
     with pytest.raises((asyncpg.PostgresError, OSError)) as info:
-        # Login may succeed on the parameters the pool remembers; the first query cannot.
+        # Login may succeed on the parameters the pool remembers; the first query waits
+        # for the database (it may be restarting) and gives up at query_wait_timeout.
         fresh = await connect(pooler.port, "flaky")
         try:
             await fresh.fetchval("SELECT 1")
         finally:
             fresh.terminate()
-    assert time.monotonic() - started < 5, "the error must come at once, not at query_wait_timeout"
-    assert "cannot connect to the database" in str(info.value)
+    assert 0.9 < time.monotonic() - started < 10
+    assert "query_wait_timeout" in str(info.value)
     await asyncio.to_thread(own_pg.restart_server)
     deadline = time.monotonic() + 10
     while True:
@@ -138,7 +139,7 @@ async def test_query_wait_timeout_ends_the_wait_with_a_clear_error(start_pooler:
     waiter = await connect(pooler.port)
     tx = holder.transaction()
     await tx.start()
-    with pytest.raises((asyncpg.QueryCanceledError, asyncpg.ConnectionDoesNotExistError)) as info:
+    with pytest.raises((asyncpg.ProtocolViolationError, asyncpg.ConnectionDoesNotExistError)) as info:
         await waiter.fetchval("SELECT 1")
     assert "query_wait_timeout" in str(info.value) or waiter.is_closed()
     await tx.rollback()

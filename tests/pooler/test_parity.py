@@ -7,13 +7,28 @@ them all, with the deliberate differences).
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import asyncpg
+import pytest
+import yaml
+from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.devtools.testing import wait_until
+from pgfleet.pooler.config import load_config
+from pgfleet.pooler.pool import Pool
+from pgfleet.pooler.pooler import Pooler
 from pgfleet.pooler.protocol import backend, frontend
 from pgfleet.pooler.protocol.startup import build_cancel_request, build_startup_message
 
-from .conftest import StartPooler
+from .conftest import StartPooler, own_app, pooler_settings
 from .rawpg import RawClient, error, rows
+from .test_admin import ADMIN_SETTINGS, admin_connect
+from .test_admin_commands import app_connect
 
 
 async def raw_login(port: int, user: str = "postgres", database: str = "app") -> tuple[RawClient, tuple[int, int]]:
@@ -54,3 +69,237 @@ async def test_cancels_in_flight_never_reach_the_next_clients_query(start_pooler
     finally:
         await first.close()
         await second.close()
+
+
+# -- 2. queued clients hear of a server login that starts failing ---------------------------------
+
+
+@pytest.fixture
+def password_role(pg: TempPostgres) -> Iterator[str]:
+    """A role of this test's own that PostgreSQL checks the password of (password 'pw1')."""
+    name = f"r_{uuid.uuid4().hex[:10]}"
+    pg.sql(f"CREATE ROLE {name} LOGIN SUPERUSER PASSWORD 'pw1'")
+    hba = pg.datadir / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text(f"host all {name} 127.0.0.1/32 scram-sha-256\n{original}")
+    pg.sql("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 10
+    while subprocess.run(["psql", pg.dsn(name), "-Atc", "select 1"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "pg_hba.conf reload not seen"
+        time.sleep(0.05)
+    try:
+        yield name
+    finally:
+        hba.write_text(original)
+        pg.sql("SELECT pg_reload_conf()")
+        pg.sql(f"DROP ROLE IF EXISTS {name}")
+
+
+def forced_db(pg: TempPostgres, role: str, password: str = "pw1", **extra: Any) -> dict[str, Any]:
+    return {"forced": {"host": pg.host, "port": pg.port, "dbname": "app", "user": role, "password": password, **extra}}
+
+
+def pool_of(pooler: Pooler, database: str) -> Pool:
+    [pool] = [pool for (db, _user), pool in pooler.pools.items() if db == database]
+    return pool
+
+
+async def test_queued_clients_get_the_servers_login_error_promptly(
+    pg: TempPostgres, start_pooler: StartPooler, password_role: str
+) -> None:
+    """PgBouncer fails the clients queued in a pool with the server's own login error."""
+    pooler = await start_pooler(
+        **ADMIN_SETTINGS, default_pool_size=1, query_wait_timeout=60, databases=forced_db(pg, password_role)
+    )
+    holder = await app_connect(pooler, "forced")
+    queued = [await app_connect(pooler, "forced") for _ in range(3)]
+    admin = await admin_connect(pooler)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1")
+        tasks = [asyncio.create_task(conn.fetchval("SELECT 1")) for conn in queued]
+        await wait_until(lambda: len(pool_of(pooler, "forced").waiting) == 3)
+        await asyncio.to_thread(pg.sql, f"ALTER ROLE {password_role} PASSWORD 'changed'")
+        await admin.execute("RECONNECT")
+        await admin.execute("SET default_pool_size = 2")
+        async with asyncio.timeout(10):  # well below query_wait_timeout
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            assert isinstance(result, asyncpg.PostgresError), result
+            assert "password authentication failed" in str(result)
+        # The client in its transaction is not cut.
+        assert await holder.fetchval("SELECT 2") == 2
+        await tx.rollback()
+    finally:
+        await admin.close()
+        for conn in [holder, *queued]:
+            conn.terminate()
+
+
+# -- 7. a database that is down or restarting costs clients latency, not errors -------------------
+
+
+@pytest.fixture
+def own_pg() -> Iterator[TempPostgres]:
+    """A PostgreSQL this test may stop and start (the session's is shared)."""
+    with TempPostgres(max_connections=20) as server:
+        yield server
+
+
+async def trust_connect(port: int, database: str) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        host="127.0.0.1", port=port, user="postgres", database=database, statement_cache_size=0
+    )
+
+
+async def test_a_restarting_database_queues_clients_and_serves_them_when_back(
+    own_pg: TempPostgres, start_pooler: StartPooler
+) -> None:
+    """PgBouncer queues clients while the database is down, retries, and says so with a NOTICE."""
+    pooler = await start_pooler(
+        auth_type="trust",
+        server_login_retry=1,
+        query_wait_timeout=60,
+        query_wait_notify=0.2,
+        databases={"flaky": {"host": own_pg.host, "port": own_pg.port, "dbname": "postgres"}},
+    )
+    conn = await trust_connect(pooler.port, "flaky")
+    assert await conn.fetchval("SELECT 1") == 1
+    # A session straight to PostgreSQL keeps a smart shutdown going: meanwhile every login
+    # is refused with 57P03 "the database system is shutting down".
+    direct = await asyncpg.connect(own_pg.dsn())
+    pg_ctl = [str(own_pg.bindir / "pg_ctl"), "-D", str(own_pg.datadir), "-m", "smart", "-W", "stop"]
+    await asyncio.to_thread(subprocess.run, own_pg._cmd(*pg_ctl), check=True, capture_output=True)
+    notices: list[str] = []
+    conn.add_log_listener(lambda _conn, message: notices.append(message.message))
+    try:
+        await wait_until(lambda: "smart shutdown request" in own_pg.log())
+        pool = pool_of(pooler, "flaky")
+        pool.close_idle(len(pool.idle))  # as RECONNECT: the next transactions need a new login
+        queued = asyncio.create_task(conn.fetchval("SELECT 42"))
+        fresh = await trust_connect(pooler.port, "flaky")  # logs in on the parameters the pool knows
+        second = asyncio.create_task(fresh.fetchval("SELECT 43"))
+        # Both wait (the database refused logins meanwhile), hear why, and are not failed.
+        await wait_until(lambda: bool(notices), timeout=15)
+        assert "client being queued" in notices[0]
+        assert "shutting down" in own_pg.log()
+        assert not queued.done() and not second.done()
+        # The shutdown completes, the database starts again: both are served.
+        await direct.close()
+        await wait_until(lambda: not (own_pg.datadir / "postmaster.pid").exists(), timeout=30)
+        await asyncio.to_thread(own_pg.restart_server)
+        async with asyncio.timeout(15):
+            assert await queued == 42
+            assert await second == 43
+        await fresh.close()
+    finally:
+        conn.terminate()
+        if not direct.is_closed():
+            direct.terminate()
+
+
+async def test_a_database_that_does_not_exist_fails_at_once(start_pooler: StartPooler, pg: TempPostgres) -> None:
+    """A failure no retry can cure is reported at once, with PostgreSQL's own error."""
+    pooler = await start_pooler(
+        auth_type="trust",
+        query_wait_timeout=60,
+        databases={"ghost": {"host": pg.host, "port": pg.port, "dbname": "no_such_database"}},
+    )
+    started = time.monotonic()
+    for _ in range(2):  # the first client meets the error, the next one its cached copy
+        with pytest.raises(asyncpg.InvalidCatalogNameError, match="no_such_database"):
+            await trust_connect(pooler.port, "ghost")
+    assert time.monotonic() - started < 10
+
+
+# -- 4. RELOAD of a database entry that leads elsewhere -------------------------------------------
+
+
+@pytest.fixture
+async def file_pooler(pg: TempPostgres, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Pooler]]]:
+    """A pooler started from a config file (for RELOAD); `write(**settings)` rewrites the file."""
+    started: list[Pooler] = []
+    path = tmp_path / "pooler.yaml"
+
+    async def start(**overrides: Any) -> Pooler:
+        path.write_text(yaml.safe_dump(pooler_settings(pg, tmp_path, **overrides)))
+        pooler = Pooler(load_config(path), str(path))
+        await pooler.start()
+        started.append(pooler)
+        return pooler
+
+    yield start
+    for pooler in started:
+        await pooler.stop()
+
+
+def rewrite_config(pooler: Pooler, **changes: Any) -> None:
+    assert pooler.config_path is not None
+    path = Path(pooler.config_path)
+    settings = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        if key == "databases":
+            settings["databases"].update(value)
+        else:
+            settings[key] = value
+    path.write_text(yaml.safe_dump(settings))
+
+
+async def test_reload_closes_servers_whose_database_entry_changed(
+    pg: TempPostgres, file_pooler: Callable[..., Awaitable[Pooler]], fresh_db: str
+) -> None:
+    """PgBouncer closes servers whose connection settings changed at RELOAD."""
+    pooler = await file_pooler(**ADMIN_SETTINGS, databases=own_app(pg, fresh_db))
+    client = await app_connect(pooler)
+    admin = await admin_connect(pooler)
+    try:
+        assert await client.fetchval("SELECT current_database()") == fresh_db
+        rewrite_config(pooler, databases={"app": {"host": pg.host, "port": pg.port, "dbname": "postgres"}})
+        await admin.execute("RELOAD")
+        assert await client.fetchval("SELECT current_database()") == "postgres"
+        # The old target's server is gone from PostgreSQL too, not merely set aside.
+        await wait_until(lambda: pg.client_backends(dbname=fresh_db) == 0)
+    finally:
+        await admin.close()
+        await client.close()
+
+
+# -- 5 and 10. a forced user's database has one pool: the forced user's ----------------------------
+
+
+async def test_a_forced_users_pool_takes_the_forced_users_settings(pg: TempPostgres, start_pooler: StartPooler) -> None:
+    """PgBouncer: the pool of a database with user= belongs to that user ([users] pool_size)."""
+    pooler = await start_pooler(
+        databases={"forced": {"host": pg.host, "port": pg.port, "dbname": "app", "user": "postgres"}},
+        users={"md5user": {"pool_size": 1}, "scramuser": {"pool_size": 1}, "postgres": {"pool_size": 3}},
+    )
+    md5 = [await app_connect(pooler, "forced") for _ in range(3)]
+    scram = await asyncpg.connect(
+        host="127.0.0.1", port=pooler.port, user="scramuser", password="scrampass", database="forced"
+    )
+    try:
+        txs = [conn.transaction() for conn in md5]
+        for tx in txs:
+            await tx.start()  # three transactions at once: the forced user's pool_size, not md5user's 1
+        pids = {await conn.fetchval("SELECT pg_backend_pid()") for conn in md5}
+        assert len(pids) == 3
+        assert list(pooler.pools) == [("forced", "postgres")]
+        waiting = asyncio.create_task(scram.fetchval("SELECT 1"))  # the same pool, full
+        await wait_until(lambda: len(pooler.pools[("forced", "postgres")].waiting) == 1)
+        await txs[0].commit()
+        assert await waiting == 1
+    finally:
+        for conn in [*md5, scram]:
+            conn.terminate()
+
+
+async def test_min_pool_size_fills_a_forced_users_pool_before_any_client(
+    pg: TempPostgres, start_pooler: StartPooler, fresh_db: str
+) -> None:
+    """PgBouncer opens min_pool_size servers for a forced-user database at start."""
+    await start_pooler(
+        min_pool_size=2,
+        databases={"forced": {"host": pg.host, "port": pg.port, "dbname": fresh_db, "user": "postgres"}},
+    )
+    await wait_until(lambda: pg.client_backends(dbname=fresh_db) == 2)

@@ -90,6 +90,7 @@ async def test_server_connect_timeout_gives_a_clear_error(start_pooler: StartPoo
         pooler = await start_pooler(
             auth_type="trust",
             server_connect_timeout=0.3,
+            query_wait_timeout=1,  # a hung database may come back: the client waits this long
             databases={"hung": {"host": "127.0.0.1", "port": port, "dbname": "postgres"}},
         )
         started = time.monotonic()
