@@ -57,6 +57,16 @@ _ADMIN_DATABASE = "pgbouncer"
 # socket for every queued transaction would cost two syscalls each, and a client that
 # waits for its answer rarely sends more than one message meanwhile.
 _QUEUED_BUFFER_LIMIT: Final = 64 * 1024
+# A message longer than this is not held whole: its head is read and sent on, and the
+# rest goes straight through to the server as it arrives, paced by the server's socket
+# (its back-pressure pauses reading this client). The SQL of a Query or an unmapped Parse
+# that long is not scanned for session state. A mapped named Parse is still held whole:
+# its statement is kept to prepare it on other servers.
+_STREAM_AFTER: Final = 256 * 1024
+# PostgreSQL refuses these message types beyond 10000 bytes (PQ_SMALL_MESSAGE_LIMIT).
+_SMALL_LIMIT: Final = 10_000
+_SMALL_ONLY: Final = frozenset(map(ord, "CDEHSXcf"))
+_QUERY_OR_CALL: Final = frozenset(map(ord, "QF"))
 
 
 class _Violation(Exception):
@@ -90,9 +100,13 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_clock",
         "_handshake",
+        "_held",
+        "_held_size",
         "_login_waiter",
+        "_need",
         "_pending",
         "_reading_paused",
+        "_skip",
         "_startup",
         "_write_paused",
         "address",
@@ -151,6 +165,12 @@ class ClientConnection(asyncio.Protocol):
         # Why this client keeps its server past transaction end (sqlscan's reasons).
         self.pins: set[str] = set()
         self._pending = b""
+        # A long message being received: its chunks (joined once it is whole) and its size.
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._need = 0
+        # Bytes of a long message still to pass straight through to the server.
+        self._skip = 0
         self._reading_paused = False
         self._write_paused = False
         self._startup: StartupReader | MessageReader | None = StartupReader()
@@ -170,7 +190,20 @@ class ClientConnection(asyncio.Protocol):
         state = self.state
         if state is ClientState.ACTIVE:
             self.last_activity = self._clock()
-            if self._pending:
+            if self._skip:
+                data = self._pass_through(data)
+                if not data:
+                    return
+            if self._need:
+                held = self._held
+                held.append(data)
+                self._held_size += len(data)
+                if self._held_size < self._need:
+                    return  # each chunk is copied once, when the message is whole
+                data = b"".join(held)
+                held.clear()
+                self._need = self._held_size = 0
+            elif self._pending:
                 data, self._pending = self._pending + data, b""
             self._forward(data)
         elif state is ClientState.IDLE:
@@ -482,14 +515,34 @@ class ClientConnection(asyncio.Protocol):
         seg = 0  # start of the client bytes not yet copied to `out`
         out: list[bytes] | None = None
         answered = False
+        hold = 0  # length of the incomplete message at the end, once its header is in
         try:
             while n - pos >= 5:
                 msg_type = data[pos]
                 length = _unpack_length(data, pos + 1)[0]
                 if length < 4 or length > MAX_MESSAGE_LENGTH:
                     raise _Violation(f"invalid message length {length}")
+                if length > _SMALL_LIMIT and msg_type in _SMALL_ONLY:
+                    raise _Violation(f"invalid message length {length}")
                 end = pos + 1 + length
                 if end > n:
+                    if length <= _STREAM_AFTER:
+                        break
+                    streamed = self._stream_head(data, pos, end, server, replies)
+                    if streamed is None:
+                        hold = end - pos  # gathered whole
+                        break
+                    head, seg_after, replies = streamed
+                    if seg_after < 0:
+                        break  # framed again with the next chunk, names and all
+                    if head is not None:
+                        if out is None:
+                            out = []
+                        out.append(data[seg:pos])
+                        out.append(head)
+                        seg = seg_after
+                    self._skip = end - n
+                    pos = n
                     break
                 new: bytes | None = None
                 if msg_type == _Q:
@@ -584,9 +637,82 @@ class ClientConnection(asyncio.Protocol):
                     server.write(payload)
             stats.bytes_received += pos
         if pos < n:
-            self._pending = data[pos:]
+            if hold > _STREAM_AFTER:
+                # A long message that must be whole (a mapped Parse): gathered in chunks.
+                rest = data[pos:]
+                self._held.append(rest)
+                self._held_size = len(rest)
+                self._need = hold
+            else:
+                self._pending = data[pos:]
         if answered:
             self.server_ready(server)
+
+    def _pass_through(self, data: bytes) -> bytes:
+        """Send on the rest of a long message; return what follows it in `data`."""
+        server = self.server
+        assert server is not None and self.pool is not None
+        skip = self._skip
+        if len(data) <= skip:
+            self._skip = skip - len(data)
+            server.write(data)
+            self.pool.stats.bytes_received += len(data)
+            return b""
+        self._skip = 0
+        server.write(data[:skip])
+        self.pool.stats.bytes_received += skip
+        return data[skip:]
+
+    def _stream_head(
+        self, data: bytes, pos: int, end: int, server: ServerConnection, replies: int
+    ) -> tuple[bytes | None, int, int] | None:
+        """Act on the head of a long message so that its body can go through unread.
+
+        Returns (bytes to send in place of data[pos:seg], seg, replies); None when the
+        message must be held whole (a mapped Parse); when the names it
+        starts with have not all arrived: (None, -1, replies).
+        """
+        msg_type = data[pos]
+        n = len(data)
+        pool = self.pool
+        assert pool is not None
+        stats = pool.stats
+        if msg_type in _QUERY_OR_CALL:
+            if server.replies:
+                prepared.track(server, prepared.SYNC_REPLY, replies)
+            return None, pos, replies + 1
+        if msg_type == _P:
+            name_end = data.find(b"\x00", pos + 5, n)
+            if name_end < 0:
+                if n - pos > _STREAM_AFTER:
+                    raise _Violation("invalid message format")  # a statement name that long
+                return None, -1, replies
+            if self.maps_statements and name_end > pos + 5:
+                return None
+            self.unsynced = True
+            stats.client_parse_count += 1
+            stats.server_parse_count += 1
+            prepared.track(server, prepared.PARSE_REPLY, replies)
+            return None, pos, replies
+        if msg_type == _B:
+            portal_end = data.find(b"\x00", pos + 5, n)
+            name_end = data.find(b"\x00", portal_end + 1, n) if portal_end >= 0 else -1
+            if name_end < 0:
+                if n - pos > _STREAM_AFTER:
+                    raise _Violation("invalid message format")  # names that long
+                return None, -1, replies
+            self.unsynced = True
+            stats.bind_count += 1
+            if self.maps_statements and name_end > portal_end + 1:
+                head = prepared.on_bind(
+                    self, server, data[pos + 5 : name_end + 1], portal_end - pos - 5, replies, end - name_end - 1
+                )
+                if head is not None:
+                    return head, name_end + 1, replies
+            return None, pos, replies
+        if msg_type in _COPY:
+            return None, pos, replies
+        raise _Violation(f"invalid frontend message type {msg_type}")
 
     def _malformed(self, server: ServerConnection, message: str) -> None:
         # Replies of earlier messages of the chunk may be tracked but their bytes unsent:
@@ -619,8 +745,8 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         assert pool is not None
         pool.stats.query_count += 1
-        if server.outstanding > 0 or self.unsynced or server.busy_internally:
-            return
+        if server.outstanding > 0 or self.unsynced or server.busy_internally or self._need or self._skip:
+            return  # (a long message still coming in keeps its server too)
         if server.tx_status != _IDLE:
             if pool.refuses_blocks:
                 pool.refuse_transaction_block(self, server)

@@ -245,9 +245,13 @@ def on_parse(client: ClientConnection, server: ServerConnection, body: bytes, un
 
 
 def on_bind(
-    client: ClientConnection, server: ServerConnection, body: bytes, portal_end: int, untracked: int
+    client: ClientConnection, server: ServerConnection, body: bytes, portal_end: int, untracked: int, more: int = 0
 ) -> bytes | None:
-    """A client's Bind of a named statement: maybe a Parse first, then the Bind renamed."""
+    """A client's Bind of a named statement: maybe a Parse first, then the Bind renamed.
+
+    `more`: bytes of the Bind that follow `body` (a long one passes through unread), so
+    the renamed head announces the length of the whole message.
+    """
     name_end = body.find(b"\x00", portal_end + 1)
     if name_end < 0:
         raise ProtocolError("unterminated string in message")
@@ -259,7 +263,10 @@ def on_bind(
     client.batch_binds.append(stmt.name)
     if stmt.effect is not None:
         client.apply_effect(stmt.effect)
-    return pre + frame(b"B", body[: portal_end + 1] + stmt.name.encode() + body[name_end:])
+    head = body[: portal_end + 1] + stmt.name.encode() + body[name_end:]
+    if more:
+        return pre + b"B" + (4 + len(head) + more).to_bytes(4, "big") + head
+    return pre + frame(b"B", head)
 
 
 def on_describe(client: ClientConnection, server: ServerConnection, body: bytes, untracked: int) -> bytes | None:
@@ -446,12 +453,30 @@ def on_error(server: ServerConnection, body: bytes) -> bytes | None:
     fields = backend.parse_error_fields(body)
     if binds and _is_stale(fields):
         _renew_stale(client, server, binds)
+    elif fields.get("C") == sqlstate.INVALID_SQL_STATEMENT_NAME:
+        _forget_missing(server, fields.get("M", ""))
     if '"' + PREFIX in fields.get("M", "") + fields.get("D", ""):
         names = {stmt.name: name for name, stmt in client.statements.items()}
         return extended.rewrite_error(
             body, lambda text: _SERVER_NAME.sub(lambda m: '"' + names.get(m.group(1), m.group(1)) + '"', text)
         )
     return None
+
+
+def _forget_missing(server: ServerConnection, message: str) -> None:
+    """26000 for a statement this link was believed to hold: something on the server
+    deallocated it where the scanner cannot see (`EXECUTE 'DEALLOCATE ALL'` in a DO
+    block, a function). This request fails; the link forgets all it believed it held,
+    so the next use of any of them prepares it again."""
+    found = _SERVER_NAME.search(message)
+    if found is not None and found.group(1) in server.prepared:
+        log.info(
+            "server %s: statement %s was deallocated behind the proxy; preparing anew",
+            server.backend_pid,
+            found.group(1),
+        )
+        server.prepared.clear()
+        server.to_close.clear()
 
 
 def _is_stale(fields: dict[str, str]) -> bool:

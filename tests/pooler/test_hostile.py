@@ -6,7 +6,11 @@ gets a clear error and that everyone else is still served by a pool that leaks n
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import struct
+from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -16,8 +20,8 @@ from pgfleet.pooler.protocol import backend, extended, frontend
 from pgfleet.pooler.protocol.framing import frame
 from pgfleet.pooler.server import ServerState
 
-from .conftest import StartPooler
-from .rawpg import RawClient, error
+from .conftest import PoolerProcess, StartPooler
+from .rawpg import RawClient, error, rows
 
 
 async def connect(port: int) -> asyncpg.Connection:
@@ -106,3 +110,105 @@ def test_frames_used_here_are_what_they_say() -> None:
     assert frame(b"D", b"Sx\x00") == extended.describe(extended.STATEMENT, "x")
     assert struct.unpack("!i", frame(b"C")[1:5]) == (4,)
     assert backend.error_response("08P01", "x")[0:1] == b"E"
+
+
+# -- large messages: streamed through, never held whole ------------------------------------------
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory in bytes (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_large_query_streams_through_while_others_are_served(
+    pooler_process: Callable[..., PoolerProcess],
+) -> None:
+    size = 48 << 20
+    pooler = pooler_process(auth_type="trust", default_pool_size=2)
+    other = await connect(pooler.port)
+    big = await RawClient.connect(pooler.port)
+    try:
+        for _ in range(3):  # warm up: every pool, code path and buffer the pooler keeps
+            big.send(frontend.query("SELECT 1"))
+            await big.until_ready()
+            assert await other.fetchval("SELECT 42") == 42
+        before = peak_rss(pooler.proc.pid)
+        sql = b"SELECT length('" + b"x" * size + b"')\x00"
+        message = b"Q" + struct.pack("!i", 4 + len(sql)) + sql
+        step = 4 << 20
+        for start in range(0, len(message), step):
+            big.writer.write(message[start : start + step])
+            await big.writer.drain()
+            # Half a query sent, or most of it: everyone else is still served meanwhile.
+            assert await asyncio.wait_for(other.fetchval("SELECT 42"), 30) == 42
+        assert rows(await big.until_ready()) == [[str(size)]]
+        grown = peak_rss(pooler.proc.pid) - before
+        assert grown < size // 3, f"the pooler's peak memory grew by {grown >> 20} MiB for a {size >> 20} MiB query"
+    finally:
+        await big.close()
+        await other.close()
+
+
+@pytest.mark.parametrize("cache", [100, 0], ids=["named statement", "unnamed statement"])
+async def test_large_bind_streams_through_renamed(pooler_process: Callable[..., PoolerProcess], cache: int) -> None:
+    size = 24 << 20
+    pooler = pooler_process(auth_type="trust", default_pool_size=2)
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=pooler.port, user="postgres", database="app", statement_cache_size=cache
+    )
+    try:
+        query = "SELECT length($1::text), md5($1::text)"
+        assert await conn.fetchrow(query, "warm") == (4, hashlib.md5(b"warm").hexdigest())
+        before = peak_rss(pooler.proc.pid)
+        value = "y" * size
+        assert tuple(await conn.fetchrow(query, value)) == (size, hashlib.md5(value.encode()).hexdigest())
+        grown = peak_rss(pooler.proc.pid) - before
+        assert grown < size // 2, f"the pooler's peak memory grew by {grown >> 20} MiB for a {size >> 20} MiB Bind"
+        # The statement is still mapped and usable after the long Bind.
+        assert await conn.fetchval("SELECT length($1::text)", "again") == 5
+    finally:
+        await conn.close()
+
+
+async def test_long_mapped_parse_is_gathered_whole(pooler_process: Callable[..., PoolerProcess]) -> None:
+    pooler = pooler_process(auth_type="trust", default_pool_size=2)
+    conn = await asyncpg.connect(host="127.0.0.1", port=pooler.port, user="postgres", database="app")
+    try:
+        literal = "z" * (3 << 20)
+        # A named statement of 3 MiB of SQL: the proxy keeps it to prepare it on any server.
+        for _ in range(2):
+            assert await conn.fetchval(f"SELECT length('{literal}') + $1::int", 1) == len(literal) + 1
+    finally:
+        await conn.close()
+
+
+# -- a DEALLOCATE the proxy cannot see -----------------------------------------------------------
+
+
+async def test_hidden_deallocate_fails_at_most_once_then_heals(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1)
+    conn = await asyncpg.connect(host="127.0.0.1", port=pooler.port, user="postgres", database="app")
+    try:
+        query = "SELECT $1::int + 1"
+        assert await conn.fetchval(query, 1) == 2
+        # Inside a DO block the scanner sees no DEALLOCATE: the proxy still believes the
+        # server holds the statement.
+        await conn.execute("do $$ begin execute 'deallocate all'; end $$")
+        failures = 0
+        for value in range(2, 5):
+            try:
+                assert await conn.fetchval(query, value) == value + 1
+            except asyncpg.InvalidSQLStatementNameError:
+                failures += 1
+        assert failures <= 1
+    finally:
+        await conn.close()
+    # Every later client of the pool is served on that same server.
+    other = await asyncpg.connect(host="127.0.0.1", port=pooler.port, user="postgres", database="app")
+    try:
+        assert await other.fetchval("SELECT $1::int + 1", 41) == 42
+    finally:
+        await other.close()
