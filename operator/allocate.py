@@ -7,7 +7,7 @@ One period, for one server (host, port):
 
 1. usable   = max_connections - superuser_reserved_connections - reserved_connections
    headroom = usable - others - observer - reserve   (reserve: the largest any fleet asks)
-2. each fleet's cap = min(maxBackends, maxBackendsPercent x usable, what its role's and
+2. each fleet's cap = min(maxBackends, maxBackendsPercent x usable) - its reserve, and what its role's and
    its database's CONNECTION LIMIT leave after others' backends there); the headroom is
    shared max-min fair over the caps, weighted by `weight`: a fleet whose cap is below
    its share leaves the rest to the others. A fleet whose unreachable pods still hold
@@ -160,13 +160,16 @@ def water_fill(capacity: int, caps: Mapping[str, int], weights: Mapping[str, int
 
 
 def spec_cap(fleet: FleetSpec, usable: int) -> int:
-    """The most its spec allows on a server with `usable` backends (no spec: all of them)."""
+    """The most its spec allows on a server with `usable` backends (no spec: all of them).
+
+    As the PgPool's budget.total has always said: the smaller form, less the reserve.
+    """
     caps = [usable]
     if fleet.max_backends is not None:
         caps.append(fleet.max_backends)
     if fleet.max_backends_percent is not None:
         caps.append(usable * fleet.max_backends_percent // 100)
-    return max(0, min(caps))
+    return max(0, min(caps) - fleet.reserve)
 
 
 def _group_caps(server: ServerFacts, fleets: Sequence[FleetSpec], caps: dict[str, int]) -> dict[str, int]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .allocate import FleetBudget, FleetSpec, PodState, ServerBudget, allocate_server
 from .fleet import PodClient, PodReport, PushOutcome, push_in_safe_order
-from .observe import DatabaseUnreachable, ServerObserver, ServerSnapshot
+from .observe import DatabaseTarget, DatabaseUnreachable, ServerObserver, ServerSnapshot
 
 log = logging.getLogger("pgfleet.budget")
 
@@ -224,3 +224,71 @@ class BudgetLoop:
         self._clients.clear()
         with contextlib.suppress(Exception):
             await self.observer.close()
+
+
+class BudgetLoops:
+    """The operator's loops: one per PostgreSQL server (host, port), shared by its PgPools.
+
+    A PgPool's reconcile registers its fleet (`register`); the loop of its server starts
+    with the first fleet and stops with the last. The observer connects with the
+    credentials of the fleet that started the loop.
+    """
+
+    def __init__(self, *, period: float, push_timeout: float, probe_timeout: float) -> None:
+        self.period = period
+        self.push_timeout = push_timeout
+        self.probe_timeout = probe_timeout
+        self._loops: dict[tuple[str, int], tuple[BudgetLoop, asyncio.Task[None]]] = {}
+        self._server_of: dict[str, tuple[str, int]] = {}
+
+    def register(self, fleet: Fleet, target: DatabaseTarget) -> BudgetLoop:
+        server = (target.host, target.port)
+        if self._server_of.get(fleet.name, server) != server:
+            self.unregister(fleet.name)  # its database moved to another server
+        entry = self._loops.get(server)
+        if entry is None:
+            loop = BudgetLoop(
+                ServerObserver(target=target, timeout=self.probe_timeout),
+                period=self.period,
+                push_timeout=self.push_timeout,
+            )
+            task = asyncio.get_running_loop().create_task(loop.run(), name=f"budget {target.host}:{target.port}")
+            entry = self._loops[server] = (loop, task)
+        entry[0].set_fleet(fleet)
+        self._server_of[fleet.name] = server
+        return entry[0]
+
+    def unregister(self, name: str) -> None:
+        server = self._server_of.pop(name, None)
+        if server is None or server not in self._loops:
+            return
+        loop, task = self._loops[server]
+        loop.drop_fleet(name)
+        if not loop.fleets:
+            task.cancel()
+            del self._loops[server]
+            closing = asyncio.get_running_loop().create_task(loop.close())
+            _closing.add(closing)
+            closing.add_done_callback(_closing.discard)
+
+    def report(self, name: str) -> tuple[PeriodReport, FleetReport] | None:
+        """The last period's report of the fleet's server and of the fleet, once there is one."""
+        server = self._server_of.get(name)
+        if server is None or server not in self._loops:
+            return None
+        last = self._loops[server][0].last
+        if last is None or name not in last.fleets:
+            return None
+        return last, last.fleets[name]
+
+    async def close(self) -> None:
+        for loop, task in self._loops.values():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await loop.close()
+        self._loops.clear()
+        self._server_of.clear()
+
+
+_closing: set[asyncio.Task[None]] = set()

@@ -28,7 +28,12 @@ PRINTER_COLUMNS = [
         "jsonPath": ".status.budget.total",
         "description": "Backends the fleet may hold",
     },
-    {"name": "Backends", "type": "integer", "jsonPath": ".status.budget.backendsInUse"},
+    {
+        "name": "Backends",
+        "type": "integer",
+        "jsonPath": ".status.budget.fleetBackends",
+        "description": "Backends the fleet's pods hold (by PID)",
+    },
     {"name": "Clients", "type": "integer", "jsonPath": ".status.budget.clients"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

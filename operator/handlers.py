@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 
 from . import model, reconcile
+from .control import BudgetLoops
 from .kube import Credentials, KubeClient, object_path
 from .observe import AsyncpgProbe, DatabaseProbe
 from .settings import DEFAULT_IMAGE, OperatorSettings
@@ -31,6 +32,7 @@ class _Runtime:
     client: KubeClient | None = None
     probe: DatabaseProbe = AsyncpgProbe()
     pooler_image: str | None = None
+    loops: BudgetLoops | None = None  # one budget loop per database server
 
 
 runtime = _Runtime()
@@ -41,6 +43,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     runtime.client = None
     runtime.credentials = None
     runtime.probe = AsyncpgProbe(timeout=SETTINGS.probe_timeout)
+    runtime.loops = BudgetLoops(
+        period=SETTINGS.budget_period, push_timeout=SETTINGS.push_timeout, probe_timeout=SETTINGS.probe_timeout
+    )
     # Our own annotation prefix: kopf's bookkeeping is visibly ours and cannot collide
     # with another kopf operator watching the same objects.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
@@ -83,6 +88,9 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def close(**_: Any) -> None:
+    if runtime.loops is not None:
+        await runtime.loops.close()
+        runtime.loops = None
     if runtime.client is not None:
         await runtime.client.close()
         runtime.client = None
@@ -125,6 +133,8 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
         probe=runtime.probe,
         pooler_image=await _pooler_image(client),
         push_timeout=SETTINGS.push_timeout,
+        loops=runtime.loops,
+        pod_http_port=SETTINGS.pod_http_port,
     )
     async with _lock(memo):
         outcome = await reconcile.reconcile(ctx, dict(body))
@@ -139,6 +149,13 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
 @kopf.on.update(*RESOURCE, id="reconcile")
 async def on_change(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     await _reconcile(body, patch, memo, logger)
+
+
+@kopf.on.delete(*RESOURCE, id="forget-budget", optional=True)  # optional: no finalizer
+async def on_delete(body: kopf.Body, **_: Any) -> None:
+    """The PgPool is gone: its fleet leaves its server's budget loop (the loop ends with the last)."""
+    if runtime.loops is not None:
+        runtime.loops.unregister(f"{body.metadata.namespace}/{body.metadata.name}")
 
 
 def _reconciled_once(status: kopf.Status, **_: Any) -> bool:

@@ -123,6 +123,12 @@ class BudgetSpec(_Model):
         description="Budget as a percentage of the database's max_connections (the smaller one wins if both are set).",
     )
     reserve: int = Field(default=0, ge=0, description="Backends kept free for others (migrations, admins, jobs).")
+    weight: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Share of the database's headroom against other PgPools on the same server (max-min fair).",
+    )
 
 
 # The pooler splits max_client_conn among its workers and refuses a nonzero limit below their count.
@@ -256,11 +262,28 @@ class BudgetStatus(_Model):
     """Budget facts: the allocation now, and what observation has measured."""
 
     total: int | None = Field(default=None, description="Backends the fleet may hold (after the reserve).")
-    per_pod: int | None = Field(default=None, description="Pool size each pooler pod gets.")
+    per_pod: int | None = Field(
+        default=None,
+        description="The budget split evenly over replicas + maxSurge pods (each pod's share when demand is even).",
+    )
     pods: int | None = Field(default=None, description="Most pods that can exist at once (replicas + maxSurge).")
     max_connections: int | None = Field(default=None, description="The database's max_connections, last measured.")
     backends_in_use: int | None = Field(default=None, description="Backends of the pooler role on the database.")
     clients: int | None = Field(default=None, description="Client connections across the fleet.")
+    fleet_backends: int | None = Field(
+        default=None, description="Backends the fleet's pods hold, by the PIDs they report (exact)."
+    )
+    others: int | None = Field(default=None, description="Client backends on the server that are not any fleet's.")
+    usable: int | None = Field(
+        default=None, description="max_connections - superuser_reserved_connections - reserved_connections."
+    )
+    headroom: int | None = Field(
+        default=None, description="usable - others - the operator's connection - reserve, shared by the PgPools."
+    )
+    waiting_clients: int | None = Field(default=None, description="Clients queued in the pods for a backend.")
+    per_pod_min: int | None = Field(default=None, description="Smallest pool limit a running pod has now.")
+    per_pod_max: int | None = Field(default=None, description="Largest pool limit a running pod has now.")
+    observed_at: str | None = Field(default=None, description="When the budget loop last looked at the database.")
 
 
 class PgPoolStatus(_Model):

@@ -19,6 +19,7 @@ from pgfleet.pooler.userlist import parse_userlist
 
 from . import budget, conditions, fleet, kube, model, render
 from .apply import apply
+from .control import BudgetLoops, Fleet, FleetReport, PeriodReport
 from .observe import DatabaseFacts, DatabaseProbe, DatabaseTarget, DatabaseUnreachable
 
 Obj = dict[str, Any]
@@ -43,6 +44,10 @@ class Context:
     probe: DatabaseProbe
     pooler_image: str
     push_timeout: float = 5.0
+    # The budget loops (one per database server); None: limits are pushed by each reconcile
+    # as a static even split (no observation of others, no demand).
+    loops: BudgetLoops | None = None
+    pod_http_port: int = render.HTTP_PORT  # where the operator reaches each pod's control port
 
 
 class MissingSecret(Exception):
@@ -108,6 +113,11 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
     events: list[Event] = []
 
     if spec.paused:
+        # Nothing of this generation was computed: the status keeps describing the one it did.
+        if pgpool.status.observed_generation is None:
+            del status["observedGeneration"]
+        else:
+            status["observedGeneration"] = pgpool.status.observed_generation
         ready = condition(conditions.READY, False, "Paused", "spec.paused is true: children are left as they are")
         return _finish(pgpool, status, [ready], events)
 
@@ -167,6 +177,21 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         workers=spec.pooler.workers,
     )
     token = await _token(ctx.client, pgpool)
+    key = f"{pgpool.namespace}/{pgpool.name}"
+    seen: tuple[PeriodReport, FleetReport] | None = None
+    if ctx.loops is not None:
+        ctx.loops.register(_fleet(ctx, pgpool, creds["username"], token, allocation), target)
+        seen = ctx.loops.report(key)
+    # With the loop, a pod starts at the floor and the loop raises it as the database allows;
+    # a Deployment does not grow while a running pod's limit is unconfirmed.
+    start_limit = None
+    replicas_cap = None
+    if ctx.loops is not None:
+        start_limit = 0 if allocation.shortfall else spec.pooler.workers
+        if seen is not None and seen[1].unconfirmed:
+            live = await ctx.client.get(kube.object_path("apps/v1", "Deployment", pgpool.namespace, pgpool.name))
+            if live is not None:
+                replicas_cap = int((live.get("spec") or {}).get("replicas") or 0)
     children = render.render(
         pgpool,
         render.Facts(
@@ -176,20 +201,24 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
             allocation=allocation,
             token=token,
             client_userlist=client_userlist,
+            start_limit=start_limit,
+            replicas_cap=replicas_cap,
         ),
     )
 
-    # Running pods learn a smaller pool before the Deployment may add pods.
-    pods = await ctx.client.list(
-        kube.collection_path("v1", "Pod", pgpool.namespace), label_selector=render.selector_string(pgpool.name)
-    )
-    push = await fleet.push_limits(
-        fleet.running_pod_addresses(pods),
-        render.live_limits(pgpool, allocation),
-        token,
-        port=render.HTTP_PORT,
-        timeout=ctx.push_timeout,
-    )
+    push = fleet.PushResult()
+    if ctx.loops is None:
+        # Running pods learn a smaller pool before the Deployment may add pods.
+        pods = await ctx.client.list(
+            kube.collection_path("v1", "Pod", pgpool.namespace), label_selector=render.selector_string(pgpool.name)
+        )
+        push = await fleet.push_limits(
+            fleet.running_pod_addresses(pods),
+            render.live_limits(pgpool, allocation),
+            token,
+            port=ctx.pod_http_port,
+            timeout=ctx.push_timeout,
+        )
 
     for obj in children.present():
         await apply(ctx.client, obj)
@@ -199,6 +228,8 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
     # -- status ------------------------------------------------------------------------------------
     if allocation.shortfall is not None:
         enforced = condition(conditions.BUDGET_ENFORCED, False, allocation.shortfall.value, allocation.explain())
+    elif seen is not None:
+        enforced = _enforced(condition, seen[0], seen[1])
     elif push.failed:
         detail = "; ".join(f"{pod}: {why}" for pod, why in sorted(push.failed.items()))
         enforced = condition(
@@ -224,6 +255,9 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         "backendsInUse": facts.backends_in_use if facts else None,
         "clients": push.total_clients,
     }
+    if seen is not None:
+        status["budget"].update(_budget_status(seen[0], seen[1]))
+        _budget_change_event(pgpool, status["budget"]["total"], events)
     if allocation.shortfall is not None:
         ready = condition(conditions.READY, False, allocation.shortfall.value, allocation.explain())
     else:
@@ -235,3 +269,111 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
             f"{ready_replicas}/{desired} pooler pods ready",
         )
     return _finish(pgpool, status, [ready, reachable, enforced], events)
+
+
+# -- the budget loop's side ------------------------------------------------------------------------
+
+
+def _fleet(ctx: Context, pgpool: model.PgPool, role: str, token: str, allocation: budget.Allocation) -> Fleet:
+    """The PgPool as its server's budget loop sees it: spec, and how to find its pods."""
+    spec = pgpool.spec
+    client, namespace, selector, port = (
+        ctx.client,
+        pgpool.namespace,
+        render.selector_string(pgpool.name),
+        ctx.pod_http_port,
+    )
+
+    async def pods() -> dict[str, str]:
+        found = await client.list(kube.collection_path("v1", "Pod", namespace), label_selector=selector)
+        return {
+            name: f"http://{f'[{ip}]' if ':' in ip else ip}:{port}"
+            for name, ip in fleet.running_pod_addresses(found).items()
+        }
+
+    return Fleet(
+        name=f"{pgpool.namespace}/{pgpool.name}",
+        token=token,
+        pods=pods,
+        role=role,
+        database=spec.database.dbname,
+        # A budget too small to feed every pod's workers gives nothing (the Deployment is at 0).
+        max_backends=0 if allocation.shortfall else spec.budget.max_backends,
+        max_backends_percent=spec.budget.max_backends_percent,
+        reserve=spec.budget.reserve,
+        weight=spec.budget.weight,
+        workers=spec.pooler.workers,
+        surge=spec.rollout.max_surge,
+    )
+
+
+def _budget_status(period: PeriodReport, report: FleetReport) -> Obj:
+    limits = list(report.limits.values())
+    out: Obj = {
+        "total": report.budget.budget,
+        "fleetBackends": report.fleet_backends,
+        "waitingClients": report.budget.waiting,
+        "perPodMin": min(limits) if limits else None,
+        "perPodMax": max(limits) if limits else None,
+        "clients": sum(pod.clients for pod in report.pods.values() if pod.reachable) if report.pods else None,
+        "observedAt": _iso(period.at),
+    }
+    if period.observed:
+        out.update(usable=period.server.usable, others=period.server.others, headroom=period.server.headroom)
+    return out
+
+
+def _iso(at: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _enforced(condition: Any, period: PeriodReport, report: FleetReport) -> Any:
+    from .allocate import Reason
+
+    got = report.budget
+    held = report.fleet_backends if report.fleet_backends is not None else got.held
+    if held > got.budget:
+        return condition(
+            conditions.BUDGET_ENFORCED,
+            False,
+            Reason.OVERCOMMITTED.value,
+            f"the fleet holds {held} backends against a budget of {got.budget}; pods give back as transactions end",
+        )
+    if report.unconfirmed:
+        detail = "; ".join(f"{pod}: {why}" for pod, why in sorted(report.unconfirmed.items()))
+        return condition(
+            conditions.BUDGET_ENFORCED,
+            False,
+            "Unconfirmed",
+            f"pods count at their last confirmed limit until they answer: {detail}",
+        )
+    if not period.observed:
+        return condition(
+            conditions.BUDGET_ENFORCED,
+            False,
+            Reason.UNOBSERVED.value,
+            f"the database cannot be observed ({period.error}); limits may go down, never up",
+        )
+    if Reason.SQUEEZED in got.reasons:
+        message = (
+            f"others hold {period.server.others} backends: the budget is {got.budget}, "
+            f"below the {got.wanted} the spec allows"
+        )
+        # Its flip to False is posted as a Warning Event (see _finish).
+        return condition(conditions.BUDGET_ENFORCED, False, Reason.SQUEEZED.value, message)
+    return condition(
+        conditions.BUDGET_ENFORCED,
+        True,
+        "Allocated",
+        f"{held} backends held within a budget of {got.budget}; pod limits {sorted(report.limits.values())}",
+    )
+
+
+def _budget_change_event(pgpool: model.PgPool, total: int, events: list[Event]) -> None:
+    """An Event when the budget moves by more than a tenth (or by at least 2 on small budgets)."""
+    before = pgpool.status.budget.total
+    if before is None or abs(total - before) < max(2, before // 10):
+        return
+    events.append(Event("Normal", "BudgetChanged", f"budget {before} -> {total} backends"))

@@ -49,6 +49,10 @@ class Facts:
     allocation: Allocation
     token: str  # bearer token of the pooler's HTTP control port
     client_userlist: dict[str, str] | None = None  # from clientAuth.userlistSecret
+    # The pool a pod starts with, when a budget loop moves it from there (the floor);
+    # None: the allocation's even split.
+    start_limit: int | None = None
+    replicas_cap: int | None = None  # the Deployment may not grow past this (a pod's limit is unconfirmed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +143,7 @@ def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
     # pod a pool of 0 or at least `workers`.
     spec = pgpool.spec
     pooler = spec.pooler
-    per_pod = facts.allocation.per_pod
+    per_pod = facts.allocation.per_pod if facts.start_limit is None else facts.start_limit
     return PoolerConfig(
         listen_addr="0.0.0.0",
         listen_port=POSTGRES_PORT,
@@ -181,9 +185,11 @@ def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
 
 def live_limits(pgpool: model.PgPool, allocation: Allocation) -> dict[str, Any]:
     """Body of the pooler's PUT /limits that brings a running pod to this allocation."""
+    per_pod = allocation.per_pod
     return {
-        "default_pool_size": allocation.per_pod,
-        "databases": {pgpool.spec.database.dbname: {"pool_size": allocation.per_pod}},
+        "default_pool_size": per_pod,
+        "max_db_connections": per_pod,
+        "databases": {pgpool.spec.database.dbname: {"pool_size": per_pod, "max_db_connections": per_pod}},
     }
 
 
@@ -386,6 +392,8 @@ def render_deployment(pgpool: model.PgPool, facts: Facts, config: PoolerConfig) 
         pod_spec["priorityClassName"] = pod.priority_class_name
     # No pods while the budget cannot give each one a backend: zero pods hold zero backends.
     replicas = 0 if facts.allocation.shortfall else spec.replicas
+    if facts.replicas_cap is not None:
+        replicas = min(replicas, facts.replicas_cap)
     return _stamped(
         {
             "apiVersion": "apps/v1",

@@ -29,6 +29,8 @@ class OperatorSettings:
     push_timeout: float  # PUT /limits to one pod
     watch_server_timeout: float  # asks the API server to end each watch after this long
     watch_client_timeout: float  # gives up on a watch that went silent
+    budget_period: float = 3.0  # seconds between two periods of each server's budget loop
+    pod_http_port: int = 8080  # the pods' control port the operator talks to (tests run several poolers)
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -39,4 +41,6 @@ class OperatorSettings:
             push_timeout=_float("PGFLEET_PUSH_TIMEOUT", 5.0),
             watch_server_timeout=_float("PGFLEET_WATCH_SERVER_TIMEOUT", 300.0),
             watch_client_timeout=_float("PGFLEET_WATCH_CLIENT_TIMEOUT", 330.0),
+            budget_period=_float("PGFLEET_BUDGET_PERIOD", 3.0),
+            pod_http_port=int(_float("PGFLEET_POD_HTTP_PORT", 8080)),
         )

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 
+from pgfleet.devtools.procs import free_port
+
 # The handlers module reads its settings once, when it is first imported: make the
 # operator's intervals short before anything imports it.
 os.environ.setdefault("PGFLEET_RECONCILE_INTERVAL", "0.3")
 os.environ.setdefault("PGFLEET_PUSH_TIMEOUT", "1")
 os.environ.setdefault("PGFLEET_PROBE_TIMEOUT", "2")
 os.environ.setdefault("PGFLEET_POOLER_IMAGE", "pgfleet:test")
+os.environ.setdefault("PGFLEET_BUDGET_PERIOD", "0.5")
+# Pods are pooler processes on 127.0.0.2, .3, ...: one control port for all, free here.
+os.environ.setdefault("PGFLEET_POD_HTTP_PORT", str(free_port()))
 
 import contextlib
 import copy

@@ -268,7 +268,7 @@ async def test_the_standalone_command(
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(lines) == 6
     last = lines[-1]
-    assert last["usable"] == 47 and last["fleets"]["fleet"]["budget"] == 10
-    assert sorted(pod["limit"] for pod in last["fleets"]["fleet"]["pods"].values()) == [5, 5]
+    assert last["usable"] == 47 and last["fleets"]["fleet"]["budget"] == 8  # 10 - the reserve
+    assert sorted(pod["limit"] for pod in last["fleets"]["fleet"]["pods"].values()) == [4, 4]
     bad = await asyncio.to_thread(subprocess.run, [*argv[:4], "--max-backends", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "required" in bad.stderr

@@ -92,7 +92,8 @@ async def test_create_update_delete(api: Any, operator: Any, postgres: Any) -> N
     assert ready and ready["status"] == "False" and ready["reason"] == "PodsNotReady"
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
     config = yaml.safe_load(kids["config"]["data"]["pooler.yaml"])
-    assert config["databases"]["postgres"]["pool_size"] == 9
+    # A new pod starts at the floor (one backend per worker); the budget loop raises it live.
+    assert config["databases"]["postgres"]["pool_size"] == 1
 
     # Pods becoming ready (the Deployment controller's job, played here) turn Ready true.
     await api.patch_object(DEPLOYMENTS, NS, "main", {"status": {"replicas": 3, "readyReplicas": 3}}, status=True)
@@ -161,7 +162,8 @@ async def test_workers_split_the_pool_and_roll_the_pods(api: Any, operator: Any,
     obj = await eventually(lambda: reconciled(1), what="status.observedGeneration == 1")
     kids = children(api)
     config = yaml.safe_load(kids["config"]["data"]["pooler.yaml"])
-    assert config["workers"] == 4 and config["default_pool_size"] == 9  # (40 - 4) // (3 + 1) >= 4 workers
+    assert config["workers"] == 4 and config["default_pool_size"] == 4  # the floor: one backend per worker
+    assert obj["status"]["budget"]["perPod"] == 9  # (40 - 4) // (3 + 1) >= 4 workers
     assert condition(obj, "BudgetEnforced")["status"] == "True"  # type: ignore[index]
     template_before = kids["deployment"]["spec"]["template"]
 

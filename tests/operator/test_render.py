@@ -328,7 +328,19 @@ def test_pdb_only_with_more_than_one_replica() -> None:
 
 def test_live_limits_body() -> None:
     p = pool()
+    # Every limit the ConfigMap sets, max_db_connections included (the pod's hard cap).
     assert render.live_limits(p, facts_for(p).allocation) == {
         "default_pool_size": 9,
-        "databases": {"app": {"pool_size": 9}},
+        "max_db_connections": 9,
+        "databases": {"app": {"pool_size": 9, "max_db_connections": 9}},
     }
+
+
+def test_with_a_budget_loop_a_pod_starts_at_the_floor_and_the_deployment_can_be_held() -> None:
+    p = pool(pooler={"workers": 2})
+    facts = dataclasses.replace(facts_for(p), start_limit=2, replicas_cap=2)
+    children = render.render(p, facts)
+    config = PoolerConfig.model_validate(yaml.safe_load(children.config_map["data"]["pooler.yaml"]))
+    assert config.default_pool_size == config.max_db_connections == 2
+    assert config.databases["app"].pool_size == config.databases["app"].max_db_connections == 2
+    assert children.deployment["spec"]["replicas"] == 2  # spec.replicas is 3: held until pods confirm
