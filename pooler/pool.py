@@ -215,6 +215,13 @@ class Pool:
         if server.outstanding > 0 or server.close_needed:
             # The client left while the server still owes it replies: nobody can vouch for
             # what state the server ends up in, so it is closed rather than reused.
+            if server.outstanding > 0 and server.backend_pid:
+                # Closing the socket alone would not stop PostgreSQL: the query would run
+                # to its end on a backend the pool no longer counts. Cancel it, and close
+                # (still counted meanwhile) once PostgreSQL has taken the cancel.
+                self.pooler.cancel_query(server)
+                server.after_cancels = lambda: self._close_unless_closed(server, "client left with a request in flight")
+                return
             self._close(server, "client left with a request in flight")
             return
         server.outstanding = 0
@@ -516,6 +523,10 @@ class Pool:
         else:
             return
         self.pooler.server_slot_freed(self)
+
+    def _close_unless_closed(self, server: ServerConnection, reason: str) -> None:
+        if server.state is not ServerState.CLOSED:  # (it may have died meanwhile)
+            self._close(server, reason)
 
     def _close(self, server: ServerConnection, reason: str) -> None:
         """Close a server this pool counts, and stop counting it now."""

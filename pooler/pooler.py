@@ -294,6 +294,10 @@ class Pooler:
         server = entry[1].server
         if server is None or not server.backend_pid:
             return
+        self.cancel_query(server)
+
+    def cancel_query(self, server: ServerConnection) -> None:
+        """Ask PostgreSQL to cancel what `server`'s backend runs (its `cancel_done` follows)."""
         server.cancels_in_flight += 1
         self._track(self._cancel_server(server))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.devtools.testing import wait_until
 from pgfleet.pooler.pool import Pool
 from pgfleet.pooler.protocol import backend, extended, frontend
@@ -212,3 +213,29 @@ async def test_hidden_deallocate_fails_at_most_once_then_heals(start_pooler: Sta
         assert await other.fetchval("SELECT $1::int + 1", 41) == 42
     finally:
         await other.close()
+
+
+# -- a client that leaves mid-query ----------------------------------------------------------------
+
+
+async def test_client_leaving_mid_query_cancels_it(pg: TempPostgres, start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1)
+    leaver = await connect(pooler.port)
+    pool = pooler.pools[("app", "postgres")]
+    marker = "hostile_leaver_marker"
+    query = asyncio.create_task(leaver.execute(f"SELECT pg_sleep(60) /* {marker} */"))
+    await wait_until(lambda: any(s.outstanding for s in pool.active))
+    leaver.terminate()
+    query.cancel()
+
+    def running() -> int:
+        sql = f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND state = 'active' AND pid <> pg_backend_pid()"
+        return int(pg.sql(sql).strip())
+
+    # PostgreSQL stops the query now rather than running it to its end on a backend the
+    # pool no longer counts.
+    deadline = asyncio.get_running_loop().time() + 15
+    while await asyncio.to_thread(running):
+        assert asyncio.get_running_loop().time() < deadline, "the query kept running after its client left"
+        await asyncio.sleep(0.1)
+    await still_serves(pooler.port, pool)
