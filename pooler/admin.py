@@ -302,6 +302,9 @@ class AdminConsole:
         self.sessions: set[AdminSession] = set()
         self.paused_all = False
         self.paused_databases: set[str] = set()
+        # The whole-pooler PAUSE came from the control port (PUT /pause), whose resume lifts
+        # only its own pause: a PAUSE typed on the console is the console's to RESUME.
+        self.paused_by_control = False
         self._tasks: set[asyncio.Task[None]] = set()
         # Averages are over the last full stats_period, from two snapshots (as PgBouncer).
         now = pooler.loop.time()
@@ -429,6 +432,26 @@ class AdminConsole:
         for pool in self.pooler.pools.values():
             if pool.paused and not self.is_paused(pool.database):
                 pool.resume()
+
+    # -- the whole pooler's PAUSE and RESUME, for whatever asks (control port, signals) --------------
+    def pause_all(self) -> None:
+        """PAUSE without waiting: transactions in flight finish, new ones queue, servers close as they
+        come back. Idempotent; `servers_open()` says how far it got."""
+        self.paused_all = True
+        for pool in self.pooler.pools.values():
+            pool.paused = True
+        task = self.pooler.loop.create_task(self.wait_servers_gone("", lambda: self.paused_all))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def resume_all(self) -> None:
+        """Lift the whole-pooler PAUSE (a PAUSE or KILL of one database stays): queued clients go on."""
+        self.paused_all = False
+        self.paused_by_control = False
+        self.resume_pools()
+
+    def servers_open(self) -> int:
+        return sum(pool.server_count for pool in self.pooler.pools.values())
 
 
 class AdminSession:
@@ -809,6 +832,7 @@ class AdminSession:
                 raise AdminError("pooler is not paused/suspended", sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE)
             log.info("RESUME command issued")
             console.paused_all = False
+            console.paused_by_control = False
             console.paused_databases.clear()
         console.resume_pools()
         return backend.command_complete("RESUME")

@@ -1,6 +1,6 @@
-"""The HTTP control port: /metrics, /healthz, /readyz, /status, PUT /limits, POST /drain.
+"""The HTTP control port: /metrics, /healthz, /readyz, /status, PUT /limits, PUT /pause, POST /drain.
 
-Reads are open (bind the port to a private address); the two writes need the bearer
+Reads are open (bind the port to a private address); the writes need the bearer
 token kept in `http_token_file`, compared in constant time. Without a token file the
 writes are refused outright (403): a control port that anyone on the network could use
 to drain the pooler or starve it of connections is worse than none.
@@ -151,6 +151,8 @@ def status(pooler: Any) -> dict[str, Any]:
     return {
         "ready": not pooler.draining,
         "draining": pooler.draining,
+        # The whole pooler's PAUSE (PUT /pause, the console's PAUSE); "servers" says how far it got.
+        "paused": bool(pooler.admin is not None and pooler.admin.paused_all),
         "uptime_seconds": round(now - pooler.started_at, 3),
         "clients": len(pooler.clients),
         "servers": sum(pool.server_count for pool in pooler.pools.values()),
@@ -201,6 +203,17 @@ def _check_count(where: str, value: Any, *, nullable: bool) -> None:
         raise BadRequest(
             f"{where}: expected a non-negative integer{' or null' if nullable else ''}, got {json.dumps(value)}"
         )
+
+
+def parse_pause(body: bytes) -> bool:
+    """Check a PUT /pause body: {"paused": true} or {"paused": false}, nothing else."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or set(data) != {"paused"} or not isinstance(data["paused"], bool):
+        raise BadRequest('body must be {"paused": true} or {"paused": false}')
+    return bool(data["paused"])
 
 
 # -- handlers ------------------------------------------------------------------------------------------
@@ -262,6 +275,52 @@ async def read_limits(request: web.Request) -> dict[str, Any] | web.Response:
         return error_response(400, str(exc))
 
 
+async def read_pause(request: web.Request) -> bool | web.Response:
+    """The checked body of a PUT /pause, or the response that refuses the request."""
+    refused = authorize(request)
+    if refused is not None:
+        return refused
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"body too large (at most {MAX_BODY} bytes)")
+    try:
+        return parse_pause(body)
+    except BadRequest as exc:
+        return error_response(400, str(exc))
+
+
+def pause_state(pooler: Any) -> dict[str, Any]:
+    """PUT /pause's answer: paused or not, and the server connections still open (0: fully paused)."""
+    console = pooler.admin
+    return {"paused": bool(console.paused_all), "servers": console.servers_open()}
+
+
+async def handle_put_pause(request: web.Request) -> web.Response:
+    """PAUSE (transactions in flight finish, new ones queue, servers close) or RESUME, idempotently.
+
+    It answers at once: "servers" counts what is still open, and reaches 0 once every
+    transaction in flight has ended. Its RESUME lifts only a pause it made itself.
+    """
+    wanted = await read_pause(request)
+    if isinstance(wanted, web.Response):
+        return wanted
+    pooler = request.app[POOLER_KEY]
+    console = pooler.admin
+    if console is None:
+        return error_response(501, "this pooler has no admin console to pause with")
+    if wanted and not console.paused_all:
+        log.info("PUT /pause from %s: PAUSE", request.remote)
+        console.pause_all()
+        console.paused_by_control = True
+    elif not wanted and console.paused_by_control:
+        if pooler.draining:
+            return error_response(409, "the pooler is shutting down; it stays paused")
+        log.info("PUT /pause from %s: RESUME", request.remote)
+        console.resume_all()
+    return json_response(pause_state(pooler))
+
+
 async def handle_put_limits(request: web.Request) -> web.Response:
     changes = await read_limits(request)
     if isinstance(changes, web.Response):
@@ -300,6 +359,7 @@ def new_app(
     readyz: Handler,
     status: Handler,
     put_limits: Handler,
+    put_pause: Handler,
     drain: Handler,
     internal: bool = False,
 ) -> web.Application:
@@ -312,6 +372,7 @@ def new_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
     app.router.add_put("/limits", put_limits)
+    app.router.add_put("/pause", put_pause)
     app.router.add_post("/drain", drain)
     return app
 
@@ -324,6 +385,7 @@ def build_app(pooler: Any, *, internal: bool = False) -> web.Application:
         readyz=handle_readyz,
         status=handle_status,
         put_limits=handle_put_limits,
+        put_pause=handle_put_pause,
         drain=handle_drain,
         internal=internal,
     )
@@ -338,7 +400,7 @@ async def start_http(pooler: Any, host: str | None = None, port: int | None = No
     site = web.TCPSite(runner, host or pooler.config.http_listen_addr, port or pooler.config.http_listen_port)
     await site.start()
     if not pooler.config.http_token_file:
-        log.warning("http_token_file is not set: PUT /limits and POST /drain are refused (403)")
+        log.warning("http_token_file is not set: PUT /limits, PUT /pause and POST /drain are refused (403)")
     log.info("HTTP control port on %s", ", ".join(str(address) for address in runner.addresses))
     return runner
 

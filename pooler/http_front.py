@@ -6,6 +6,7 @@ asks each worker's private control socket in turn:
 - /metrics is every worker's exposition with a `worker` label added, so that sums over
   the pgbouncer_exporter names give the pooler's totals;
 - PUT /limits is checked here and then applied by every worker to its own share;
+- PUT /pause pauses or resumes every worker (a worker started again meanwhile follows);
 - POST /drain drains them all.
 """
 
@@ -34,6 +35,7 @@ from .http import (
     limits_in_force_config,
     new_app,
     read_limits,
+    read_pause,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ def merge_status(statuses: list[dict[str, Any]]) -> dict[str, Any]:
                 _add_into(merged[group], pool[group])
     totals = {key: sum(status["totals"][key] for status in statuses) for key in STATUS_COUNTS}
     return {
+        "paused": bool(statuses) and all(status.get("paused", False) for status in statuses),
         "clients": sum(status["clients"] for status in statuses),
         "servers": sum(status["servers"] for status in statuses),
         "backend_pids": sorted(pid for status in statuses for pid in status.get("backend_pids", [])),
@@ -181,6 +184,27 @@ async def handle_put_limits(request: web.Request) -> web.Response:
     return json_response(reply)
 
 
+async def handle_put_pause(request: web.Request) -> web.Response:
+    wanted = await read_pause(request)
+    if isinstance(wanted, web.Response):
+        return wanted
+    supervisor = _supervisor(request)
+    if not wanted and supervisor.draining:
+        return error_response(409, "the pooler is shutting down; it stays paused")
+    log.info("PUT /pause from %s: %s", request.remote, "PAUSE" if wanted else "RESUME")
+    results = await supervisor.set_paused(wanted)
+    replies = [reply for _, status, reply in results if status == 200]
+    reply = {
+        "paused": len(replies) == len(results) and all(r.get("paused") for r in replies),
+        "servers": sum(int(r.get("servers", 0)) for r in replies),
+        "workers": [result[2] for result in results],
+    }
+    failed = {str(index): body for index, status, body in results if status != 200}
+    if failed:
+        return json_response({**reply, "error": "some workers did not take the change", "failed": failed}, 502)
+    return json_response(reply)
+
+
 async def handle_drain(request: web.Request) -> web.Response:
     refused = authorize(request)
     if refused is not None:
@@ -200,6 +224,7 @@ def build_front(supervisor: Supervisor) -> web.Application:
         readyz=handle_readyz,
         status=handle_status,
         put_limits=handle_put_limits,
+        put_pause=handle_put_pause,
         drain=handle_drain,
     )
 
@@ -211,6 +236,6 @@ async def start_front(supervisor: Supervisor) -> web.AppRunner:
     await runner.setup()
     await web.TCPSite(runner, config.http_listen_addr, config.http_listen_port).start()
     if not config.http_token_file:
-        log.warning("http_token_file is not set: PUT /limits and POST /drain are refused (403)")
+        log.warning("http_token_file is not set: PUT /limits, PUT /pause and POST /drain are refused (403)")
     log.info("HTTP control port on %s (for %d workers)", ", ".join(map(str, runner.addresses)), len(supervisor.workers))
     return runner

@@ -8,7 +8,7 @@ through SO_REUSEPORT, each a whole pooler with its share of every limit (shares.
 The supervisor owns what must stay one thing:
 - signals: SIGHUP, SIGTERM and SIGINT go to every worker;
 - the HTTP port (http_front.py), where /status and /metrics cover all workers and
-  PUT /limits and POST /drain reach all of them;
+  PUT /limits, PUT /pause and POST /drain reach all of them;
 - the workers themselves: one that dies is started again, with the limits in force.
 
 It never touches client traffic, so it adds nothing per transaction.
@@ -113,6 +113,7 @@ class Supervisor:
         ]
         self.draining = False
         self.stopping = False
+        self.paused = False  # PUT /pause: a worker started again is paused too
         self.loop = asyncio.get_running_loop()
         self.started_at = self.loop.time()
         self._stopped = self.loop.create_future()
@@ -175,6 +176,8 @@ class Supervisor:
             try:
                 await worker.start()  # it reads the limits in force from the control directory
                 await worker.wait_ready()
+                if self.paused:
+                    await self._put_pause(worker, True)
             except (WorkerFailed, OSError) as exc:
                 log.error("worker %d failed to start again: %s", worker.slot.index + 1, exc)
 
@@ -241,6 +244,19 @@ class Supervisor:
     async def _put_limits(self, worker: Worker, changes: dict[str, Any]) -> tuple[int, int, Any]:
         try:
             status, reply = await worker.request("PUT", "/limits", changes)
+        except (aiohttp.ClientError, OSError) as exc:
+            return worker.slot.index, 502, {"error": f"worker unreachable: {exc}"}
+        return worker.slot.index, status, reply
+
+    # -- pause ------------------------------------------------------------------------------------
+    async def set_paused(self, paused: bool) -> list[tuple[int, int, Any]]:
+        """PUT /pause in every worker; (worker, status, reply) of each."""
+        self.paused = paused
+        return await asyncio.gather(*(self._put_pause(worker, paused) for worker in self.workers))
+
+    async def _put_pause(self, worker: Worker, paused: bool) -> tuple[int, int, Any]:
+        try:
+            status, reply = await worker.request("PUT", "/pause", {"paused": paused})
         except (aiohttp.ClientError, OSError) as exc:
             return worker.slot.index, 502, {"error": f"worker unreachable: {exc}"}
         return worker.slot.index, status, reply
