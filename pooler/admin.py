@@ -901,12 +901,13 @@ class AdminSession:
         console = self.console
         console.paused_all = True
         pooler.draining = True
-        pooler._close_listeners()
+        pooler.refusing_servers = True
+        pooler._close_listeners(keep_unix=True)
         for pool in pooler.pools.values():
             pool.paused = True
             waiting, pool.waiting = list(pool.waiting), type(pool.waiting)()
             for client in waiting:
-                client.terminate(sqlstate.ADMIN_SHUTDOWN, "pgfleet is shutting down")
+                client.terminate(sqlstate.PROTOCOL_VIOLATION, "server shutting down")
 
         async def finish() -> None:
             await console.wait_servers_gone("", lambda: True)

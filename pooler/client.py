@@ -327,7 +327,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.LOGIN
         self.user, self.database = packet.user, packet.database
         config = self.pooler.config
-        if self.pooler.draining:
+        if self.pooler.draining and self.database != _ADMIN_DATABASE:
             raise ClientError(sqlstate.CANNOT_CONNECT_NOW, "pgfleet is shutting down")
         if self.pooler.logged_in_clients >= self.pooler.client_limit:
             raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")

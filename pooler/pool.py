@@ -184,6 +184,10 @@ class Pool:
                 server.link_time = client.request_time
                 client.link(server)
                 return
+        if self.pooler.refusing_servers:
+            # SHUTDOWN WAIT_FOR_SERVERS: PgBouncer's answer, at once rather than never.
+            client.terminate(sqlstate.PROTOCOL_VIOLATION, "server shutting down")
+            return
         now = self._clock()
         client.wait_start = now
         client.wait_notified = False

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgfleet.pooler")
 
+# The admin console's virtual database: its sessions outlive a graceful shutdown.
+ADMIN_DATABASE = "pgbouncer"
+
 # Settings that cannot change without a restart (the sockets are already bound).
 RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_addr", "http_listen_port")
 
@@ -45,10 +48,13 @@ class Pooler:
         self.clients: set[ClientConnection] = set()
         self.logged_in_clients = 0
         self.draining = False
+        # SHUTDOWN WAIT_FOR_SERVERS: no client gets a server any more (pool.acquire).
+        self.refusing_servers = False
         self.started_at = self.loop.time()
         self._cancel_keys: dict[int, tuple[int, ClientConnection]] = {}
         self._cancel_tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
+        self._unix_servers: list[asyncio.Server] = []  # kept open by a graceful shutdown
         self._janitor: asyncio.TimerHandle | None = None
         self._stopped = self.loop.create_future()
         self._drain_deadline: asyncio.TimerHandle | None = None
@@ -81,11 +87,13 @@ class Pooler:
             path = slot.cancel_socket(slot.index)
             path.unlink(missing_ok=True)
             self._servers.append(await self.loop.create_unix_server(factory, str(path), backlog=1024))
+            self._unix_servers.append(self._servers[-1])
         if config.unix_socket_dir and slot.index == 0:
             # A unix socket path cannot be shared; the first worker alone listens there.
             path = Path(config.unix_socket_dir) / f".s.PGSQL.{config.listen_port}"
             path.unlink(missing_ok=True)
             self._servers.append(await self.loop.create_unix_server(factory, str(path), backlog=4096))
+            self._unix_servers.append(self._servers[-1])
         self._schedule_janitor()
         self._open_forced_pools()
         if slot.single:
@@ -120,21 +128,30 @@ class Pooler:
         if not self._stopped.done():
             self._stopped.set_result(None)
 
-    def _close_listeners(self) -> None:
+    def _close_listeners(self, *, keep_unix: bool = False) -> None:
+        """Stop accepting; `keep_unix`: the unix sockets stay, for the admin console (and
+        cancels between workers) while a graceful shutdown lasts, as PgBouncer's."""
         for server in self._servers:
-            server.close()
-        self._servers.clear()
+            if not (keep_unix and server in self._unix_servers):
+                server.close()
+        self._servers = list(self._unix_servers) if keep_unix else []
 
     def drain(self) -> None:
-        """SIGTERM: stop accepting; let each client finish its transaction, then close it."""
+        """SIGTERM: stop accepting; let each client finish its transaction, then close it.
+
+        Admin console sessions stay (and new ones may log in over the unix socket) until
+        the last application client has gone.
+        """
         if self.draining:
             return
         self.draining = True
         log.info("draining: %d clients", len(self.clients))
-        self._close_listeners()
+        self._close_listeners(keep_unix=True)
         from .client import ClientState
 
         for client in list(self.clients):
+            if client.database == ADMIN_DATABASE:
+                continue
             client.close_at_boundary = True
             if client.state in (ClientState.IDLE, ClientState.STARTUP, ClientState.LOGIN) and not client._pending:
                 client.terminate(sqlstate.ADMIN_SHUTDOWN, "pgfleet is shutting down; reconnect")
@@ -147,7 +164,11 @@ class Pooler:
         self.loop.create_task(self.stop())
 
     def _check_drained(self) -> None:
-        if self.draining and not self.clients and not self._stopped.done():
+        if (
+            self.draining
+            and not self._stopped.done()
+            and all(client.database == ADMIN_DATABASE for client in self.clients)
+        ):
             if self._drain_deadline is not None:
                 self._drain_deadline.cancel()
             self.loop.create_task(self.stop())

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 import yaml
 from pgfleet.devtools.tempdb import TempPostgres
@@ -27,7 +28,7 @@ from pgfleet.pooler.protocol.startup import build_cancel_request, build_startup_
 
 from .conftest import StartPooler, own_app, pooler_settings
 from .rawpg import RawClient, error, rows
-from .test_admin import ADMIN_SETTINGS, admin_connect
+from .test_admin import ADMIN_SETTINGS, admin_connect, admin_rows
 from .test_admin_commands import app_connect
 
 
@@ -303,3 +304,78 @@ async def test_min_pool_size_fills_a_forced_users_pool_before_any_client(
         databases={"forced": {"host": pg.host, "port": pg.port, "dbname": fresh_db, "user": "postgres"}},
     )
     await wait_until(lambda: pg.client_backends(dbname=fresh_db) == 2)
+
+
+# -- 3 and 8. SHUTDOWN WAIT_FOR_*: nobody is stranded, the console stays reachable ----------------
+
+
+async def unix_admin(directory: Path, port: int) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(
+        host=str(directory), port=port, user="md5user", password="md5pass", dbname="pgbouncer", autocommit=True
+    )
+
+
+async def test_shutdown_wait_for_servers_answers_an_idle_client_at_once(
+    start_pooler: StartPooler, tmp_path: Path
+) -> None:
+    """PgBouncer answers a client wanting a server during WAIT_FOR_SERVERS with 08P01 "server shutting down"."""
+    pooler = await start_pooler(**ADMIN_SETTINGS, unix_socket_dir=str(tmp_path))
+    busy = await app_connect(pooler)
+    idle = await app_connect(pooler)
+    admin = await admin_connect(pooler)
+    try:
+        tx = busy.transaction()
+        await tx.start()
+        await busy.execute("SELECT 1")
+        await admin.execute("SHUTDOWN WAIT_FOR_SERVERS")
+        async with asyncio.timeout(5):
+            # (asyncpg reports a FATAL that arrives unasked as a closed connection, with its text)
+            with pytest.raises(
+                (asyncpg.ProtocolViolationError, asyncpg.ConnectionDoesNotExistError), match="server shutting down"
+            ):
+                await idle.fetchval("SELECT 1")
+        # The console stays reachable over the unix socket while the server is still out.
+        async with await unix_admin(tmp_path, pooler.config.listen_port) as late:
+            _, rows = await admin_rows(late, "SHOW STATE")
+            assert rows
+        assert not pooler._stopped.done()
+        # The transaction in flight finishes; then the pooler exits.
+        assert await busy.fetchval("SELECT 2") == 2
+        await tx.commit()
+        await asyncio.wait_for(pooler.wait_stopped(), 5)
+    finally:
+        await admin.close()
+        busy.terminate()
+        idle.terminate()
+
+
+async def test_the_console_outlives_a_wait_for_clients_shutdown_until_the_last_client_leaves(
+    start_pooler: StartPooler, tmp_path: Path
+) -> None:
+    """PgBouncer 1.25: admin sessions, and new ones over the unix socket, during SHUTDOWN WAIT_FOR_CLIENTS."""
+    pooler = await start_pooler(**ADMIN_SETTINGS, unix_socket_dir=str(tmp_path))
+    busy = await app_connect(pooler)
+    admin = await admin_connect(pooler)
+    try:
+        tx = busy.transaction()
+        await tx.start()
+        await admin.execute("SHUTDOWN WAIT_FOR_CLIENTS")
+        # The session that asked is still served, and a new one gets in over the unix socket.
+        _, rows = await admin_rows(admin, "SHOW STATE")
+        assert rows
+        late = await unix_admin(tmp_path, pooler.config.listen_port)
+        _, clients = await admin_rows(late, "SHOW CLIENTS")
+        assert any(row[2] == "app" for row in clients)
+        # Application clients are not let in, on either socket.
+        with pytest.raises((OSError, asyncpg.PostgresError)):
+            await app_connect(pooler)
+        with pytest.raises(psycopg.OperationalError, match="shutting down"):
+            await psycopg.AsyncConnection.connect(
+                host=str(tmp_path), port=pooler.config.listen_port, user="md5user", password="md5pass", dbname="app"
+            )
+        await tx.commit()  # the last application client leaves at its transaction's end
+        await asyncio.wait_for(pooler.wait_stopped(), 5)
+        await late.close()
+    finally:
+        await admin.close()
+        busy.terminate()
