@@ -22,7 +22,7 @@ from .config import AuthType, PoolMode
 from .protocol import backend
 from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
-from .protocol.errors import ProtocolError
+from .protocol.errors import ProtocolError, StartupLengthError
 from .protocol.extended import STATEMENT
 from .protocol.framing import MAX_MESSAGE_LENGTH, MessageReader, StartupReader
 from .protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, parse_startup_packet
@@ -259,6 +259,9 @@ class ClientConnection(asyncio.Protocol):
         # One name per clause: compiled (mypyc), a name is one typed variable.
         except ClientError as refused:
             self.terminate(refused.code, str(refused), refused.detail)
+        except StartupLengthError as garbage:
+            log.info("client %s:%s: %s", *self.address, garbage)
+            self.close()  # as PostgreSQL: no ErrorResponse to what is not a startup packet
         except ProtocolError as malformed:
             self.terminate(malformed.code, str(malformed))
         except ServerLoginError as failed:

@@ -28,3 +28,12 @@ class ProtocolError(Exception):
     def __init__(self, message: str, code: str = PROTOCOL_VIOLATION) -> None:
         super().__init__(message)
         self.code = code
+
+
+class StartupLengthError(ProtocolError):
+    """A first packet whose length no startup packet has: not PostgreSQL's protocol at all.
+
+    PostgreSQL closes such a connection without a word ("invalid length of startup
+    packet" goes to its log only); node-postgres' quick connect()+end() sends Terminate
+    before its startup packet and must see the same.
+    """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from .errors import ProtocolError
+from .errors import ProtocolError, StartupLengthError
 
 # PostgreSQL itself refuses startup packets over 10000 bytes; regular messages may be
 # large (COPY data, big Bind values), so they get a generous but finite bound to keep a
@@ -28,7 +28,7 @@ class StartupReader:
             return None
         length = int.from_bytes(self._buf[:4], "big")
         if length < 8 or length > MAX_STARTUP_LENGTH:
-            raise ProtocolError(f"invalid startup packet length {length}")
+            raise StartupLengthError(f"invalid length of startup packet: {length}")
         if len(self._buf) < length:
             return None
         body = bytes(self._buf[4:length])

@@ -8,12 +8,18 @@ that a second client lands on the backend the first one used.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from pgfleet.devtools.tempdb import TempPostgres
+from pgfleet.devtools.testing import run_cmd
 from pgfleet.pooler.pooler import Pooler
 from pgfleet.pooler.protocol import extended, frontend
 
@@ -21,6 +27,9 @@ from .conftest import StartPooler
 from .rawpg import RawClient, error, kinds, rows
 
 MODES = ["direct", "session", "transaction"]
+NODE = Path(__file__).parent / "node"
+HAVE_NODE_PG = (NODE / "node_modules" / "pg").is_dir()
+needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="node (Node.js) is not installed")
 
 
 @dataclass
@@ -167,3 +176,36 @@ async def test_backend_death_is_one_fatal_error(target: Target) -> None:
         assert (fields["S"], fields["C"]) == ("FATAL", "57P01")
     finally:
         await c.close()
+
+
+# -- node-postgres ------------------------------------------------------------------------------------
+
+
+async def node_case(target: Target, case: str) -> dict[str, Any]:
+    assert HAVE_NODE_PG, "run scripts/ensure-driver-deps.sh (installs npm pg)"
+    code, out, err = await run_cmd("node", str(NODE / "conformance.js"), str(target.port), case, timeout=60)
+    assert code == 0, err
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+@needs_node
+async def test_node_postgres_quick_connect_and_end(target: Target) -> None:
+    """end() right after connect(): Terminate comes before the startup packet; nothing comes back."""
+    assert await node_case(target, "quick") == {"connect": "pending", "end": "ended", "errors": []}
+
+
+@needs_node
+async def test_node_postgres_backend_death_is_one_error(target: Target) -> None:
+    # The driver's own error event for the closed connection, and no other.
+    assert await node_case(target, "fatal") == {"query": "57P01", "errors": ["Connection terminated unexpectedly"]}
+
+
+async def test_terminate_before_startup_is_closed_without_a_word(target: Target) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+    try:
+        writer.write(frontend.TERMINATE)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+        await writer.wait_closed()
