@@ -51,9 +51,28 @@ async def serve(config: PoolerConfig, config_path: str | None, slot: WorkerSlot 
         except ConfigError:
             pass  # already logged; the running configuration stays
 
+    def pause() -> None:
+        # PgBouncer's kill -USR1: PAUSE (transactions in flight finish, new ones queue).
+        console = pooler.admin
+        if console is not None and not console.paused_all:
+            log.info("SIGUSR1: pausing")
+            console.pause_all()
+
+    def resume() -> None:
+        # PgBouncer's kill -USR2: RESUME.
+        console = pooler.admin
+        if console is not None and not pooler.draining:
+            log.info("SIGUSR2: resuming")
+            console.resume_all()
+
+    # Handlers are set whatever the disposition inherited: a non-interactive shell starts
+    # background jobs with SIGINT and SIGQUIT ignored, and they must still work.
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, pooler.drain)
     loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(pooler.stop()))
+    loop.add_signal_handler(signal.SIGQUIT, lambda: loop.create_task(pooler.stop()))  # PgBouncer's immediate exit
+    loop.add_signal_handler(signal.SIGUSR1, pause)
+    loop.add_signal_handler(signal.SIGUSR2, resume)
     if pooler.slot.single:
         print(f"pgfleet-pooler ready on {config.listen_addr}:{pooler.port} ({BUILD})", file=sys.stderr, flush=True)
     await pooler.wait_stopped()

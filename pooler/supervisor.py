@@ -6,7 +6,7 @@ cores are busy. So the pooler can run as N worker processes sharing `listen_port
 through SO_REUSEPORT, each a whole pooler with its share of every limit (shares.py).
 
 The supervisor owns what must stay one thing:
-- signals: SIGHUP, SIGTERM and SIGINT go to every worker;
+- signals: SIGHUP, SIGTERM, SIGINT (SIGQUIT alike), SIGUSR1 and SIGUSR2 go to every worker;
 - the HTTP port (http_front.py), where /status and /metrics cover all workers and
   PUT /limits, PUT /pause and POST /drain reach all of them;
 - the workers themselves: one that dies is started again, with the limits in force.
@@ -40,7 +40,7 @@ log = logging.getLogger("pgfleet.supervisor")
 
 _READY_TIMEOUT = 30.0  # seconds for a worker to bind and open its control socket
 _RESTART_BACKOFF = 1.0
-_FORWARDED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+_FORWARDED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class WorkerFailed(Exception):
@@ -199,6 +199,9 @@ class Supervisor:
             self.reload()
         elif signum == signal.SIGTERM:
             self.drain()
+        elif signum in (signal.SIGUSR1, signal.SIGUSR2):
+            for worker in self.workers:  # PAUSE / RESUME, each worker its own pools
+                worker.signal(signum)
         else:
             self.stop()
 

@@ -7,7 +7,9 @@ them all, with the deliberate differences).
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,7 +28,7 @@ from pgfleet.pooler.pooler import Pooler
 from pgfleet.pooler.protocol import backend, frontend
 from pgfleet.pooler.protocol.startup import build_cancel_request, build_startup_message
 
-from .conftest import StartPooler, own_app, pooler_settings
+from .conftest import PoolerProcess, StartPooler, own_app, pooler_settings
 from .rawpg import RawClient, error, rows
 from .test_admin import ADMIN_SETTINGS, admin_connect, admin_rows
 from .test_admin_commands import app_connect
@@ -379,3 +381,68 @@ async def test_the_console_outlives_a_wait_for_clients_shutdown_until_the_last_c
     finally:
         await admin.close()
         busy.terminate()
+
+
+# -- 8. signals, as PgBouncer's -------------------------------------------------------------------
+
+
+async def show_state(port: int) -> dict[str, str]:
+    async with await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=port, user="postgres", dbname="pgbouncer", autocommit=True
+    ) as admin:
+        _, rows = await admin_rows(admin, "SHOW STATE")
+        return dict(rows)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigusr1_pauses_and_sigusr2_resumes(pooler_process: Callable[..., PoolerProcess], workers: int) -> None:
+    """PgBouncer's runbook: kill -USR1 is PAUSE, kill -USR2 is RESUME (they used to kill pgfleet)."""
+    proc = pooler_process(auth_type="trust", workers=workers, admin_users=["postgres"])
+    conn = await trust_connect(proc.port, "app")
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+        proc.signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while (await show_state(proc.port))["paused"] != "yes":
+            assert time.monotonic() < deadline, "SIGUSR1 did not pause"
+            await asyncio.sleep(0.05)
+        held = asyncio.create_task(conn.fetchval("SELECT 2"))
+        done, _ = await asyncio.wait({held}, timeout=0.3)
+        assert not done, "a transaction got a server while paused"
+        proc.signal(signal.SIGUSR2)
+        assert await asyncio.wait_for(held, 10) == 2
+        assert proc.proc.poll() is None
+    finally:
+        conn.terminate()
+
+
+def test_sigquit_exits_at_once_also_when_started_with_signals_ignored(pg: TempPostgres, tmp_path: Path) -> None:
+    """A non-interactive shell starts background jobs with SIGINT and SIGQUIT ignored; QUIT still stops."""
+    path = tmp_path / "pooler.yaml"
+    path.write_text(yaml.safe_dump(pooler_settings(pg, tmp_path, auth_type="trust")))
+    log_path = tmp_path / "pooler.log"
+
+    def ignore_signals() -> None:
+        for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(signum, signal.SIG_IGN)
+
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pgfleet.pooler", "--config", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=ignore_signals,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while "ready on" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)  # handled (PAUSE), not ignored and not fatal
+        proc.send_signal(signal.SIGQUIT)
+        assert proc.wait(10) == 0
+        assert "SIGUSR1: pausing" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
