@@ -7,6 +7,7 @@ them all, with the deliberate differences).
 from __future__ import annotations
 
 import asyncio
+import shlex
 import signal
 import subprocess
 import sys
@@ -422,17 +423,10 @@ def test_sigquit_exits_at_once_also_when_started_with_signals_ignored(pg: TempPo
     path.write_text(yaml.safe_dump(pooler_settings(pg, tmp_path, auth_type="trust")))
     log_path = tmp_path / "pooler.log"
 
-    def ignore_signals() -> None:
-        for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(signum, signal.SIG_IGN)
-
+    # As a shell script's background job: the signals ignored, then the pooler exec'd.
+    command = f"trap '' INT QUIT USR1 USR2; exec {shlex.quote(sys.executable)} -m pgfleet.pooler --config {path}"
     with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pgfleet.pooler", "--config", str(path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=ignore_signals,
-        )
+        proc = subprocess.Popen(["sh", "-c", command], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 15
         while "ready on" not in log_path.read_text():
