@@ -117,12 +117,21 @@ class Pooler:
         self._close_listeners()
         for client in list(self.clients):
             client.terminate(sqlstate.ADMIN_SHUTDOWN, "pgfleet is shutting down")
+        closing = [server for pool in self.pools.values() for server in (*pool.idle, *pool.active)]
         for pool in self.pools.values():
             pool.shutdown("pooler stopping")
         cancels = list(self._cancel_tasks)
         for task in cancels:
             task.cancel()
         await asyncio.gather(*cancels, return_exceptions=True)
+        if any(server.tls for server in closing):
+            # A TLS link closes with an exchange of close_notify: a few turns of the loop,
+            # which must still run for the sockets to be closed rather than dropped.
+            try:
+                async with asyncio.timeout(2):
+                    await asyncio.gather(*(server.wait_closed() for server in closing))
+            except TimeoutError:
+                log.warning("TLS server connections still closing at exit")
         if self._janitor is not None:
             self._janitor.cancel()
         if not self._stopped.done():
@@ -352,7 +361,8 @@ class Pooler:
             log.warning("cancel request to %s failed: %s", address, exc)
         finally:
             if writer is not None:
-                writer.close()
+                # Nothing more to say; over TLS, close() would wait for a close_notify exchange.
+                writer.transport.abort()
 
     async def admin_login(self, client: ClientConnection) -> None:
         if self.admin is None:

@@ -314,7 +314,7 @@ async def test_cancel_reaches_a_tls_server(certs: Certs, tls_pg: TempPostgres, s
     finally:
         await conn.close()
     # One handshake for the link, one for the cancel request's own connection.
-    await wait_until(lambda: pooler.tls_stats.server_handshakes == 2)
+    await wait_until(lambda: pooler.tls_stats.server_handshakes == 2 and not pooler._cancel_tasks)
 
 
 # -- configuration: what cannot be honoured is an error, never cleartext ---------------------------
