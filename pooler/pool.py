@@ -422,6 +422,10 @@ class Pool:
             error = exc
         elif isinstance(exc, TimeoutError):
             error = ServerLoginError("pgfleet: server_connect_timeout: the database did not answer in time")
+        elif isinstance(exc, tls.TlsRefused):
+            # As a pg_hba refusal: no retry will pass until the config or the certificate changes.
+            message = f"pgfleet: cannot connect to the database: {exc}"
+            error = ServerLoginError(message, {"S": "FATAL", "C": sqlstate.INVALID_AUTHORIZATION, "M": message})
         else:
             error = ServerLoginError(f"pgfleet: cannot connect to the database: {exc}")
         config = self.pooler.config

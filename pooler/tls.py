@@ -43,7 +43,9 @@ _DEFAULT_CIPHERS = frozenset({"default", "secure", "normal", "fast"})
 
 
 class TlsRefused(ConnectionError):
-    """The server cannot give the TLS that server_tls_sslmode demands."""
+    """The server cannot give the TLS that server_tls_sslmode demands (no TLS, or a
+    certificate that fails verification): certain to fail again until the config or the
+    server's certificate changes, so the pool fails its queue at once."""
 
 
 @dataclass
@@ -245,6 +247,9 @@ async def connect_server(
                 # Any byte the server sent after 'S' stays in the socket and fails the
                 # handshake: nothing unencrypted is read as if it came through TLS.
                 link = await loop.create_connection(factory, sock=sock, ssl=ctx, server_hostname=host)
+            except ssl.SSLCertVerificationError as exc:
+                stats.server_failures += 1
+                raise TlsRefused(f"server certificate refused ({server_mode_text(tls)}): {exc.verify_message}") from exc
             except BaseException:
                 stats.server_failures += 1
                 raise
@@ -260,6 +265,10 @@ async def connect_server(
     except BaseException:
         sock.close()
         raise
+
+
+def server_mode_text(tls: TlsContexts) -> str:
+    return f"server_tls_sslmode {tls.server_mode.value}"
 
 
 async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
