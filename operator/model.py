@@ -151,6 +151,14 @@ class PoolerSpec(_Model):
         ),
     )
     max_client_conn: int = Field(default=1000, ge=1, description="Client connections each pooler pod accepts.")
+    paused: bool = Field(
+        default=False,
+        description=(
+            "PAUSE every pooler pod (for a primary switchover or a database restart): transactions in flight "
+            "finish, new ones wait in the queue (up to queryWaitTimeout), server connections close; false "
+            "RESUMEs. The TrafficPaused condition counts the pods paused. Not spec.paused, which stops reconciling."
+        ),
+    )
     max_prepared_statements: int = Field(
         default=200, ge=0, description="Prepared statements tracked per server connection; 0 disables tracking."
     )
@@ -293,6 +301,9 @@ class PgPoolStatus(_Model):
     selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
     conditions: list[Condition] = Field(default_factory=list)
     budget: BudgetStatus = Field(default_factory=BudgetStatus)
+    paused_pods: int | None = Field(
+        default=None, description="Pods paused by pooler.paused (no server connection open any more)."
+    )
 
 
 class PgPool(_Model):

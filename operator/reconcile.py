@@ -17,7 +17,7 @@ from typing import Any
 from pgfleet.pooler.config import ConfigError
 from pgfleet.pooler.userlist import parse_userlist
 
-from . import budget, conditions, fleet, kube, model, render
+from . import budget, conditions, fleet, kube, model, render, traffic
 from .apply import apply
 from .control import BudgetLoops, Fleet, FleetReport, PeriodReport
 from .observe import DatabaseFacts, DatabaseProbe, DatabaseTarget, DatabaseUnreachable
@@ -95,7 +95,8 @@ def _finish(pgpool: model.PgPool, status: Obj, updates: list[conditions.Conditio
     previous = [c.model_dump(by_alias=True, mode="json", exclude_none=True) for c in pgpool.status.conditions]
     for cond in updates:
         # Pods starting up is progress, not a problem worth an Event.
-        if cond["reason"] in ("PodsNotReady", "Paused") or not conditions.flipped_to_false(previous, cond):
+        quiet = ("PodsNotReady", "Paused", *traffic.QUIET_REASONS)
+        if cond["reason"] in quiet or not conditions.flipped_to_false(previous, cond):
             continue
         event = Event("Warning", cond["reason"], cond["message"])
         if event not in events:
@@ -224,6 +225,8 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         await apply(ctx.client, obj)
     if children.pdb is None:
         await ctx.client.delete(kube.object_path("policy/v1", "PodDisruptionBudget", pgpool.namespace, pgpool.name))
+    paused = await _pause(ctx, pgpool, token)
+    status["pausedPods"] = len(paused.fully_paused) if pgpool.spec.pooler.paused else 0
 
     # -- status ------------------------------------------------------------------------------------
     if allocation.shortfall is not None:
@@ -268,7 +271,26 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
             "PodsReady" if pods_ready else "PodsNotReady",
             f"{ready_replicas}/{desired} pooler pods ready",
         )
-    return _finish(pgpool, status, [ready, reachable, enforced], events)
+    return _finish(
+        pgpool,
+        status,
+        [ready, reachable, enforced, condition(traffic.TRAFFIC_PAUSED, *traffic.describe(paused))],
+        events,
+    )
+
+
+async def _pause(ctx: Context, pgpool: model.PgPool, token: str) -> traffic.PauseReport:
+    """spec.pooler.paused to every running pod (see traffic.py)."""
+    pods = await ctx.client.list(
+        kube.collection_path("v1", "Pod", pgpool.namespace), label_selector=render.selector_string(pgpool.name)
+    )
+    return await traffic.push_pause(
+        fleet.running_pod_addresses(pods),
+        pgpool.spec.pooler.paused,
+        token,
+        port=ctx.pod_http_port,
+        timeout=ctx.push_timeout,
+    )
 
 
 # -- the budget loop's side ------------------------------------------------------------------------
