@@ -106,6 +106,7 @@ class ClientConnection(asyncio.Protocol):
         "_need",
         "_pending",
         "_reading_paused",
+        "_sets_checked",
         "_skip",
         "_startup",
         "_write_paused",
@@ -124,6 +125,7 @@ class ClientConnection(asyncio.Protocol):
         "pooler",
         "request_time",
         "server",
+        "startup_sets",
         "state",
         "statements",
         "tls",
@@ -164,6 +166,10 @@ class ClientConnection(asyncio.Protocol):
         self.batch_binds: list[str] = []
         # Why this client keeps its server past transaction end (sqlscan's reasons).
         self.pins: set[str] = set()
+        # Startup settings other than the tracked parameters (name -> value), and whether
+        # PostgreSQL has accepted them once.
+        self.startup_sets: dict[str, str] = {}
+        self._sets_checked = False
         self._pending = b""
         # A long message being received: its chunks (joined once it is whole) and its size.
         self._held: list[bytes] = []
@@ -383,16 +389,35 @@ class ClientConnection(asyncio.Protocol):
         self.tls = tls.describe(self.transport)
 
     def _check_startup_params(self, startup: dict[str, str]) -> dict[str, str]:
+        """The tracked parameters of a startup packet; the other settings go to `startup_sets`.
+
+        Settings drivers send at startup (node-postgres' statement_timeout, libpq's
+        `options=-c ...`) are set on every server the client gets and reset when it
+        leaves it (see `link`, Pool.release); names in ignore_startup_parameters are
+        dropped, as PgBouncer does.
+        """
         tracked: dict[str, str] = {}
         ignored = {name.lower() for name in self.pooler.config.ignore_startup_parameters}
+        settings: list[tuple[str, str]] = []
         for name, value in startup.items():
-            if name in ("user", "database"):
+            lower = name.lower()
+            if name in ("user", "database") or lower in ignored:
                 continue
+            if lower == "options":
+                try:
+                    settings.extend(params.split_options(value))
+                except ValueError as exc:
+                    raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, f"pgfleet: {exc}") from None
+            elif lower == "replication" or lower.startswith("_pq_."):
+                raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"unsupported startup parameter: {name}")
+            else:
+                settings.append((name, value))
+        for name, value in settings:
             canonical = params.canonical(name)
             if canonical is not None:
                 tracked[canonical] = value
             elif name.lower() not in ignored:
-                raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"unsupported startup parameter: {name}")
+                self.startup_sets[name.lower()] = value
         return tracked
 
     async def _authenticate(self) -> None:
@@ -490,13 +515,38 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         assert pool is not None
         self.maps_statements = pool.maps_statements
+        sync = None
         if self.params != server.tracked_params:
             sync = params.sync_statement(self.params, server.params)
-            if sync is not None:
-                server.run_internal(sync)
+        sets = self.startup_sets
+        if sets:
+            # Reset by Pool.release when the client leaves this server.
+            server.startup_sets = tuple(sets)
+            sync = (sync + ";" if sync else "") + params.set_config_statement(sets)
         if self._write_paused:
             server.pause_reading()
         self.resume_reading()
+        if sync is not None:
+            if sets and not self._sets_checked:
+                # The first time: a value PostgreSQL refuses ends the login there, as
+                # directly, so nothing of the client's runs before it is known.
+                self.state = ClientState.WAITING
+                server.run_internal(sync, lambda: self._startup_sets_checked(server))
+                return
+            server.run_internal(sync)
+        data, self._pending = self._pending, b""
+        if data:
+            self._forward(data)
+
+    def _startup_sets_checked(self, server: ServerConnection) -> None:
+        error, server.internal_error = server.internal_error, None
+        if self.server is not server or self.state is not ClientState.WAITING:
+            return  # gone meanwhile
+        if error is not None:
+            self.fatal_fields(error)
+            return
+        self._sets_checked = True
+        self.state = ClientState.ACTIVE
         data, self._pending = self._pending, b""
         if data:
             self._forward(data)

@@ -117,3 +117,60 @@ def sync_statement(client: dict[str, str], server: dict[str, str]) -> str | None
     """SQL that makes the server's tracked parameters equal the client's, or None."""
     sets = [f'SET "{name}" = {quote_literal(value)}' for name, value in client.items() if server.get(name) != value]
     return ";".join(sets) if sets else None
+
+
+def split_options(options: str) -> list[tuple[str, str]]:
+    """The settings in a startup packet's `options`, split as PostgreSQL does (pg_split_opts).
+
+    Words are separated by spaces, a backslash escapes the next character; each setting
+    is `-c name=value`, `-cname=value` or `--name=value` (dashes in a name mean
+    underscores). Raises ValueError for anything else (other server switches).
+    """
+    words: list[str] = []
+    word: list[str] = []
+    escaped = False
+    for char in options:
+        if escaped:
+            word.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char.isspace():
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(char)
+    if word:
+        words.append("".join(word))
+    settings = []
+    it = iter(words)
+    for word_ in it:
+        if word_ == "-c":
+            setting = next(it, "")
+        elif word_.startswith("-c") or word_.startswith("--"):
+            setting = word_[2:]
+        else:
+            raise ValueError(f"unsupported switch in options: {word_}")
+        name, equals, value = setting.partition("=")
+        if not name or not equals:
+            raise ValueError(f"-c {setting} requires a value")
+        settings.append((name.replace("-", "_"), value))
+    return settings
+
+
+def set_config_statement(settings: dict[str, str]) -> str:
+    """SQL that sets these (untracked) parameters for the session, values taken as given.
+
+    set_config, not SET: a startup value is one string (`search_path=a,b` is two schemas;
+    `SET search_path = 'a,b'` would be one).
+    """
+    calls = ", ".join(
+        f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
+        for name, value in settings.items()
+    )
+    return f"SELECT {calls}"
+
+
+def reset_statement(names: tuple[str, ...]) -> str:
+    return ";".join('RESET "' + name.replace('"', '""') + '"' for name in names)

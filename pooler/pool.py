@@ -11,7 +11,7 @@ import collections
 import logging
 from typing import TYPE_CHECKING, Final
 
-from . import tls
+from . import params, tls
 from .config import DatabaseConfig, PoolerConfig, PoolMode
 from .prepared import StatementRegistry
 from .protocol import backend
@@ -232,7 +232,7 @@ class Pool:
         reset = self.mode is PoolMode.SESSION or self.pooler.config.server_reset_query_always
         if unsynced:
             server.close_extended_exchange()
-        if unsynced or server.busy_internally or server.tx_status != _IDLE or reset:
+        if unsynced or server.busy_internally or server.tx_status != _IDLE or reset or server.startup_sets:
             # Every way back to the pool but the hot path: the proxy's own queries in
             # flight are answered first, then the transaction rolled back, then the reset.
             server.when_idle(lambda: self._clean_up(server, reset))
@@ -254,6 +254,11 @@ class Pool:
             return
         if server.tx_status != _IDLE:
             server.run_internal("ROLLBACK", lambda: self._clean_up(server, reset))
+            return
+        if server.startup_sets:
+            # The client's startup settings (client.link) go back to the server's defaults.
+            names, server.startup_sets = server.startup_sets, ()
+            server.run_internal(params.reset_statement(names), lambda: self._clean_up(server, reset))
             return
         query = self.pooler.config.server_reset_query if reset else ""
         if query:

@@ -104,6 +104,10 @@ class ServerConnection(asyncio.Protocol):
         self.skipping_to_sync = False
         # The server sent the client a FATAL error: the connection ends with that.
         self.ended_fatally = False
+        # Startup settings a client's link set here (client.startup_sets), reset at release.
+        self.startup_sets: tuple[str, ...] = ()
+        # The error fields of the last failed internal query, for a caller that asks.
+        self.internal_error: dict[str, str] | None = None
         # Internal queries whose replies are swallowed, one callback per ReadyForQuery.
         self._swallow: collections.deque[Callable[[], None] | None] = collections.deque()
         self._partial = b""
@@ -335,6 +339,7 @@ class ServerConnection(asyncio.Protocol):
             fields = backend.parse_error_fields(data[pos + 5 : end])
             log.warning("internal query on server %s failed: %s", self.backend_pid, fields.get("M"))
             self.close_needed = True
+            self.internal_error = fields
 
     def _parameter_status(self, body: bytes, swallowed: bool = False) -> None:
         """A ParameterStatus, forwarded by the caller or (`swallowed`) a reply to the proxy's own query.

@@ -201,6 +201,24 @@ async def test_node_postgres_backend_death_is_one_error(target: Target) -> None:
     assert await node_case(target, "fatal") == {"query": "57P01", "errors": ["Connection terminated unexpectedly"]}
 
 
+@needs_node
+async def test_node_postgres_startup_settings(target: Target) -> None:
+    settings = {
+        "search_path": "pg_catalog,public",
+        "work_mem": "7MB",
+        "lock_timeout": "3s",
+        "statement_timeout": "1234ms",
+        "idle_timeout": "5678ms",
+        "application_name": "conformance",
+    }
+    assert await node_case(target, "options") == {
+        "first": settings,
+        "again": settings,
+        "timeout": "57014",
+        "clean": {"search_path": '"$user", public', "work_mem": "4MB", "statement_timeout": "0"},
+    }
+
+
 async def test_terminate_before_startup_is_closed_without_a_word(target: Target) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+import pytest
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.pooler import params
 
@@ -54,3 +55,18 @@ def test_other_tracked_spellings(pg: TempPostgres) -> None:
         for value in ("TRUE", "yes", "0", "Off"):
             server = reported(conn, "standard_conforming_strings", value)
             assert params.reported_value("standard_conforming_strings", value, None) == server
+
+
+def test_startup_options_split_as_postgresql_does() -> None:
+    options = r"-c search_path=a,b  -cwork_mem=7MB --lock-timeout=3s -c application_name=two\ words"
+    assert params.split_options(options) == [
+        ("search_path", "a,b"),
+        ("work_mem", "7MB"),
+        ("lock_timeout", "3s"),
+        ("application_name", "two words"),
+    ]
+    assert params.split_options("") == []
+    with pytest.raises(ValueError, match="unsupported switch"):
+        params.split_options("-B 100")
+    with pytest.raises(ValueError, match="requires a value"):
+        params.split_options("-c work_mem")

@@ -134,12 +134,26 @@ async def test_session_parameters_follow_the_client_across_servers(start_pooler:
     assert pool.stats.xact_count >= 40
 
 
-async def test_startup_parameters_not_tracked_are_refused_unless_ignored(start_pooler: StartPooler) -> None:
-    pooler = await start_pooler(auth_type="trust", ignore_startup_parameters=["extra_float_digits"])
-    conn = await connect(pooler.port, server_settings={"extra_float_digits": "2"})
+async def test_startup_parameters_not_tracked_are_applied_unless_ignored(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(
+        auth_type="trust", default_pool_size=1, ignore_startup_parameters=["extra_float_digits"]
+    )
+    conn = await connect(pooler.port, server_settings={"extra_float_digits": "2", "search_path": "x, public"})
+    assert await conn.fetchval("SHOW extra_float_digits") == "1"  # ignored
+    assert await conn.fetchval("SHOW search_path") == "x, public"
     await conn.close()
-    with pytest.raises(asyncpg.ProtocolViolationError, match="unsupported startup parameter: search_path"):
-        await connect(pooler.port, server_settings={"search_path": "x"})
+    # PostgreSQL refuses the value: the client hears its error before anything of its own runs.
+    conn = await connect(pooler.port, server_settings={"statement_timeout": "soon", "application_name": "bad"})
+    refused = (asyncpg.InvalidParameterValueError, asyncpg.ConnectionDoesNotExistError)  # FATAL, then closed
+    with pytest.raises(refused, match='invalid value for parameter "statement_timeout"'):
+        await conn.execute("CREATE TABLE must_not_exist (x int)")
+    await wait_until(conn.is_closed)
+    conn = await connect(pooler.port)
+    assert await conn.fetchval("SELECT to_regclass('must_not_exist') IS NULL")
+    assert await conn.fetchval("SHOW search_path") == '"$user", public'
+    await conn.close()
+    with pytest.raises(asyncpg.ProtocolViolationError, match="unsupported startup parameter: replication"):
+        await connect(pooler.port, server_settings={"replication": "database"})
 
 
 async def test_pipelined_extended_queries_keep_their_server(start_pooler: StartPooler) -> None:
