@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import views
 from .client import ClientConnection, ClientError, ClientState
 from .config import ConfigError, PoolerConfig
-from .ini import DURATION_KEYS, parse_duration
+from .ini import DURATION_KEYS, is_unimplemented, parse_duration
 from .pooler import RESTART_ONLY
 from .protocol import backend
 from .protocol import errors as sqlstate
@@ -774,6 +774,11 @@ class AdminSession:
             return backend.notice_response("00000", "SET ignored") + backend.command_complete("SET")
         if not self.is_admin:
             raise AdminError("admin access needed", sqlstate.INSUFFICIENT_PRIVILEGE)
+        if is_unimplemented(key):
+            raise AdminError(
+                f"SET failed: {key} is a PgBouncer setting pgfleet does not implement (see docs/compatibility.md)",
+                sqlstate.FEATURE_NOT_SUPPORTED,
+            )
         if key not in _CONFIG_KEYS:
             raise AdminError(f"SET failed: unknown setting {key!r}", sqlstate.INVALID_CATALOG_NAME)
         if key in _NOT_SETTABLE:

@@ -76,6 +76,12 @@ class DatabaseConfig(_Strict):
     pool_mode: PoolMode | None = None
     max_db_connections: Count | None = Field(default=None, description="Overrides max_db_connections.")
     connect_query: str | None = Field(default=None, description="SQL run once on every new server connection.")
+    server_lifetime: Seconds | None = Field(default=None, description="Overrides server_lifetime for this database.")
+    # Client time limits for this database's clients (a user's own setting wins).
+    query_timeout: Seconds | None = None
+    idle_transaction_timeout: Seconds | None = None
+    client_idle_timeout: Seconds | None = None
+    transaction_timeout: Seconds | None = None
 
     @property
     def unix_socket(self) -> str | None:
@@ -89,6 +95,12 @@ class UserConfig(_Strict):
     pool_mode: PoolMode | None = None
     max_user_connections: Count | None = None
     pool_size: Count | None = None
+    reserve_pool_size: Count | None = None
+    # Client time limits for this user's clients (over the database's and the global ones).
+    query_timeout: Seconds | None = None
+    idle_transaction_timeout: Seconds | None = None
+    client_idle_timeout: Seconds | None = None
+    transaction_timeout: Seconds | None = None
 
 
 def _split_list(value: Any) -> Any:
@@ -165,6 +177,7 @@ class PoolerConfig(_Strict):
     client_idle_timeout: Seconds = 0.0
     client_login_timeout: Seconds = 60.0
     idle_transaction_timeout: Seconds = 0.0
+    transaction_timeout: Seconds = Field(default=0.0, description="Longest a client may stay in one transaction.")
     shutdown_timeout: Seconds = Field(default=30.0, description="Longest a SIGTERM drain waits for clients.")
 
     ignore_startup_parameters: list[str] = Field(default_factory=list)
@@ -246,10 +259,13 @@ class PoolerConfig(_Strict):
             size = db.pool_size
         if entry is not None and entry.pool_size is not None:
             size = entry.pool_size
+        reserve = db.reserve_pool_size if db.reserve_pool_size is not None else self.reserve_pool_size
+        if entry is not None and entry.reserve_pool_size is not None:
+            reserve = entry.reserve_pool_size
         return PoolLimits(
             pool_size=size,
             min_pool_size=min(db.min_pool_size if db.min_pool_size is not None else self.min_pool_size, size),
-            reserve_pool_size=db.reserve_pool_size if db.reserve_pool_size is not None else self.reserve_pool_size,
+            reserve_pool_size=reserve,
             max_db_connections=db.max_db_connections if db.max_db_connections is not None else self.max_db_connections,
             max_user_connections=(
                 entry.max_user_connections
@@ -257,6 +273,39 @@ class PoolerConfig(_Strict):
                 else self.max_user_connections
             ),
         )
+
+    def timeouts_for(self, database: str, user: str) -> ClientTimeouts:
+        """The client time limits of a (database, user) pool: the user's, else the database's, else global."""
+        db = self.database(database) or DatabaseConfig()
+        entry = self.users.get(user) or UserConfig()
+
+        def pick(key: str) -> float:
+            for source in (entry, db):
+                value = getattr(source, key)
+                if value is not None:
+                    return float(value)
+            return float(getattr(self, key))
+
+        return ClientTimeouts(*(pick(key) for key in TIMEOUT_KEYS))
+
+    def has_client_timeouts(self) -> bool:
+        """Whether any client time limit is set anywhere (else the janitor skips the clients)."""
+        entries: list[Any] = [self, *self.databases.values(), *self.users.values()]
+        return any(getattr(entry, key) for entry in entries for key in TIMEOUT_KEYS)
+
+
+# The client time limits a user or database entry may set for itself (ClientTimeouts' fields).
+TIMEOUT_KEYS = ("query_timeout", "idle_transaction_timeout", "client_idle_timeout", "transaction_timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    """The time limits on one pool's clients, in seconds (0: none)."""
+
+    query_timeout: float
+    idle_transaction_timeout: float
+    client_idle_timeout: float
+    transaction_timeout: float
 
 
 @dataclass(frozen=True, slots=True)

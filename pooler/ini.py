@@ -33,6 +33,7 @@ DURATION_KEYS = frozenset(
         "client_idle_timeout",
         "client_login_timeout",
         "idle_transaction_timeout",
+        "transaction_timeout",
         "shutdown_timeout",
         "stats_period",
     }
@@ -94,7 +95,6 @@ IGNORED_PGBOUNCER_KEYS = frozenset(
         "autodb_idle_timeout",
         "suspend_timeout",
         "cancel_wait_timeout",
-        "transaction_timeout",
         "track_extra_parameters",
         "max_db_client_connections",
         "max_user_client_connections",
@@ -116,13 +116,12 @@ IGNORED_DATABASE_KEYS = frozenset(
         "timezone",
         "application_name",
         "max_db_client_connections",
-        "server_lifetime",
         "load_balance_hosts",
     }
 )
 # PgBouncer spells some per-database keys differently from the global ones.
 _DATABASE_ALIASES = {"reserve_pool": "reserve_pool_size"}
-IGNORED_USER_KEYS = frozenset({"reserve_pool_size", "max_user_client_connections"})
+IGNORED_USER_KEYS = frozenset({"max_user_client_connections"})
 
 _SUPPORTED_PGBOUNCER_KEYS = frozenset(PoolerConfig.model_fields) - {"databases", "users"}
 _SUPPORTED_DATABASE_KEYS = frozenset(DatabaseConfig.model_fields)
@@ -292,6 +291,8 @@ def _database_entry(name: str, value: str, where: str) -> dict[str, Any]:
             first = raw.split(",")[0].strip()
             log.warning("%s: [databases] %s: several hosts given; pgfleet connects to %s only", where, name, first)
             entry[key] = first
+        elif key in DURATION_KEYS:
+            entry[key] = parse_duration(raw, key, f"{where}: [databases] {name}")
         else:
             entry[key] = raw
     return entry
@@ -305,5 +306,10 @@ def _user_entry(name: str, value: str, where: str) -> dict[str, Any]:
             continue
         if key not in _SUPPORTED_USER_KEYS:
             raise ConfigError(f"{where}: [users] {name}: unknown setting {key!r}")
-        entry[key] = raw
+        entry[key] = parse_duration(raw, key, f"{where}: [users] {name}") if key in DURATION_KEYS else raw
     return entry
+
+
+def is_unimplemented(key: str) -> bool:
+    """A [pgbouncer] setting PgBouncer has and pgfleet knows it does not act on."""
+    return key not in _SUPPORTED_PGBOUNCER_KEYS and (key in IGNORED_PGBOUNCER_KEYS or key.startswith(_IGNORED_PREFIXES))

@@ -101,6 +101,8 @@ class Pool:
         # Read by every link, so decided here once.
         self.refuses_blocks = self.mode is PoolMode.STATEMENT
         self.maps_statements = self.mode is not PoolMode.SESSION and config.max_prepared_statements > 0
+        self.server_lifetime = db.server_lifetime if db.server_lifetime is not None else config.server_lifetime
+        self.timeouts = config.timeouts_for(self.database, self.user)
         limits = self.pooler.limits_for(self.database, self.user)
         self.pool_size = limits.pool_size
         self.min_pool_size = limits.min_pool_size
@@ -170,7 +172,7 @@ class Pool:
     def acquire(self, client: ClientConnection) -> None:
         """Link `client` to an idle server now, or queue it (FIFO) until one frees up."""
         if not self.paused:
-            lifetime = self.pooler.config.server_lifetime
+            lifetime = self.server_lifetime
             while self.idle:
                 server = self.idle.pop()  # most recently used: warm caches, lets the rest age out
                 if server.state is not ServerState.IDLE:
@@ -291,7 +293,6 @@ class Pool:
             # nobody else gets it before PostgreSQL has taken every such request.
             server.after_cancels = lambda: self._give_checked(server)
             return
-        config = self.pooler.config
         if self.server_count > self.limit:
             self._close(server, "pool size lowered")
             return
@@ -301,7 +302,7 @@ class Pool:
                 self._close(server, "max_db_connections lowered")
                 return
             self.over_db_limit = False
-        if config.server_lifetime and now - server.created_at > config.server_lifetime:
+        if self.server_lifetime and now - server.created_at > self.server_lifetime:
             self._close(server, "server_lifetime")
             self.launch_for_waiters()
             return
@@ -605,7 +606,7 @@ class Pool:
         for server in list(self.idle):
             age = now - server.created_at
             idle_for = now - server.last_used
-            if config.server_lifetime and age > config.server_lifetime:
+            if self.server_lifetime and age > self.server_lifetime:
                 self.idle.remove(server)
                 self._close(server, "server_lifetime")
             elif (

@@ -10,9 +10,10 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, PoolerConfig, PoolLimits, load_config, merge_limits
+from .config import TIMEOUT_KEYS, ConfigError, PoolerConfig, PoolLimits, load_config, merge_limits
 from .pool import Pool
 from .protocol import errors as sqlstate
+from .protocol.backend import IDLE
 from .protocol.startup import build_cancel_request
 from .shares import WorkerSlot
 from .tls import TlsContexts, TlsStats, build_contexts, open_server_stream
@@ -48,6 +49,7 @@ class Pooler:
         self.clients: set[ClientConnection] = set()
         self.logged_in_clients = 0
         self.draining = False
+        self._client_timeouts = config.has_client_timeouts()
         # SHUTDOWN WAIT_FOR_SERVERS: no client gets a server any more (pool.acquire).
         self.refusing_servers = False
         self.started_at = self.loop.time()
@@ -207,6 +209,7 @@ class Pooler:
             log.warning("%s changed: takes effect after a restart", key)
         self.config = new
         self.userlist = userlist
+        self._client_timeouts = new.has_client_timeouts()
         if tls is not None:
             self.tls = tls
         for pool in list(self.pools.values()):
@@ -374,6 +377,7 @@ class Pooler:
     # -- maintenance ----------------------------------------------------------------------------------
     def _janitor_period(self) -> float:
         config = self.config
+        entries = [*config.databases.values(), *config.users.values()]
         timeouts = [
             t
             for t in (
@@ -382,9 +386,11 @@ class Pooler:
                 config.client_idle_timeout,
                 config.idle_transaction_timeout,
                 config.query_timeout,
+                config.transaction_timeout,
                 config.server_idle_timeout,
                 config.reserve_pool_timeout,
                 config.server_login_retry,
+                *(getattr(entry, key) or 0 for entry in entries for key in TIMEOUT_KEYS),
             )
             if t
         ]
@@ -409,21 +415,41 @@ class Pooler:
         self._check_client_timeouts(now)
 
     def _check_client_timeouts(self, now: float) -> None:
+        """Close clients past a time limit with PgBouncer's 08P01 and its words for it.
+
+        Each client's limits are its pool's (a user's setting, else its database's, else
+        the global one). A client closed mid-query has its query cancelled and its server
+        closed (pool.release); one closed inside an idle transaction has it rolled back.
+        """
         from .client import ClientState
 
-        config = self.config
-        if not (config.client_idle_timeout or config.idle_transaction_timeout or config.query_timeout):
+        if not self._client_timeouts:
             return
         for client in list(self.clients):
+            pool = client.pool
+            if pool is None:
+                continue  # logging in, or an admin console session
+            limits = pool.timeouts
             idle_for = now - client.last_activity
             if client.state is ClientState.IDLE:
-                if config.client_idle_timeout and idle_for > config.client_idle_timeout:
-                    client.terminate(sqlstate.ADMIN_SHUTDOWN, "client_idle_timeout")
-            elif client.state is ClientState.ACTIVE and client.server is not None:
-                server = client.server
-                if server.outstanding > 0:
-                    if config.query_timeout and now - client.request_time > config.query_timeout:
-                        client.request_time = now  # one cancel per timeout period
-                        self.forward_cancel(*client.cancel_key)
-                elif config.idle_transaction_timeout and idle_for > config.idle_transaction_timeout:
-                    client.terminate(sqlstate.IDLE_IN_TRANSACTION_TIMEOUT, "idle_transaction_timeout")
+                if limits.client_idle_timeout and idle_for > limits.client_idle_timeout:
+                    client.terminate(sqlstate.PROTOCOL_VIOLATION, "client_idle_timeout")
+                continue
+            server = client.server
+            if client.state is not ClientState.ACTIVE or server is None:
+                continue
+            in_transaction = server.tx_status != IDLE
+            busy = server.outstanding > 0
+            if limits.transaction_timeout and (in_transaction or busy):
+                began = server.xact_start if in_transaction else client.request_time
+                if now - began > limits.transaction_timeout:
+                    client.terminate(sqlstate.PROTOCOL_VIOLATION, "transaction timeout")
+                    continue
+            if busy:
+                if limits.query_timeout and now - client.request_time > limits.query_timeout:
+                    client.terminate(sqlstate.PROTOCOL_VIOLATION, "query timeout")
+            elif in_transaction:
+                if limits.idle_transaction_timeout and idle_for > limits.idle_transaction_timeout:
+                    client.terminate(sqlstate.PROTOCOL_VIOLATION, "idle transaction timeout")
+            elif limits.client_idle_timeout and idle_for > limits.client_idle_timeout:
+                client.terminate(sqlstate.PROTOCOL_VIOLATION, "client_idle_timeout")  # a session-mode client

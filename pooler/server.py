@@ -77,6 +77,7 @@ class ServerConnection(asyncio.Protocol):
         self.backend_pid = 0
         self.backend_key = 0
         self.tx_status = IDLE
+        self.xact_start = 0.0  # when the transaction open on this link began (tx_status not IDLE)
         # Replies (ReadyForQuery) the linked client still waits for.
         self.outstanding = 0
         # CancelRequests sent to this backend whose connections PostgreSQL has not yet
@@ -278,7 +279,11 @@ class ServerConnection(asyncio.Protocol):
                 if end > n:
                     break
                 if msg_type == _Z:
-                    status = self.tx_status = data[pos + 5]
+                    status = data[pos + 5]
+                    if status != _IDLE and self.tx_status == _IDLE and self.client is not None:
+                        # A transaction began with the request just answered (transaction_timeout).
+                        self.xact_start = self.client.request_time
+                    self.tx_status = status
                     self.outstanding -= 1
                     saw_ready = True
                     if self.replies:

@@ -440,3 +440,124 @@ def test_sigquit_exits_at_once_also_when_started_with_signals_ignored(pg: TempPo
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- 11 and 14. client time limits: PgBouncer's 08P01, per user and per database -------------------
+
+
+async def psycopg_app(pooler: Pooler, user: str = "md5user", password: str = "md5pass") -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=pooler.port, user=user, password=password, dbname="app", autocommit=True
+    )
+
+
+async def closed_with(conn: psycopg.AsyncConnection[Any], sql: str) -> psycopg.Error:
+    with pytest.raises(psycopg.OperationalError) as info:
+        async with asyncio.timeout(15):
+            await conn.execute(sql)
+    return info.value
+
+
+async def test_query_timeout_closes_the_client_with_08p01(start_pooler: StartPooler) -> None:
+    """PgBouncer closes a client past query_timeout with 08P01 "query timeout" (drivers reconnect on it)."""
+    pooler = await start_pooler(query_timeout=0.5)
+    conn = await psycopg_app(pooler)
+    error = await closed_with(conn, "SELECT pg_sleep(10)")
+    assert error.sqlstate == "08P01" and "query timeout" in str(error)
+    assert conn.closed
+    async with await psycopg_app(pooler) as again:  # the pool is fine; the next client is served
+        assert await (await again.execute("SELECT 1")).fetchone() == (1,)
+
+
+async def test_idle_transaction_timeout_closes_the_client_with_08p01(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(idle_transaction_timeout=0.3)
+    conn = await psycopg_app(pooler)
+    await conn.execute("BEGIN")
+    await conn.execute("SELECT 1")
+    await wait_until(lambda: not pooler.pools[("app", "md5user")].clients)
+    error = await closed_with(conn, "SELECT 1")  # the FATAL waits in the socket for the next read
+    assert error.sqlstate == "08P01" and "idle transaction timeout" in str(error)
+
+
+async def test_time_limits_per_user_and_per_database(start_pooler: StartPooler, pg: TempPostgres) -> None:
+    """PgBouncer 1.24+ sets query_timeout & co per user; the database's entry has its own too."""
+    pooler = await start_pooler(
+        users={"md5user": {"query_timeout": 0.5}},
+        databases={"app": {"host": pg.host, "port": pg.port, "dbname": "app", "transaction_timeout": 1.5}},
+    )
+    limited = await psycopg_app(pooler)
+    other = await psycopg_app(pooler, "scramuser", "scrampass")
+    try:
+        error = await closed_with(limited, "SELECT pg_sleep(10)")
+        assert "query timeout" in str(error)
+        # Another user's query outlives md5user's limit; the database's transaction_timeout ends its transaction.
+        await other.execute("SELECT pg_sleep(1)")
+        await other.execute("BEGIN")
+        deadline = time.monotonic() + 15
+        with pytest.raises(psycopg.OperationalError) as info:
+            while time.monotonic() < deadline:
+                await other.execute("SELECT 1")
+                await asyncio.sleep(0.05)
+        assert info.value.sqlstate == "08P01" and "transaction timeout" in str(info.value)
+    finally:
+        await limited.close()
+        await other.close()
+
+
+async def test_server_lifetime_per_database(start_pooler: StartPooler, pg: TempPostgres) -> None:
+    pooler = await start_pooler(
+        server_lifetime=3600, databases={"app": {"host": pg.host, "port": pg.port, "server_lifetime": 0.3}}
+    )
+    async with await psycopg_app(pooler) as conn:
+        first = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+        deadline = time.monotonic() + 10
+        while await (await conn.execute("SELECT pg_backend_pid()")).fetchone() == first:
+            assert time.monotonic() < deadline, "the database's server_lifetime was not applied"
+            await asyncio.sleep(0.1)
+
+
+# -- 14 and 17. a pgbouncer.ini written for 1.24+ loads; what is not implemented never stops a RELOAD --
+
+
+PGBOUNCER_125_INI = """
+[databases]
+app = host={host} port={port} dbname=app server_lifetime=600 query_timeout=30
+[users]
+md5user = pool_size=3 reserve_pool_size=1 query_timeout=1min idle_transaction_timeout=10 client_idle_timeout=5min transaction_timeout=30
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {listen_port}
+auth_type = md5
+auth_file = {auth_file}
+admin_users = md5user
+transaction_timeout = 120
+query_wait_notify = 3
+server_check_delay = 10
+dns_max_ttl = 30
+"""
+
+
+async def test_a_pgbouncer_125_ini_loads_and_reloads(pg: TempPostgres, tmp_path: Path) -> None:
+    settings = pooler_settings(pg, tmp_path)
+    path = tmp_path / "pgbouncer.ini"
+    text = PGBOUNCER_125_INI.format(
+        host=pg.host, port=pg.port, listen_port=settings["listen_port"], auth_file=settings["auth_file"]
+    )
+    path.write_text(text)
+    config = load_config(path)
+    user = config.users["md5user"]
+    assert (user.query_timeout, user.idle_transaction_timeout, user.client_idle_timeout) == (60, 10, 300)
+    assert user.reserve_pool_size == 1 and config.limits_for("app", "md5user").reserve_pool_size == 1
+    assert config.databases["app"].server_lifetime == 600 and config.transaction_timeout == 120
+    assert config.timeouts_for("app", "md5user").query_timeout == 60  # the user's, over the database's 30
+    assert config.timeouts_for("app", "scramuser").query_timeout == 30
+    pooler = Pooler(config, str(path))
+    await pooler.start()
+    try:
+        admin = await admin_connect(pooler)
+        await admin.execute("RELOAD")  # unimplemented keys are warned about, never a failed RELOAD
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="does not implement"):
+            await admin.execute("SET dns_max_ttl = 10")
+        await admin.close()
+    finally:
+        await pooler.stop()
