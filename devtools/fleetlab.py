@@ -46,24 +46,38 @@ class LabPooler:
     process: PoolerProcess
     port: int
     http_port: int
+    http_addr: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.http_addr}:{self.http_port}"
 
     def stop(self) -> None:
         self.process.stop()
 
 
 def start_fleet_pooler(
-    pg: TempPostgres, workdir: Path, name: str, *, floor: int = 1, workers: int = 1, **settings: Any
+    pg: TempPostgres,
+    workdir: Path,
+    name: str,
+    *,
+    floor: int = 1,
+    workers: int = 1,
+    http_addr: str = "127.0.0.1",
+    http_port: int | None = None,
+    **settings: Any,
 ) -> LabPooler:
-    """A pooler fronting `app` as role `fleet`, at the floor until the controller says otherwise."""
+    """A pooler fronting `app` as role `fleet`, at the floor until the controller says otherwise.
+
+    Its token is read from workdir/token (written with TOKEN unless it exists).
+    """
     directory = workdir / name
     directory.mkdir(parents=True, exist_ok=True)
     token_file = workdir / "token"
-    token_file.write_text(TOKEN + "\n")
-    port, http_port = free_port(), free_port()
+    if not token_file.exists():
+        token_file.write_text(TOKEN + "\n")
+    port = free_port()
+    http_port = http_port or free_port()
     config: dict[str, Any] = {
         "listen_addr": "127.0.0.1",
         "listen_port": port,
@@ -77,7 +91,7 @@ def start_fleet_pooler(
         "server_login_retry": 1,
         "log_connections": False,
         "log_disconnections": False,
-        "http_listen_addr": "127.0.0.1",
+        "http_listen_addr": http_addr,
         "http_listen_port": http_port,
         "http_token_file": str(token_file),
         "databases": {
@@ -93,7 +107,7 @@ def start_fleet_pooler(
         **settings,
     }
     process = start_pgfleet(config, directory)
-    return LabPooler(name, process, port, http_port)
+    return LabPooler(name, process, port, http_port, http_addr)
 
 
 @dataclass

@@ -213,6 +213,9 @@ class BudgetLoop:
                 report = await self.step()
             except Exception:
                 log.exception("budget period failed")
+            except BaseException as exc:
+                log.error("budget loop ends: %r", exc)
+                raise
             else:
                 if on_report is not None:
                     on_report(report)

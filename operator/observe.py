@@ -83,10 +83,13 @@ SELECT current_setting('max_connections')::int AS max_connections,
        coalesce(current_setting('reserved_connections', true), '0')::int AS reserved,
        pg_backend_pid() AS me
 """
-# Every client backend, whoever it belongs to: the fleets' are told apart by PID.
+# Every client backend, whoever it belongs to: the fleets' are told apart by PID. A role
+# without pg_read_all_stats (pg_monitor) sees NULL as the backend_type of others' sessions;
+# those on a database are client backends too (background processes have no database).
 _BACKENDS_SQL = """
 SELECT pid, coalesce(usename, '') AS usename, coalesce(datname, '') AS datname, coalesce(state, '') AS state
-  FROM pg_stat_activity WHERE backend_type = 'client backend'
+  FROM pg_stat_activity
+ WHERE backend_type = 'client backend' OR (backend_type IS NULL AND datname IS NOT NULL)
 """
 _LIMITS_SQL = """
 SELECT 'role' AS kind, rolname AS name, rolconnlimit AS lim FROM pg_roles WHERE rolname = ANY($1::text[])

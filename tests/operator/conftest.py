@@ -115,6 +115,18 @@ def postgres() -> Any:
         yield pg
 
 
+@pytest.fixture(scope="session")
+def labdb() -> Any:
+    """A PostgreSQL of the budget tests' own: max_connections 50 (47 usable), roles fleet and other."""
+    from pgfleet.devtools.fleetlab import lab_database
+
+    pg = lab_database(max_connections=50)
+    try:
+        yield pg
+    finally:
+        pg.cleanup()
+
+
 @contextlib.asynccontextmanager
 async def running_operator(api: Any) -> AsyncIterator[Any]:
     """The real operator (kopf CLI in a thread) with the credentials $KUBECONFIG names."""

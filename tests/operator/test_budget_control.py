@@ -25,7 +25,6 @@ from pgfleet.devtools.fleetlab import (
     Grabber,
     LabPooler,
     Sampler,
-    lab_database,
     start_fleet_pooler,
 )
 from pgfleet.devtools.tempdb import TempPostgres
@@ -33,15 +32,6 @@ from pgfleet.operator.control import BudgetLoop, Fleet, PeriodReport
 from pgfleet.operator.observe import ServerObserver
 
 PERIOD = 0.5
-
-
-@pytest.fixture(scope="module")
-def labdb() -> Iterator[TempPostgres]:
-    pg = lab_database(max_connections=50)
-    try:
-        yield pg
-    finally:
-        pg.cleanup()
 
 
 @dataclass

@@ -1,0 +1,148 @@
+"""The budget loop inside the operator: a PgPool on the emulated API server, its pods real poolers.
+
+Each Pod object points (status.podIP) at a pooler process on 127.0.0.2, .3, .4, all on
+the control port the operator is told to use (PGFLEET_POD_HTTP_PORT). PostgreSQL has 47
+usable backends; another application comes and goes; a sampler reads pg_stat_activity
+every 100 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pgfleet.devtools.fleetlab import FLEET_ROLE, Crowd, CrowdStats, Grabber, Sampler, start_fleet_pooler
+from pgfleet.operator import render
+
+from .conftest import eventually
+from .test_operator_lifecycle import EVENTS, NS, PGPOOLS, SECRETS, condition
+
+PODS = "/v1/pods"
+
+
+async def test_the_operator_follows_the_database_with_real_poolers(
+    api: Any, operator: Any, labdb: Any, tmp_path: Path
+) -> None:
+    port = int(os.environ["PGFLEET_POD_HTTP_PORT"])
+    await api.put_object(
+        SECRETS,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "fleet-creds", "namespace": NS},
+            "stringData": {"username": FLEET_ROLE, "password": "unused"},
+        },
+    )
+    await api.put_object(
+        PGPOOLS,
+        {
+            "apiVersion": "pgfleet.io/v1alpha1",
+            "kind": "PgPool",
+            "metadata": {"name": "main", "namespace": NS},
+            "spec": {
+                "database": {
+                    "host": labdb.host,
+                    "port": labdb.port,
+                    "dbname": "app",
+                    "credentialsSecret": "fleet-creds",
+                },
+                "replicas": 3,
+                "rollout": {"maxSurge": 0},
+                "budget": {"maxBackends": 40, "reserve": 2},
+            },
+        },
+    )
+    secret = await eventually(lambda: api.get(SECRETS, NS, "main-token"), what="the token Secret")
+    (tmp_path / "token").write_text(secret["stringData"]["token"])
+    poolers = [
+        await asyncio.to_thread(
+            start_fleet_pooler, labdb, tmp_path, f"pod{i}", http_addr=f"127.0.0.{i + 2}", http_port=port
+        )
+        for i in range(3)
+    ]
+    sampler = Sampler(labdb)
+    stats = CrowdStats()
+    crowds = [Crowd(p.port, stats=stats) for p in poolers]
+    grabber = Grabber(labdb)
+    totals: list[tuple[float, int]] = []
+
+    def status() -> dict[str, Any]:
+        obj = api.get(PGPOOLS, NS, "main") or {}
+        budget = (obj.get("status") or {}).get("budget") or {}
+        if budget.get("total") is not None and budget.get("fleetBackends") is not None:
+            totals.append((time.monotonic(), int(budget["total"])))
+        return obj
+
+    try:
+        for i, pooler in enumerate(poolers):
+            await api.put_object(
+                PODS,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": f"main-{i}", "namespace": NS, "labels": render.selector_labels("main")},
+                    "spec": {"containers": [{"name": "pooler", "image": "pgfleet:test"}]},
+                },
+            )
+            await api.patch_object(
+                PODS, NS, f"main-{i}", {"status": {"phase": "Running", "podIP": pooler.http_addr}}, status=True
+            )
+        await sampler.start()
+        for crowd in crowds:
+            crowd.add_steady(4)
+        # 47 usable - the sampler - the observer - reserve 2 leaves 43: the spec's 40 - 2 holds.
+        obj = await eventually(
+            lambda: (o := status())["status"]["budget"].get("perPodMin") == 12 and o,
+            what="the loop's budget in status",
+            timeout=30,
+        )
+        budget = obj["status"]["budget"]
+        assert budget["total"] == 38 and budget["usable"] == 47 and budget["perPodMax"] == 13
+        assert condition(obj, "BudgetEnforced")["status"] == "True"  # type: ignore[index]
+
+        # Another application takes 30 backends: squeezed, with a Warning naming others' backends.
+        assert await grabber.grab(30, time.monotonic() + 20) == 30
+        obj = await eventually(
+            lambda: (o := status())["status"]["budget"]["total"] <= 47 - 31 - 1 - 2 and o,
+            what="the squeeze",
+            timeout=30,
+        )
+        for crowd in crowds:
+            crowd.add_steady(8)
+        squeezed = await eventually(
+            lambda: (c := condition(status(), "BudgetEnforced")) and c["reason"] == "Squeezed" and c,
+            what="BudgetEnforced=False Squeezed",
+            timeout=30,
+        )
+        assert squeezed["status"] == "False" and "others hold 31 backends" in squeezed["message"]
+        await eventually(
+            lambda: [e for e in api.all(EVENTS, NS) if e.get("reason") == "Squeezed"], what="a Squeezed Event"
+        )
+
+        # It lets go: the fleet grows back to its spec.
+        await grabber.release()
+        await eventually(lambda: status()["status"]["budget"]["total"] == 38, what="the budget back", timeout=30)
+        await eventually(
+            lambda: (c := condition(status(), "BudgetEnforced")) and c["status"] == "True",
+            what="BudgetEnforced=True",
+            timeout=30,
+        )
+    finally:
+        for crowd in crowds:
+            await crowd.stop()
+        await grabber.release()
+        await sampler.stop()
+        for pooler in poolers:
+            await asyncio.to_thread(pooler.stop)
+    assert stats.errors == {}, stats.errors  # no 53300, no failed transaction
+    assert stats.transactions > 100
+    # Status lags the loop by up to a reconcile: compare with the budgets around each sample.
+    slack = 2.0
+    first = totals[0][0]
+    for sample in sampler.since(first):
+        near = [total for at, total in totals if abs(at - sample.at) <= slack]
+        if near:
+            assert sample.count(FLEET_ROLE) <= max(near), (sample, near)
