@@ -320,7 +320,7 @@ class AdminConsole:
     async def login(self, client: ClientConnection) -> None:
         """Password auth succeeded for database `pgbouncer`: admit admins and stats users only."""
         config = self.pooler.config
-        if client.user in config.admin_users:
+        if client.is_admin or client.user in config.admin_users:  # is_admin: the peer rule (client.py)
             is_admin = True
         elif client.user in config.stats_users:
             is_admin = False

@@ -13,6 +13,7 @@ import asyncio
 import enum
 import logging
 import os
+import socket
 import ssl
 import struct
 from typing import TYPE_CHECKING, Final, cast
@@ -343,7 +344,13 @@ class ClientConnection(asyncio.Protocol):
         startup_params = self._check_startup_params(packet.params)
         self._startup = MessageReader(max_length=10_000)
         if self.database == _ADMIN_DATABASE:
-            await self._authenticate()
+            if self.user == _ADMIN_DATABASE and self._peer_is_this_os_user():
+                # PgBouncer's peer rule: user pgbouncer over the unix socket, from the OS user
+                # running the pooler, is an admin without a password or admin_users.
+                self.is_admin = True
+                self.transport.write(backend.authentication_ok())
+            else:
+                await self._authenticate()
             await self.pooler.admin_login(self)
             return
         db_config = config.database(self.database)
@@ -387,6 +394,18 @@ class ClientConnection(asyncio.Protocol):
                 self.connection_lost(exc)
             raise asyncio.CancelledError from None
         self.tls = tls.describe(self.transport)
+
+    def _peer_is_this_os_user(self) -> bool:
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or sock.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
+            return False
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return False
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return bool(uid == os.getuid())
 
     def _check_startup_params(self, startup: dict[str, str]) -> dict[str, str]:
         """The tracked parameters of a startup packet; the other settings go to `startup_sets`.

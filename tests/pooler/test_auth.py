@@ -73,7 +73,11 @@ async def test_unknown_database_is_3D000(start_pooler: StartPooler) -> None:
 
 
 async def test_database_missing_on_the_server_relays_its_error(start_pooler: StartPooler) -> None:
-    pooler = await start_pooler(databases={"ghost": {"host": "127.0.0.1", "port": 1, "dbname": "ghost"}})
+    # Nothing listens there: as for a database restarting, the login waits (query_wait_timeout),
+    # then hears why.
+    pooler = await start_pooler(
+        query_wait_timeout=1, databases={"ghost": {"host": "127.0.0.1", "port": 1, "dbname": "ghost"}}
+    )
     with pytest.raises((asyncpg.PostgresError, OSError)) as info:
         await connect(pooler.port, "md5user", "md5pass", database="ghost")
     assert "cannot connect" in str(info.value)

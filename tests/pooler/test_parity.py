@@ -561,3 +561,23 @@ async def test_a_pgbouncer_125_ini_loads_and_reloads(pg: TempPostgres, tmp_path:
         await admin.close()
     finally:
         await pooler.stop()
+
+
+# -- 9. the peer rule: user pgbouncer over the unix socket, from the same OS user ------------------
+
+
+async def test_pgbouncer_user_over_the_unix_socket_is_admin_without_admin_users(
+    start_pooler: StartPooler, tmp_path: Path
+) -> None:
+    pooler = await start_pooler(admin_users=[], unix_socket_dir=str(tmp_path))
+    async with await psycopg.AsyncConnection.connect(
+        host=str(tmp_path), port=pooler.config.listen_port, user="pgbouncer", dbname="pgbouncer", autocommit=True
+    ) as admin:
+        _, rows = await admin_rows(admin, "SHOW VERSION")
+        assert "PgBouncer" in rows[0][0]
+        await admin.execute("RECONNECT")  # an admin command, not only SHOW
+    # Over TCP the same name is an ordinary user, with no password in auth_file.
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        await psycopg.AsyncConnection.connect(
+            host="127.0.0.1", port=pooler.port, user="pgbouncer", password="x", dbname="pgbouncer"
+        )
