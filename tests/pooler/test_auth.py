@@ -112,20 +112,22 @@ def error_code(data: bytes) -> str:
     ("packet", "code"),
     [
         (struct.pack("!ii", 8, 1234), "0A000"),  # unknown protocol version
-        (struct.pack("!i", 4), "08P01"),  # impossible length
+        (struct.pack("!i", 4), None),  # impossible length: closed without a word, as PostgreSQL
         (struct.pack("!ii", 12, 196608) + b"user", "08P01"),  # unterminated startup
-        (build_startup_message({"user": "postgres", "database": "app", "options": "-c x=1"}), "08P01"),
+        (build_startup_message({"user": "postgres", "database": "app", "replication": "true"}), "08P01"),
+        (build_startup_message({"user": "postgres", "database": "app", "options": "-B 100"}), "0A000"),
     ],
 )
 async def test_malformed_startup_gets_an_error_and_only_that_client_closes(
-    start_pooler: StartPooler, packet: bytes, code: str
+    start_pooler: StartPooler, packet: bytes, code: str | None
 ) -> None:
     pooler = await start_pooler(auth_type="trust")
     bystander = await connect(pooler.port, "postgres", None)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
         writer.write(packet)
-        assert error_code(await read_until_closed(reader)) == code
+        data = await read_until_closed(reader)
+        assert (error_code(data) if code is not None else data) == (code if code is not None else b"")
         writer.close()
         assert await bystander.fetchval("SELECT 3") == 3
     finally:

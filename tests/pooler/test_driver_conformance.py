@@ -127,6 +127,23 @@ async def test_prepared_statement_of_a_rolled_back_type(target: Target) -> None:
         await conn.close()
 
 
+async def test_prepared_statement_across_alter_table(target: Target) -> None:
+    """psycopg sends DEALLOCATE ALL after DDL: the next execution is planned afresh, no 0A000."""
+    conn = await target.connect(prepare_threshold=0, autocommit=True)
+    try:
+        await conn.execute("drop table if exists conform_alter")
+        await conn.execute("create table conform_alter (a int)")
+        await conn.execute("insert into conform_alter values (1)")
+        cur = await conn.execute("select * from conform_alter where a = %s", [1])
+        assert await cur.fetchall() == [(1,)]
+        await conn.execute("alter table conform_alter add column b int default 2")
+        cur = await conn.execute("select * from conform_alter where a = %s", [1])
+        assert await cur.fetchall() == [(1, 2)]
+        await conn.execute("drop table conform_alter")
+    finally:
+        await conn.close()
+
+
 # -- pipelines ------------------------------------------------------------------------------------------
 
 
