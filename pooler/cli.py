@@ -25,12 +25,20 @@ Startup = Callable[[Pooler], Awaitable[None]]
 STARTUP_HOOKS: list[Startup] = []
 
 
-def _raise_fd_limit() -> None:
+def _raise_fd_limit(config: PoolerConfig) -> None:
     # Every client and server link is a file descriptor; the soft default (1024) would
     # cap a pooler far below max_client_conn.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the file descriptor limit from %d to %d: %s", soft, hard, exc)
+    log.info("file descriptor limit: %d", soft)
+    if config.max_client_conn >= soft:
+        # Past the limit, accept() fails and every new client with it, whatever its rights.
+        log.warning("max_client_conn (%d) is not below the file descriptor limit (%d)", config.max_client_conn, soft)
 
 
 async def serve(config: PoolerConfig, config_path: str | None, slot: WorkerSlot | None = None) -> int:
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if config.verbose else logging.INFO
     prefix = f"[worker {slot.index + 1}/{slot.count}] " if slot is not None else ""
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
-    _raise_fd_limit()
+    _raise_fd_limit(config)
     _load_extensions()
     if slot is None and config.workers > 1:
         from .supervisor import supervise

@@ -54,6 +54,7 @@ _EXTENDED: Final = frozenset(map(ord, "PBDEC"))
 _COPY: Final = frozenset(map(ord, "dcf"))
 _KIND_AND_NAME: Final = frozenset(map(ord, "CD"))  # Close, Describe
 _ADMIN_DATABASE = "pgbouncer"
+_NO_MORE_CONNECTIONS = "no more connections allowed (max_client_conn)"
 # A queued client keeps being read until it has sent this much: pausing and resuming the
 # socket for every queued transaction would cost two syscalls each, and a client that
 # waits for its answer rarely sends more than one message meanwhile.
@@ -190,7 +191,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.address = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("unix", 0)
-        self.pooler.client_connected(self)
+        if not self.pooler.client_connected(self):
+            self.terminate(sqlstate.TOO_MANY_CONNECTIONS, _NO_MORE_CONNECTIONS)
+            return
         self._handshake = self.pooler.loop.create_task(self._run_handshake())
 
     def data_received(self, data: bytes) -> None:
@@ -339,8 +342,10 @@ class ClientConnection(asyncio.Protocol):
         config = self.pooler.config
         if self.pooler.draining and self.database != _ADMIN_DATABASE:
             raise ClientError(sqlstate.CANNOT_CONNECT_NOW, "pgfleet is shutting down")
-        if self.pooler.logged_in_clients >= self.pooler.client_limit:
-            raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
+        if self.database != _ADMIN_DATABASE and self.pooler.over_client_limit():
+            # Every connection counts, logging in or not (PgBouncer's text; PostgreSQL's code).
+            self.pooler.client_limit_hit()
+            raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, _NO_MORE_CONNECTIONS)
         startup_params = self._check_startup_params(packet.params)
         self._startup = MessageReader(max_length=10_000)
         if self.database == _ADMIN_DATABASE:

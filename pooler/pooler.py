@@ -28,6 +28,11 @@ log = logging.getLogger("pgfleet.pooler")
 # The admin console's virtual database: its sessions outlive a graceful shutdown.
 ADMIN_DATABASE = "pgbouncer"
 
+# Connections accepted beyond max_client_conn before any is turned away unread: room for
+# the admin console and CancelRequests, which the limit does not apply to.
+_ACCEPT_MARGIN = 16
+_LIMIT_LOG_INTERVAL = 10.0
+
 # Settings that cannot change without a restart (the sockets are already bound).
 RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_addr", "http_listen_port")
 
@@ -48,6 +53,8 @@ class Pooler:
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[ClientConnection] = set()
         self.logged_in_clients = 0
+        self._limit_refusals = 0
+        self._limit_logged_at = float("-inf")
         self.draining = False
         self._client_timeouts = config.has_client_timeouts()
         # SHUTDOWN WAIT_FOR_SERVERS: no client gets a server any more (pool.acquire).
@@ -194,10 +201,11 @@ class Pooler:
             # Certificates and keys are read again: new handshakes use rotated files,
             # links already open keep theirs.
             tls = build_contexts(new)
+            # The auth_file too: apply_config reads it before it changes anything.
+            self.apply_config(new, tls)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             raise
-        self.apply_config(new, tls)
 
     def apply_config(self, new: PoolerConfig, tls: TlsContexts | None = None) -> list[str]:
         """Switch to `new`; returns the settings that need a restart to take effect."""
@@ -280,8 +288,35 @@ class Pooler:
             observer(pool, seconds)
 
     # -- clients --------------------------------------------------------------------------------------
-    def client_connected(self, client: ClientConnection) -> None:
+    def client_connected(self, client: ClientConnection) -> bool:
+        """A connection was accepted; False when there are so many that it is turned away now.
+
+        Clients count from accept (as in PgBouncer), also while they log in: the limit
+        itself is applied to the startup packet (`over_client_limit`), so that the admin
+        console still gets in; past a margin above it, a socket is refused before it is
+        read, so that silent connections cannot take every file descriptor.
+        """
         self.clients.add(client)
+        if len(self.clients) > self.client_limit + _ACCEPT_MARGIN:
+            self.client_limit_hit()
+            return False
+        return True
+
+    def over_client_limit(self) -> bool:
+        return len(self.clients) > self.client_limit
+
+    def client_limit_hit(self) -> None:
+        """Log a refusal for max_client_conn, at most once per interval (a flood would flood the log)."""
+        self._limit_refusals += 1
+        now = self.loop.time()
+        if now >= self._limit_logged_at + _LIMIT_LOG_INTERVAL:
+            log.warning(
+                "max_client_conn (%d) reached: %d connection(s) refused since the last message",
+                self.client_limit,
+                self._limit_refusals,
+            )
+            self._limit_logged_at = now
+            self._limit_refusals = 0
 
     def client_disconnected(self, client: ClientConnection, previous: ClientState) -> None:
         self.clients.discard(client)

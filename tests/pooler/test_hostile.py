@@ -239,3 +239,47 @@ async def test_client_leaving_mid_query_cancels_it(pg: TempPostgres, start_poole
         assert asyncio.get_running_loop().time() < deadline, "the query kept running after its client left"
         await asyncio.sleep(0.1)
     await still_serves(pooler.port, pool)
+
+
+# -- before login --------------------------------------------------------------------------------------
+
+
+async def test_clients_count_from_accept_against_max_client_conn(
+    start_pooler: StartPooler, caplog: pytest.LogCaptureFixture
+) -> None:
+    pooler = await start_pooler(auth_type="trust", max_client_conn=3, admin_users=["postgres"])
+    # Three sockets that never say a word (a client stuck at its password prompt alike).
+    silent = [await asyncio.open_connection("127.0.0.1", pooler.port) for _ in range(3)]
+    await wait_until(lambda: len(pooler.clients) == 3)
+    with pytest.raises(asyncpg.TooManyConnectionsError, match=r"no more connections allowed \(max_client_conn\)"):
+        await connect(pooler.port)
+    assert "max_client_conn (3) reached" in caplog.text
+    # The admin console still gets in, to see what is going on.
+    admin = await asyncpg.connect(
+        host="127.0.0.1", port=pooler.port, user="postgres", database="pgbouncer", statement_cache_size=0
+    )
+    await admin.close()
+    for _, writer in silent:
+        writer.close()
+        await writer.wait_closed()
+    await wait_until(lambda: not pooler.clients)
+    conn = await connect(pooler.port)
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+
+
+async def test_a_flood_of_silent_sockets_is_turned_away_at_accept(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", max_client_conn=2)
+    flood = [await asyncio.open_connection("127.0.0.1", pooler.port) for _ in range(40)]
+    kept = 2 + 16  # max_client_conn and the margin kept for the admin console and cancels
+    try:
+        # Accepted in the order they connected: those past the margin are closed at once,
+        # with the reason, so that they hold no file descriptor.
+        for reader, _ in flood[kept:]:
+            data = await asyncio.wait_for(reader.read(), 10)
+            assert b"no more connections allowed" in data
+        await wait_until(lambda: len(pooler.clients) == kept)
+    finally:
+        for _, writer in flood:
+            writer.close()
+            await writer.wait_closed()
