@@ -92,6 +92,8 @@ class ScramServerExchange:
 
     def __init__(self, secret: str) -> None:
         self._verifier = scram_verifier(secret)
+        # Set once the client's proof checks out: what SCRAM pass-through logs in with.
+        self.client_key = b""
         self._nonce = ""
         self._auth_prefix = ""
         self._gs2_header = ""
@@ -134,6 +136,7 @@ class ScramServerExchange:
         client_key = bytes(a ^ b for a, b in zip(proof, client_signature, strict=True))
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), verifier.stored_key):
             raise AuthFailed("SCRAM proof did not match")
+        self.client_key = client_key
         server_signature = hmac.new(verifier.server_key, auth_message, hashlib.sha256).digest()
         return ("v=" + base64.b64encode(server_signature).decode()).encode()
 

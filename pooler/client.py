@@ -450,6 +450,8 @@ class ClientConnection(asyncio.Protocol):
         method = config.auth_type
         user = self.user
         secret = self.pooler.userlist.get(user)
+        if secret is None and config.auth_user and method is not AuthType.ANY and self.database != _ADMIN_DATABASE:
+            secret = await self.pooler.credentials.lookup(user, self.database)  # auth_query
         if method is AuthType.ANY:
             pass
         elif method is AuthType.TRUST:
@@ -509,6 +511,7 @@ class ClientConnection(asyncio.Protocol):
             log.info("SCRAM authentication of %s failed: %s", self.user, exc.__cause__ or exc)
             raise self._auth_failed() from None
         self.transport.write(backend.authentication_sasl_final(server_final))
+        self.pooler.credentials.learned(self.user, secret, exchange.client_key)  # SCRAM pass-through
 
     # -- hot path ---------------------------------------------------------------------------
     def _need_server(self) -> None:

@@ -125,6 +125,16 @@ class PoolerConfig(_Strict):
     # How clients authenticate.
     auth_type: AuthType = AuthType.MD5
     auth_file: str | None = Field(default=None, description='PgBouncer userlist: lines of "user" "secret".')
+    auth_user: str | None = Field(
+        default=None, description="Look users missing from auth_file up with auth_query, logged in as this user."
+    )
+    auth_query: str = Field(
+        default="SELECT usename, passwd FROM pg_shadow WHERE usename=$1",
+        description="Query returning (name, secret) for $1, the user name.",
+    )
+    auth_dbname: str | None = Field(
+        default=None, description="Database (a `databases` entry) auth_query runs in; default the client's."
+    )
     admin_users: list[str] = Field(default_factory=list)
     stats_users: list[str] = Field(default_factory=list)
 
@@ -203,8 +213,8 @@ class PoolerConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PoolerConfig:
-        if self.auth_type not in (AuthType.TRUST, AuthType.ANY) and not self.auth_file:
-            raise ValueError(f"auth_type {self.auth_type.value} needs auth_file")
+        if self.auth_type not in (AuthType.TRUST, AuthType.ANY) and not (self.auth_file or self.auth_user):
+            raise ValueError(f"auth_type {self.auth_type.value} needs auth_file or auth_user")
         self._check_tls()
         if self.min_pool_size > self.default_pool_size:
             raise ValueError("min_pool_size must not exceed default_pool_size")

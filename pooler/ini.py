@@ -80,9 +80,6 @@ IGNORED_PGBOUNCER_KEYS = frozenset(
         # authentication pgfleet does not implement
         "auth_hba_file",
         "auth_ident_file",
-        "auth_user",
-        "auth_query",
-        "auth_dbname",
         "auth_ldap_options",
         "scram_iterations",
         # server health checks and routing

@@ -22,6 +22,7 @@ from .stats import PoolStats
 
 if TYPE_CHECKING:
     from .client import ClientConnection
+    from .passthrough import ScramKeys
     from .pooler import Pooler
 
 log = logging.getLogger("pgfleet.pool")
@@ -410,10 +411,10 @@ class Pool:
         server.state = ServerState.ACTIVE
         self._give_checked(server)  # a failed connect_query leaves it unfit
 
-    def _server_secret(self) -> str | None:
+    def _server_secret(self) -> str | ScramKeys | None:
         if self.db_config.password is not None:
             return self.db_config.password
-        return self.pooler.userlist.get(self.server_user)
+        return self.pooler.credentials.server_secret(self.server_user)
 
     @property
     def usable(self) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import TIMEOUT_KEYS, ConfigError, PoolerConfig, PoolLimits, load_config, merge_limits
+from .credentials import Credentials
 from .pool import Pool
 from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
@@ -49,6 +50,7 @@ class Pooler:
         self.loop = asyncio.get_running_loop()
         self.userlist: dict[str, str] = load_userlist(config.auth_file) if config.auth_file else {}
         self.tls: TlsContexts = build_contexts(config)
+        self.credentials = Credentials(self)
         self.tls_stats = TlsStats()
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[ClientConnection] = set()
@@ -218,6 +220,7 @@ class Pooler:
         self.config = new
         self.userlist = userlist
         self._client_timeouts = new.has_client_timeouts()
+        self.credentials.forget()
         if tls is not None:
             self.tls = tls
         for pool in list(self.pools.values()):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final, cast
 from . import params
 from . import prepared as statements
 from .auth import AuthFailed, ScramClientExchange, is_md5, is_plaintext, md5_response
+from .passthrough import ScramKeys, ScramKeysExchange
 from .protocol import backend, frontend
 from .protocol.backend import IDLE
 from .protocol.errors import CONNECTION_FAILURE, INVALID_AUTHORIZATION, ProtocolError
@@ -184,11 +185,11 @@ class ServerConnection(asyncio.Protocol):
             await self._login_waiter
         return self._login_queue.popleft()
 
-    async def login(self, user: str, dbname: str, secret: str | None) -> None:
+    async def login(self, user: str, dbname: str, secret: str | ScramKeys | None) -> None:
         """Authenticate as `user` and read the server's parameters up to ReadyForQuery."""
         assert self.transport is not None
         self.transport.write(build_startup_message({"user": user, "database": dbname}))
-        scram: ScramClientExchange | None = None
+        scram: ScramClientExchange | ScramKeysExchange | None = None
         while True:
             msg_type, body = await self._next_login_message()
             if msg_type == ord("R"):
@@ -208,29 +209,55 @@ class ServerConnection(asyncio.Protocol):
         self._login_queue.clear()
         self.tracked_params = {name: value for name, value in self.params.items() if name in params.TRACKED}
 
+    async def exchange(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Send `data` on a link outside the pools and read the answer up to ReadyForQuery
+        (the auth_query lookup, credentials.py)."""
+        assert self.transport is not None
+        self._login_reader = MessageReader()
+        self.transport.write(data)
+        messages: list[tuple[int, bytes]] = []
+        while not messages or messages[-1][0] != _Z:
+            messages.append(await self._next_login_message())
+        self._login_reader = None
+        return messages
+
     def _answer_auth(
-        self, request: backend.AuthRequest, user: str, secret: str | None, scram: ScramClientExchange | None
-    ) -> ScramClientExchange | None:
+        self,
+        request: backend.AuthRequest,
+        user: str,
+        secret: str | ScramKeys | None,
+        scram: ScramClientExchange | ScramKeysExchange | None,
+    ) -> ScramClientExchange | ScramKeysExchange | None:
         assert self.transport is not None
         code = request.code
         if code == backend.AUTH_OK:
             return scram
         if secret is None:
             raise _refused(f'server asks for a password for user "{user}" and none is configured')
+        if code in (backend.AUTH_CLEARTEXT, backend.AUTH_MD5) and isinstance(secret, ScramKeys):
+            raise _refused(f'server asks for a password; pgfleet has only SCRAM keys for "{user}" (pass-through)')
         if code == backend.AUTH_CLEARTEXT:
+            assert not isinstance(secret, ScramKeys)
             if not is_plaintext(secret):
                 raise _refused(f'server asks for a cleartext password; auth_file has no plaintext for "{user}"')
             self.transport.write(frontend.password_message(secret))
         elif code == backend.AUTH_MD5:
+            assert not isinstance(secret, ScramKeys)
             if not (is_plaintext(secret) or is_md5(secret)):
                 raise _refused(f'server asks for md5; auth_file has a SCRAM secret for "{user}"')
             self.transport.write(frontend.password_message(md5_response(user, secret, request.data[:4])))
         elif code == backend.AUTH_SASL:
             if "SCRAM-SHA-256" not in backend.parse_sasl_mechanisms(request.data):
                 raise _refused("server offers no SASL mechanism pgfleet supports")
-            if not is_plaintext(secret):
-                raise _refused(f'server asks for SCRAM; auth_file needs a plaintext password for "{user}"')
-            scram = ScramClientExchange(user, secret)
+            if isinstance(secret, ScramKeys):
+                scram = ScramKeysExchange(secret)  # pass-through: the keys of the client's own exchange
+            elif not is_plaintext(secret):
+                raise _refused(
+                    f'server asks for SCRAM; auth_file needs a plaintext password for "{user}", '
+                    "or a client of that user logging in with SCRAM first (pass-through)"
+                )
+            else:
+                scram = ScramClientExchange(user, secret)
             self.transport.write(frontend.sasl_initial_response("SCRAM-SHA-256", scram.first()))
         elif code == backend.AUTH_SASL_CONTINUE and scram is not None:
             try:

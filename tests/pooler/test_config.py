@@ -41,7 +41,7 @@ def test_valid_config_passes_check(tmp_path: Path) -> None:
         ("pool_mode: sometimes\n", "pool_mode"),
         ("default_pool_size: -1\n", "default_pool_size"),
         ("databases:\n  app: {hots: x}\n", "databases.app.hots: unknown setting"),
-        ("auth_type: md5\n", "needs auth_file"),
+        ("auth_type: md5\n", "needs auth_file or auth_user"),
         ("[not yaml\n", "not valid YAML"),
         ("- a list\n", "mapping"),
     ],

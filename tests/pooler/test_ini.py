@@ -174,3 +174,13 @@ scramuser = max_user_connections=4
         assert users["scramuser"][4] == "4"  # max_user_connections
     finally:
         proc.stop()
+
+
+def test_auth_query_settings_are_read() -> None:
+    data = ini_to_dict(
+        "[pgbouncer]\nauth_user = pgbouncer\nauth_dbname = postgres\n"
+        "auth_query = SELECT usename, passwd FROM user_search($1)\n"
+    )
+    config = parse_config(data)
+    assert (config.auth_user, config.auth_dbname) == ("pgbouncer", "postgres")
+    assert config.auth_query == "SELECT usename, passwd FROM user_search($1)"
