@@ -695,7 +695,6 @@ class AdminSession:
         rows: list[Row] = []
         for name in views.database_names(pooler):
             db = views.database_config(pooler, name)
-            pools = views.pools_of(pooler, name)
             limits = pooler.limits_for(name)
             rows.append(
                 [
@@ -704,7 +703,7 @@ class AdminSession:
                     int(config.server_lifetime),
                     db.pool_mode.value if db.pool_mode is not None else None, None,
                     limits.max_db_connections, pooler.database_server_count(name),
-                    0, sum(len(pool.clients) for pool in pools),
+                    config.client_limits_for(name, "")[0], pooler.database_clients[name],
                     int(self.console.is_paused(name)), 0,
                 ]
             )  # fmt: skip
@@ -722,16 +721,16 @@ class AdminSession:
         rows: list[Row] = []
         for name in names:
             entry = config.users.get(name)
-            pools = [pool for pool in self.pooler.pools.values() if pool.user == name]
             limits = self.pooler.limits_for("*", name)  # a user's override wins over any database's
             rows.append(
                 [
                     name,
                     f"{limits.pool_size:9d}" if entry and entry.pool_size is not None else "",
-                    "",
+                    f"{limits.reserve_pool_size:9d}" if entry and entry.reserve_pool_size is not None else "",
                     entry.pool_mode.value if entry and entry.pool_mode is not None else None,
                     limits.max_user_connections,
-                    self.pooler.user_server_count(name), 0, sum(len(pool.clients) for pool in pools),
+                    self.pooler.user_server_count(name),
+                    config.client_limits_for("*", name)[1], self.pooler.user_clients[name],
                 ]
             )  # fmt: skip
         return result_set(USERS_COLUMNS, rows)

@@ -364,6 +364,9 @@ class ClientConnection(asyncio.Protocol):
         await self._authenticate()
         pool = self.pooler.get_pool(self.database, self.user)
         welcome = await pool.welcome_params()
+        refused = self.pooler.client_refused(self.database, self.user)
+        if refused is not None:
+            raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, refused)
         self.pool = pool
         self.params = {name: value for name, value in welcome.items() if name in params.TRACKED}
         for name, value in startup_params.items():

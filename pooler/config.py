@@ -75,6 +75,7 @@ class DatabaseConfig(_Strict):
     reserve_pool_size: Count | None = None
     pool_mode: PoolMode | None = None
     max_db_connections: Count | None = Field(default=None, description="Overrides max_db_connections.")
+    max_db_client_connections: Count | None = Field(default=None, description="Overrides max_db_client_connections.")
     connect_query: str | None = Field(default=None, description="SQL run once on every new server connection.")
     server_lifetime: Seconds | None = Field(default=None, description="Overrides server_lifetime for this database.")
     # Client time limits for this database's clients (a user's own setting wins).
@@ -96,6 +97,7 @@ class UserConfig(_Strict):
     max_user_connections: Count | None = None
     pool_size: Count | None = None
     reserve_pool_size: Count | None = None
+    max_user_client_connections: Count | None = None
     # Client time limits for this user's clients (over the database's and the global ones).
     query_timeout: Seconds | None = None
     idle_transaction_timeout: Seconds | None = None
@@ -166,6 +168,8 @@ class PoolerConfig(_Strict):
     reserve_pool_timeout: Seconds = 5.0
     max_db_connections: Count = Field(default=0, description="0 means unlimited.")
     max_user_connections: Count = Field(default=0, description="0 means unlimited.")
+    max_db_client_connections: Count = Field(default=0, description="Clients per database; 0 means unlimited.")
+    max_user_client_connections: Count = Field(default=0, description="Clients per user; 0 means unlimited.")
     max_prepared_statements: Count = Field(
         default=200, description="Server-side prepared statements kept per server connection; 0 disables tracking."
     )
@@ -246,13 +250,17 @@ class PoolerConfig(_Strict):
             ("default_pool_size", self.default_pool_size),
             ("max_db_connections", self.max_db_connections),
             ("max_user_connections", self.max_user_connections),
+            ("max_db_client_connections", self.max_db_client_connections),
+            ("max_user_client_connections", self.max_user_client_connections),
         ]
         for name, db in self.databases.items():
             limits += [(f"databases.{name}.pool_size", db.pool_size or 0)]
             limits += [(f"databases.{name}.max_db_connections", db.max_db_connections or 0)]
+            limits += [(f"databases.{name}.max_db_client_connections", db.max_db_client_connections or 0)]
         for name, user in self.users.items():
             limits += [(f"users.{name}.pool_size", user.pool_size or 0)]
             limits += [(f"users.{name}.max_user_connections", user.max_user_connections or 0)]
+            limits += [(f"users.{name}.max_user_client_connections", user.max_user_client_connections or 0)]
         return limits
 
     def database(self, name: str) -> DatabaseConfig | None:
@@ -282,6 +290,17 @@ class PoolerConfig(_Strict):
                 if entry is not None and entry.max_user_connections is not None
                 else self.max_user_connections
             ),
+        )
+
+    def client_limits_for(self, database: str, user: str) -> tuple[int, int]:
+        """(max_db_client_connections, max_user_client_connections) for a client; 0: unlimited."""
+        db = self.database(database) or DatabaseConfig()
+        entry = self.users.get(user) or UserConfig()
+        per_db = db.max_db_client_connections
+        per_user = entry.max_user_client_connections
+        return (
+            per_db if per_db is not None else self.max_db_client_connections,
+            per_user if per_user is not None else self.max_user_client_connections,
         )
 
     def timeouts_for(self, database: str, user: str) -> ClientTimeouts:

@@ -93,8 +93,6 @@ IGNORED_PGBOUNCER_KEYS = frozenset(
         "suspend_timeout",
         "cancel_wait_timeout",
         "track_extra_parameters",
-        "max_db_client_connections",
-        "max_user_client_connections",
         "stats_users_prefix",
     }
 )
@@ -112,13 +110,12 @@ IGNORED_DATABASE_KEYS = frozenset(
         "datestyle",
         "timezone",
         "application_name",
-        "max_db_client_connections",
         "load_balance_hosts",
     }
 )
 # PgBouncer spells some per-database keys differently from the global ones.
 _DATABASE_ALIASES = {"reserve_pool": "reserve_pool_size"}
-IGNORED_USER_KEYS = frozenset({"max_user_client_connections"})
+IGNORED_USER_KEYS: frozenset[str] = frozenset()
 
 _SUPPORTED_PGBOUNCER_KEYS = frozenset(PoolerConfig.model_fields) - {"databases", "users"}
 _SUPPORTED_DATABASE_KEYS = frozenset(DatabaseConfig.model_fields)

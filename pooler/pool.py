@@ -165,9 +165,14 @@ class Pool:
     # -- serving clients --------------------------------------------------------------------
     def client_logged_in(self, client: ClientConnection) -> None:
         self.clients.add(client)
+        self.pooler.database_clients[client.database] += 1
+        self.pooler.user_clients[client.user] += 1
 
     def client_gone(self, client: ClientConnection) -> None:
-        self.clients.discard(client)
+        if client in self.clients:
+            self.clients.discard(client)
+            self.pooler.database_clients[client.database] -= 1
+            self.pooler.user_clients[client.user] -= 1
         # Waiting clients that left are skipped when their turn comes (O(1) here).
 
     def acquire(self, client: ClientConnection) -> None:

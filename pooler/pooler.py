@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 import socket
@@ -57,6 +58,9 @@ class Pooler:
         self.logged_in_clients = 0
         self._limit_refusals = 0
         self._limit_logged_at = float("-inf")
+        # Logged-in clients per database and per (login) user: max_*_client_connections.
+        self.database_clients: collections.Counter[str] = collections.Counter()
+        self.user_clients: collections.Counter[str] = collections.Counter()
         self.draining = False
         self._client_timeouts = config.has_client_timeouts()
         # SHUTDOWN WAIT_FOR_SERVERS: no client gets a server any more (pool.acquire).
@@ -335,6 +339,15 @@ class Pooler:
     def limits_for(self, database: str, user: str | None = None) -> PoolLimits:
         """The limits this process applies to a pool: with workers, its share of them."""
         return self.config.limits_for(database, user).portioned(self.slot.portion)
+
+    def client_refused(self, database: str, user: str) -> str | None:
+        """Why one more client of `user` on `database` would exceed a client limit (None: it would not)."""
+        per_db, per_user = self.config.client_limits_for(database, user)
+        if per_db and self.database_clients[database] >= self.slot.portion(per_db):
+            return "no more connections allowed (max_db_client_connections)"
+        if per_user and self.user_clients[user] >= self.slot.portion(per_user):
+            return "no more connections allowed (max_user_client_connections)"
+        return None
 
     @property
     def client_limit(self) -> int:

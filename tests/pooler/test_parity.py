@@ -581,3 +581,44 @@ async def test_pgbouncer_user_over_the_unix_socket_is_admin_without_admin_users(
         await psycopg.AsyncConnection.connect(
             host="127.0.0.1", port=pooler.port, user="pgbouncer", password="x", dbname="pgbouncer"
         )
+
+
+# -- 15. client limits per database and per user ----------------------------------------------------
+
+
+async def test_max_db_and_user_client_connections(start_pooler: StartPooler) -> None:
+    """PgBouncer 1.24's max_db_client_connections and max_user_client_connections, SET live too."""
+    pooler = await start_pooler(
+        **ADMIN_SETTINGS,
+        max_db_client_connections=4,
+        users={"scramuser": {"max_user_client_connections": 1, "reserve_pool_size": 2}},
+    )
+    admin = await admin_connect(pooler)
+    conns = [await app_connect(pooler) for _ in range(2)]
+    scram = await asyncpg.connect(
+        host="127.0.0.1", port=pooler.port, user="scramuser", password="scrampass", database="app"
+    )
+    try:
+        with pytest.raises(asyncpg.TooManyConnectionsError, match="max_user_client_connections"):
+            await asyncpg.connect(
+                host="127.0.0.1", port=pooler.port, user="scramuser", password="scrampass", database="app"
+            )
+        conns.append(await app_connect(pooler))
+        with pytest.raises(asyncpg.TooManyConnectionsError, match="max_db_client_connections"):
+            await app_connect(pooler)  # the database has its four clients
+        await admin.execute("SET max_db_client_connections = 5")
+        conns.append(await app_connect(pooler))
+        _, databases = await admin_rows(admin, "SHOW DATABASES")
+        assert {row[0]: (row[13], row[14]) for row in databases}["app"] == (5, 5)
+        _, users = await admin_rows(admin, "SHOW USERS")
+        scram_row = {row[0]: row for row in users}["scramuser"]
+        assert scram_row[2].strip() == "2"  # [users] reserve_pool_size, shown
+        assert (scram_row[6], scram_row[7]) == (1, 1)
+        await scram.close()
+        scram = await asyncpg.connect(  # a slot freed: the user gets in again
+            host="127.0.0.1", port=pooler.port, user="scramuser", password="scrampass", database="app"
+        )
+    finally:
+        await admin.close()
+        for conn in [*conns, scram]:
+            conn.terminate()
