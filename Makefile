@@ -1,14 +1,16 @@
-# pgfleet: `make demo` shows the pooler at work, `make test` runs every check.
+# pgfleet: `make demo` shows a fleet kept inside a backend budget, `make test` runs every check.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv compiled linktree demo test check lint typecheck pytest pytest-compiled bench crd clean
+.PHONY: help deps venv compiled linktree demo demo-pooler test check lint typecheck pytest pytest-compiled bench crd clean
 
 help:
-	@echo "make demo       start PostgreSQL + pgfleet, drive it with pgbench, print what happened"
+	@echo "make demo       three poolers + the budget controller in front of a small PostgreSQL; others"
+	@echo "                come and go, the load shifts; a live table and a summary"
+	@echo "make demo-pooler  one pooler driven by pgbench: tps, clients, backends"
 	@echo "make test       ruff, mypy, import layers, the whole pytest suite, and the pooler's"
 	@echo "                tests again against its compiled build"
 	@echo "make compiled   build the pooler as the image ships it (hot path compiled by mypyc)"
@@ -40,6 +42,9 @@ $(COMPILED)/.stamp: $(STAMP) setup.py pyproject.toml $(wildcard pooler/*.py pool
 compiled: $(COMPILED)/.stamp
 
 demo: deps venv
+	$(BIN)/python -m pgfleet.devtools.fleetdemo
+
+demo-pooler: deps venv
 	$(BIN)/python -m pgfleet.devtools.demo
 
 # mypy and import-linter cannot see setuptools' package-dir mapping, so they read a

@@ -178,6 +178,7 @@ class Crowd:
         self.query = query
         self.stats = stats if stats is not None else CrowdStats()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: set[asyncio.Task[None]] = set()
 
     def _error(self, exc: BaseException) -> None:
         self.stats.errors[getattr(exc, "sqlstate", None) or type(exc).__name__] += 1
@@ -210,7 +211,8 @@ class Crowd:
                 await asyncio.sleep(0.1)
 
     async def _serverless(self, rng: random.Random, pause: float) -> None:
-        while True:
+        me = asyncio.current_task()
+        while me not in self._stopping:
             conn = None
             try:
                 conn = await self._connect()
@@ -236,13 +238,18 @@ class Crowd:
         rng = random.Random(seed)
         self._tasks += [asyncio.create_task(self._serverless(rng, pause)) for _ in range(count)]
 
-    async def stop(self, count: int | None = None) -> None:
-        """Stop `count` clients (all by default)."""
+    async def stop(self, count: int | None = None, grace: float = 5.0) -> None:
+        """Stop `count` clients (all by default): serverless ones after their visit, steady ones now."""
         count = len(self._tasks) if count is None else count
         stopping, self._tasks = self._tasks[:count], self._tasks[count:]
+        self._stopping.update(stopping)
+        # A visit in progress ends by itself (cancelling asyncpg mid-connect leaves noise).
+        if stopping:
+            await asyncio.wait(stopping, timeout=grace)
         for task in stopping:
             task.cancel()
         await asyncio.gather(*stopping, return_exceptions=True)
+        self._stopping.difference_update(stopping)
 
     @property
     def size(self) -> int:

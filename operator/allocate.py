@@ -133,26 +133,27 @@ def water_fill(capacity: int, caps: Mapping[str, int], weights: Mapping[str, int
     """
     out = {name: 0 for name in caps}
     weight = {name: max(1, (weights or {}).get(name, 1)) for name in caps}
-    active = {name for name, cap in caps.items() if cap > 0}
+    # Ascending by cap per unit of weight: whoever is capped below the level is settled
+    # first, in one pass (n log n, not a round per capped fleet).
+    order = sorted((name for name, cap in caps.items() if cap > 0), key=lambda n: (caps[n] / weight[n], n))
     remaining = max(0, capacity)
-    while active and remaining > 0:
-        total_weight = sum(weight[name] for name in active)
-        share = {name: remaining * weight[name] / total_weight for name in active}
-        capped = [name for name in active if caps[name] - out[name] <= share[name]]
-        if capped:
-            for name in capped:
-                remaining -= caps[name] - out[name]
-                out[name] = caps[name]
-                active.discard(name)
-            continue
-        whole = {name: int(share[name]) for name in active}
+    total_weight = sum(weight[name] for name in order)
+    i = 0
+    while i < len(order) and caps[order[i]] * total_weight <= remaining * weight[order[i]]:
+        name = order[i]
+        out[name] = caps[name]
+        remaining -= caps[name]
+        total_weight -= weight[name]
+        i += 1
+    rest = order[i:]
+    if rest and remaining > 0:
+        share = {name: remaining * weight[name] / total_weight for name in rest}
+        whole = {name: int(share[name]) for name in rest}
         for name, amount in whole.items():
-            out[name] += amount
-        remaining -= sum(whole.values())
-        by_fraction = sorted(active, key=lambda name: (-(share[name] - whole[name]), name))
-        for name in by_fraction[:remaining]:
+            out[name] = amount
+        left = remaining - sum(whole.values())
+        for name in sorted(rest, key=lambda n: (-(share[n] - whole[n]), n))[:left]:
             out[name] += 1
-        remaining = 0
     return out
 
 
@@ -221,10 +222,11 @@ def split(budget: int, fleet: FleetSpec, *, hysteresis: int = 1, grow: bool = Tr
         wants = {p.name: max(0, p.demand - floor) for p in fed}
         extra = water_fill(free, wants)
         free -= sum(extra.values())
-        # ... and what nobody asks for, evenly, so a burst finds servers already allowed.
-        even = water_fill(free, {p.name: free for p in fed})
-        for pod in fed:
-            limits[pod.name] += extra[pod.name] + even[pod.name]
+        # ... and what nobody asks for, evenly (the odd ones by name), so a burst finds
+        # servers already allowed.
+        each, odd = divmod(free, len(fed))
+        for i, pod in enumerate(sorted(fed, key=lambda p: p.name)):
+            limits[pod.name] += extra[pod.name] + each + (1 if i < odd else 0)
     if not grow:
         # The server is not observed: nothing may rise above what is in force.
         for pod in live:
@@ -242,14 +244,16 @@ def _hold_steady(limits: dict[str, int], live: Sequence[PodState], room: int, hy
     """
     if hysteresis <= 0:
         return
+    total = sum(limits.values())
     for pod in sorted(live, key=lambda p: p.name):
         current, target = pod.limit, limits[pod.name]
         if current is None or current == target or abs(current - target) > hysteresis:
             continue
         if min(current, target) < floor:
             continue  # a pod's floor is never held back, nor kept past a squeeze
-        if current < target or sum(limits.values()) - target + current <= room:
+        if current < target or total - target + current <= room:
             limits[pod.name] = current
+            total += current - target
 
 
 # -- the whole server ----------------------------------------------------------------------------
