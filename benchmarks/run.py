@@ -385,17 +385,52 @@ def memory_table(rows: list[Memory], count: int, labels: Mapping[str, str] | Non
 # -- set-up --------------------------------------------------------------------------------
 
 
-def pooler_config(pg: TempPostgres, port: int, pool_size: int, max_clients: int) -> dict[str, Any]:
+def pooler_config(
+    pg: TempPostgres, port: int, pool_size: int, max_clients: int, tls: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The config every pooler runs: PgBouncer's setting names, transaction mode, trust.
 
     pgfleet's `workers` is not in it: `starter` adds that to pgfleet's copy only (PgBouncer
-    would refuse the unknown setting).
+    would refuse the unknown setting). `tls`: the TLS settings both poolers get (--tls).
     """
-    return transaction_pool_config(pg.host, pg.port, DB, listen_port=port, pool_size=pool_size, max_clients=max_clients)
+    config = transaction_pool_config(
+        pg.host, pg.port, DB, listen_port=port, pool_size=pool_size, max_clients=max_clients
+    )
+    return {**config, **(tls or {})}
+
+
+def make_tls(workroot: Path) -> tuple[tuple[bytes, bytes, bytes], dict[str, str]]:
+    """A CA and a certificate for 127.0.0.1 (trustme): PostgreSQL's (chain, key, CA) and the
+    poolers' TLS settings, `require` on both legs as a managed database demands."""
+    import trustme  # a test dependency: the benchmark runs from the project's .venv
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    chain = b"".join(pem.bytes() for pem in cert.cert_chain_pems)
+    key = cert.private_key_pem.bytes()
+    certs = workroot / "certs"
+    certs.mkdir(mode=0o755)
+    (certs / "pooler.crt").write_bytes(chain)
+    (certs / "pooler.key").write_bytes(key)
+    (certs / "pooler.key").chmod(0o644)  # PgBouncer runs as `postgres` when we are root
+    settings = {
+        "client_tls_sslmode": "require",
+        "client_tls_key_file": str(certs / "pooler.key"),
+        "client_tls_cert_file": str(certs / "pooler.crt"),
+        "server_tls_sslmode": "require",
+    }
+    return (chain, key, ca.cert_pem.bytes()), settings
 
 
 def starter(
-    kind: str, pg: TempPostgres, workroot: Path, pool_size: int, max_clients: int, workers: int, compiled: Path | None
+    kind: str,
+    pg: TempPostgres,
+    workroot: Path,
+    pool_size: int,
+    max_clients: int,
+    workers: int,
+    compiled: Path | None,
+    tls: Mapping[str, str] | None = None,
 ) -> Callable[[], PoolerProcess]:
     """A function that starts a fresh pooler of `kind` on a new port in its own directory.
 
@@ -413,7 +448,7 @@ def starter(
     def start() -> PoolerProcess:
         workdir = workroot / f"{kind}-{next(counter)}"
         workdir.mkdir(mode=0o755)
-        config = pooler_config(pg, free_port(), pool_size, max_clients)
+        config = pooler_config(pg, free_port(), pool_size, max_clients, tls)
         if kind == PGBOUNCER:
             return start_pgbouncer(config, workdir)
         config["workers"] = workers if kind == PGFLEET else 1
@@ -532,6 +567,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/<date>[-quick].md)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (pooler logs) and say where")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on both legs: PostgreSQL with ssl = on, every pooler with client_tls_sslmode and "
+        "server_tls_sslmode require, pgbench with sslmode=require (certificates made for the run)",
+    )
     opts = parser.parse_args(argv)
     if not 1 <= opts.workers <= 64:
         parser.error("--workers must be between 1 and 64")
@@ -582,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("PgBouncer was not measured: `pgbouncer` is not installed.")
         wanted.remove(PGBOUNCER)
 
+    if opts.tls and opts.idle_clients:
+        notes.append("The idle-clients memory case was skipped: its clients do not speak TLS.")
+        opts.idle_clients = 0
     max_clients = max(opts.idle_clients, *clients, opts.storm_clients) + 1000
     raise_nofile(max_clients + 1000)  # inherited by the poolers we spawn
     started = time.monotonic()
@@ -592,12 +636,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             print(f"starting PostgreSQL and pgbench -i -s {opts.scale} ...", flush=True)
-            pg = TempPostgres(max_connections=max(clients) + 2 * opts.pool_size + 60).start()
+            pg_tls, tls_settings = make_tls(workroot) if opts.tls else (None, None)
+            if opts.tls:
+                os.environ["PGSSLMODE"] = "require"  # pgbench, and pgbench -i, over TLS
+            pg = TempPostgres(max_connections=max(clients) + 2 * opts.pool_size + 60, tls=pg_tls).start()
             pg.sql(f"CREATE DATABASE {DB}")
             POSTMASTER_PID_FILE.append(pg.datadir / "postmaster.pid")
             pgbench_init(pg.host, pg.port, DB, scale=opts.scale)
             starters = {
-                k: starter(k, pg, workroot, opts.pool_size, max_clients, opts.workers, compiled)
+                k: starter(k, pg, workroot, opts.pool_size, max_clients, opts.workers, compiled, tls_settings)
                 for k in POOLERS
                 if k in wanted
             }
@@ -695,6 +742,11 @@ def render_report(
     )
     one_too = any(PGFLEET_1 in outcomes for outcomes in results.values()) or any(m.target == PGFLEET_1 for m in memory)
     lines.append(f"- pgfleet: {pgfleet_processes(opts.workers, one_too)}")
+    if opts.tls:
+        lines.append(
+            "- TLS on both legs: PostgreSQL with ssl = on, every pooler with client_tls_sslmode and server_tls_sslmode "
+            "require, pgbench with sslmode=require (direct: pgbench to PostgreSQL over TLS)"
+        )
     ran_sources = any(PGFLEET_PY in outcomes for outcomes in results.values())
     lines.append(f"- pgfleet build: {build_note(compiled_build(opts.compiled), ran_sources)}")
     lines += ["", "## Throughput", ""]

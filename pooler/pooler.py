@@ -18,7 +18,7 @@ from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
 from .protocol.startup import build_cancel_request
 from .shares import WorkerSlot
-from .tls import TlsContexts, TlsStats, build_contexts, open_server_stream
+from .tls import TlsContexts, TlsStats, build_contexts, file_signature, open_server_stream
 from .userlist import load_userlist
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class Pooler:
         self.loop = asyncio.get_running_loop()
         self.userlist: dict[str, str] = load_userlist(config.auth_file) if config.auth_file else {}
         self.tls: TlsContexts = build_contexts(config)
+        self._tls_files = file_signature(config)
         self.credentials = Credentials(self)
         self.tls_stats = TlsStats()
         self.pools: dict[tuple[str, str], Pool] = {}
@@ -227,6 +228,7 @@ class Pooler:
         self.credentials.forget()
         if tls is not None:
             self.tls = tls
+            self._tls_files = file_signature(new)
         for pool in list(self.pools.values()):
             pool.configure(new)
         self._open_forced_pools()
@@ -464,6 +466,21 @@ class Pooler:
         for pool in list(self.pools.values()):
             pool.maintain(now)
         self._check_client_timeouts(now)
+        self._watch_tls_files()
+
+    def _watch_tls_files(self) -> None:
+        """Key and certificate files rotated on disk (a Secret volume) serve new handshakes
+        without a reload; open connections keep their sessions."""
+        signature = file_signature(self.config)
+        if signature == self._tls_files:
+            return
+        self._tls_files = signature  # one message per change, not one per janitor turn
+        try:
+            self.tls = build_contexts(self.config)
+        except ConfigError as exc:
+            log.error("TLS files changed but cannot be used, keeping the running ones: %s", exc)
+            return
+        log.info("TLS files changed: new handshakes use them")
 
     def _check_client_timeouts(self, now: float) -> None:
         """Close clients past a time limit with PgBouncer's 08P01 and its words for it.

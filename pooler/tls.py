@@ -13,13 +13,14 @@ the session is kept for the link's whole life.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
-from .config import ConfigError, PoolerConfig, SslMode
+from .config import TLS_FILE_KEYS, ConfigError, PoolerConfig, SslMode
 from .protocol.startup import build_ssl_request
 
 # The ALPN protocol PostgreSQL 17 registers for its connections.
@@ -173,6 +174,24 @@ def build_contexts(config: PoolerConfig) -> TlsContexts:
     return TlsContexts(
         client_context(config), config.client_tls_sslmode, server_context(config), config.server_tls_sslmode
     )
+
+
+def file_signature(config: PoolerConfig) -> tuple[tuple[str, int, int, int], ...]:
+    """What the TLS files are now (path, inode, size, mtime): a change means they were rotated.
+
+    Kubernetes swaps a Secret volume's files atomically through a symlink; stat follows it.
+    """
+    out = []
+    for key in TLS_FILE_KEYS:
+        path: str | None = getattr(config, key)
+        if path:
+            try:
+                st = os.stat(path)
+            except OSError:
+                out.append((path, -1, -1, -1))
+            else:
+                out.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def describe(transport: asyncio.BaseTransport | None) -> str:

@@ -385,6 +385,27 @@ async def test_reload_reads_rotated_certificates_and_refuses_broken_ones(
         assert (code, out.strip()) == (0, "1"), err
 
 
+async def test_certificates_rotated_on_disk_serve_new_handshakes_without_a_reload(
+    certs: Certs, tmp_path: Path, start_pooler: StartPooler
+) -> None:
+    """As a Kubernetes Secret volume rotates them: the pooler notices the files changed."""
+    cert_file, key_file = tmp_path / "pooler.crt", tmp_path / "pooler.key"
+    shutil.copyfile(certs.pooler_cert, cert_file)
+    shutil.copyfile(certs.pooler_key, key_file)
+    pooler = await start_pooler(
+        **client_tls(certs, client_tls_cert_file=str(cert_file), client_tls_key_file=str(key_file))
+    )
+    before = pooler.tls
+    code, out, err = await psql(pooler.port, f"sslmode=verify-full sslrootcert={certs.ca_file}")
+    assert (code, out.strip()) == (0, "1"), err
+    rotated_cert, rotated_key = certs.issue("rotated-on-disk", certs.other_ca, "127.0.0.1")
+    shutil.copyfile(rotated_key, key_file)
+    shutil.copyfile(rotated_cert, cert_file)
+    await wait_until(lambda: pooler.tls is not before)
+    code, out, err = await psql(pooler.port, f"sslmode=verify-full sslrootcert={certs.other_ca_file}")
+    assert (code, out.strip()) == (0, "1"), err
+
+
 async def test_metrics_count_handshakes_and_failures(certs: Certs, start_pooler: StartPooler) -> None:
     pooler = await start_pooler(**client_tls(certs))
     code, _, err = await psql(pooler.port, "sslmode=require")
