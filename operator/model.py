@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any
 
-from pgfleet.pooler.config import PoolMode  # the pooler's own modes: one definition
+from pgfleet.pooler.config import PoolMode, SslMode  # the pooler's own modes: one definition
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -77,6 +77,34 @@ class ClientAuthSpec(_Model):
         description=(
             "Secret (same namespace) with key `userlist.txt` in PgBouncer's auth_file format "
             '(`"user" "password"` lines). Unset: clients log in as the credentialsSecret user.'
+        ),
+    )
+
+
+class TlsSpec(_Model):
+    """TLS of the poolers, towards applications and towards the database.
+
+    Secrets are mounted read-only; a rotated Secret reaches running pods without a restart
+    (the pooler reads the files again when they change).
+    """
+
+    client_cert_secret: str | None = Field(
+        default=None,
+        description=(
+            "Secret (same namespace) with `tls.crt` and `tls.key`, the kubernetes.io/tls layout cert-manager "
+            "writes: the certificate the poolers show applications. Set: applications must use TLS "
+            "(client_tls_sslmode require)."
+        ),
+    )
+    server_ca_secret: str | None = Field(
+        default=None,
+        description="Secret (same namespace) with `ca.crt`: the CA the database's certificate must chain to.",
+    )
+    server_sslmode: SslMode = Field(
+        default=SslMode.PREFER,
+        description=(
+            "TLS towards the database: disable, allow, prefer (TLS when offered), require, verify-ca, "
+            "verify-full (also checks database.host against the certificate)."
         ),
     )
 
@@ -240,6 +268,7 @@ class PgPoolSpec(_Model):
 
     database: DatabaseSpec
     client_auth: ClientAuthSpec = Field(default_factory=ClientAuthSpec)
+    tls: TlsSpec = Field(default_factory=TlsSpec)
     pool_mode: PoolMode = Field(default=PoolMode.TRANSACTION, description="When a server connection is given back.")
     replicas: int = Field(default=2, ge=0, le=100, description="Pooler pods (the scale subresource sets it).")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from pgfleet.pooler.config import AuthType, DatabaseConfig, PoolerConfig, dump_config
+from pgfleet.pooler.config import AuthType, DatabaseConfig, PoolerConfig, SslMode, dump_config
 from pgfleet.pooler.userlist import dump_userlist
 
 from . import model
@@ -33,6 +33,10 @@ CONFIG_DIR = "/etc/pgfleet"
 CONFIG_FILE = f"{CONFIG_DIR}/pooler.yaml"
 USERLIST_FILE = f"{CONFIG_DIR}/userlist.txt"
 TOKEN_FILE = f"{CONFIG_DIR}/token"
+# spec.tls: files projected from the user's Secrets into the config volume (read-only).
+CLIENT_CERT_FILE = f"{CONFIG_DIR}/tls/client.crt"
+CLIENT_KEY_FILE = f"{CONFIG_DIR}/tls/client.key"
+SERVER_CA_FILE = f"{CONFIG_DIR}/tls/server-ca.crt"
 # The image's user (see Dockerfile); numeric so the kubelet can check runAsNonRoot.
 POOLER_UID = 10001
 # Time past the pooler's own drain for the process to exit before SIGKILL.
@@ -167,6 +171,7 @@ def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
         server_connect_timeout=pooler.server_connect_timeout,
         shutdown_timeout=pooler.shutdown_timeout,
         ignore_startup_parameters=list(pooler.ignore_startup_parameters),
+        **tls_settings(spec.tls),
         http_listen_addr="0.0.0.0",
         http_listen_port=HTTP_PORT,
         http_token_file=TOKEN_FILE,
@@ -181,6 +186,33 @@ def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
             )
         },
     )
+
+
+def tls_settings(tls: model.TlsSpec) -> dict[str, Any]:
+    """The pooler's TLS settings for spec.tls: the files the Deployment mounts."""
+    settings: dict[str, Any] = {"server_tls_sslmode": tls.server_sslmode}
+    if tls.client_cert_secret:
+        settings.update(
+            client_tls_sslmode=SslMode.REQUIRE,
+            client_tls_cert_file=CLIENT_CERT_FILE,
+            client_tls_key_file=CLIENT_KEY_FILE,
+        )
+    if tls.server_ca_secret:
+        settings["server_tls_ca_file"] = SERVER_CA_FILE
+    return settings
+
+
+def _tls_sources(tls: model.TlsSpec) -> list[Obj]:
+    """Projected-volume sources of the TLS files (paths relative to CONFIG_DIR)."""
+    sources: list[Obj] = []
+    if tls.client_cert_secret:
+        items = [{"key": "tls.crt", "path": "tls/client.crt"}, {"key": "tls.key", "path": "tls/client.key"}]
+        sources.append({"secret": {"name": tls.client_cert_secret, "items": items}})
+    if tls.server_ca_secret:
+        sources.append(
+            {"secret": {"name": tls.server_ca_secret, "items": [{"key": "ca.crt", "path": "tls/server-ca.crt"}]}}
+        )
+    return sources
 
 
 def live_limits(pgpool: model.PgPool, allocation: Allocation) -> dict[str, Any]:
@@ -256,18 +288,12 @@ def render_app_secret(pgpool: model.PgPool, facts: Facts) -> Obj:
     user, password = app_credentials(facts)
     dbname = pgpool.spec.database.dbname
     uri = f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{POSTGRES_PORT}/{quote(dbname, safe='')}"
-    return _secret(
-        pgpool,
-        app_secret_name(pgpool.name),
-        {
-            "host": host,
-            "port": str(POSTGRES_PORT),
-            "dbname": dbname,
-            "username": user,
-            "password": password,
-            "uri": uri,
-        },
-    )
+    data = {"host": host, "port": str(POSTGRES_PORT), "dbname": dbname, "username": user, "password": password}
+    if pgpool.spec.tls.client_cert_secret:
+        # The poolers refuse applications without TLS.
+        uri += "?sslmode=require"
+        data["sslmode"] = "require"
+    return _secret(pgpool, app_secret_name(pgpool.name), {**data, "uri": uri})
 
 
 def render_service(pgpool: model.PgPool) -> Obj:
@@ -376,6 +402,7 @@ def render_deployment(pgpool: model.PgPool, facts: Facts, config: PoolerConfig) 
                             }
                         },
                         {"secret": {"name": token_secret_name(name), "items": [{"key": "token", "path": "token"}]}},
+                        *_tls_sources(spec.tls),
                     ],
                 },
             },

@@ -344,3 +344,39 @@ def test_with_a_budget_loop_a_pod_starts_at_the_floor_and_the_deployment_can_be_
     assert config.default_pool_size == config.max_db_connections == 2
     assert config.databases["app"].pool_size == config.databases["app"].max_db_connections == 2
     assert children.deployment["spec"]["replicas"] == 2  # spec.replicas is 3: held until pods confirm
+
+
+def test_tls_secrets_are_mounted_and_named_in_the_config() -> None:
+    tls = {"clientCertSecret": "main-cert", "serverCaSecret": "db-ca", "serverSslmode": "verify-full"}
+    kids = children(tls=tls)
+    config = rendered_config(kids)
+    assert config.client_tls_sslmode.value == "require"
+    assert (config.client_tls_cert_file, config.client_tls_key_file) == (
+        render.CLIENT_CERT_FILE,
+        render.CLIENT_KEY_FILE,
+    )
+    assert (config.server_tls_sslmode.value, config.server_tls_ca_file) == ("verify-full", render.SERVER_CA_FILE)
+    spec = pod_spec(kids)
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "config"]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    paths = {
+        f"{mount['mountPath']}/{item['path']}": (src["name"], item["key"])
+        for source in volume["projected"]["sources"]
+        for src in source.values()
+        for item in src["items"]
+    }
+    assert paths[render.CLIENT_CERT_FILE] == ("main-cert", "tls.crt")
+    assert paths[render.CLIENT_KEY_FILE] == ("main-cert", "tls.key")
+    assert paths[render.SERVER_CA_FILE] == ("db-ca", "ca.crt")
+    # Applications are told to use TLS, which the poolers now demand.
+    data = kids.app_secret["stringData"]
+    assert data["sslmode"] == "require" and data["uri"].endswith("/app?sslmode=require")
+    # A TLS change rolls the pods (a running pooler rereads rotated files, not new settings).
+    assert _template_hash(kids) != _template_hash(children())
+
+
+def test_without_tls_the_server_leg_prefers_it_and_clients_need_none() -> None:
+    config = rendered_config(children())
+    assert (config.client_tls_sslmode.value, config.server_tls_sslmode.value) == ("disable", "prefer")
+    assert "sslmode" not in children().app_secret["stringData"]
