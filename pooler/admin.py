@@ -244,6 +244,14 @@ USERS_COLUMNS: Columns = [
     ("max_user_connections", INT4), ("current_connections", INT4),
     ("max_user_client_connections", INT4), ("current_client_connections", INT4),
 ]  # fmt: skip
+SOCKETS_COLUMNS: Columns = [
+    *SOCKET_COLUMNS[:17],
+    ("recv_pos", INT4), ("pkt_pos", INT4), ("pkt_remain", INT4), ("send_pos", INT4), ("send_remain", INT4),
+    ("pkt_avail", INT4), ("send_avail", INT4),
+]  # fmt: skip
+MEM_COLUMNS: Columns = [("name", TEXT), ("size", INT4), ("used", INT4), ("free", INT4), ("memtotal", INT4)]
+DNS_HOSTS_COLUMNS: Columns = [("hostname", TEXT), ("ttl", INT8), ("addrs", TEXT)]
+DNS_ZONES_COLUMNS: Columns = [("zonename", TEXT), ("serial", INT8), ("count", INT4)]
 LISTS_COLUMNS: Columns = [("list", TEXT), ("items", INT4)]
 CONFIG_COLUMNS: Columns = [("key", TEXT), ("value", TEXT), ("default", TEXT), ("changeable", TEXT)]
 VERSION_COLUMNS: Columns = [("version", TEXT)]
@@ -258,6 +266,7 @@ PEER_POOLS_COLUMNS: Columns = [
 HELP_TEXT = (
     "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION"
     "\n\tSHOW PEERS|PEER_POOLS"
+    "\n\tSHOW SOCKETS|ACTIVE_SOCKETS|MEM|DNS_HOSTS|DNS_ZONES"
     "\n\tSHOW LISTS|STATE"
     "\n\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS"
     "\n\tSET key = arg"
@@ -266,6 +275,10 @@ HELP_TEXT = (
     "\n\tRESUME [<db>]"
     "\n\tRECONNECT [<db>]"
     "\n\tKILL [<db>]"
+    "\n\tKILL_CLIENT <id>"
+    "\n\tSUSPEND"
+    "\n\tDISABLE <db>"
+    "\n\tENABLE <db>"
     "\n\tSHUTDOWN"
     "\n\tSHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS"
     "\n\tWAIT_CLOSE [<db>]"
@@ -274,10 +287,8 @@ HELP_TEXT = (
 
 def _stats_row(stats: dict[str, int]) -> list[int]:
     """PgBouncer's stat counters from pgfleet's PoolStats (summed over a database)."""
-    # pgfleet counts one transaction each time a pool takes a server back from a client,
-    # which is what PgBouncer calls a server assignment as well.
     return [
-        stats["xact_count"],
+        stats["server_assignment_count"],
         stats["xact_count"],
         stats["query_count"],
         stats["bytes_received"],
@@ -395,7 +406,7 @@ class AdminConsole:
             return int(delta(key) / span)
 
         return [
-            rate("xact_count"),
+            rate("server_assignment_count"),
             rate("xact_count"),
             rate("query_count"),
             rate("bytes_received"),
@@ -416,7 +427,7 @@ class AdminConsole:
         if database == views.ADMIN_DATABASE:
             raise AdminError(f"cannot {verb} admin db: {database}", sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE)
         if self.pooler.config.database(database) is None:
-            raise AdminError(f"no such database: {database}", sqlstate.INVALID_CATALOG_NAME)
+            raise AdminError(f"no such database: {database}", sqlstate.PROTOCOL_VIOLATION)  # PgBouncer's code
 
     async def wait_servers_gone(self, database: str, still_paused: Callable[[], bool]) -> None:
         """PAUSE's wait: close idle servers as they come back until none is left."""
@@ -642,10 +653,16 @@ class AdminSession:
         return self._socket_row(
             "C", client.user, database, state, client.address, tuple(local) if isinstance(local, tuple) else (),
             client.connect_time, client.request_time, wait, False, client, client.server, 0,
-            client.params.get("application_name", ""), 0, client.cancel_key[0],
+            client.params.get("application_name", ""), 0, client.id,
         )  # fmt: skip
 
     def show_clients(self) -> bytes:
+        return result_set(SOCKET_COLUMNS, self._client_rows())
+
+    def show_servers(self) -> bytes:
+        return result_set(SOCKET_COLUMNS, self._server_rows())
+
+    def _client_rows(self) -> list[Row]:
         now = self.pooler.loop.time()
         rows: list[Row] = []
         for pool in self.pooler.pools.values():
@@ -656,9 +673,9 @@ class AdminSession:
                 rows.append(self._client_row(client, pool.database, state, now))
         for session in self.console.sessions:
             rows.append(self._client_row(session.client, views.ADMIN_DATABASE, "active", now))
-        return result_set(SOCKET_COLUMNS, rows)
+        return rows
 
-    def show_servers(self) -> bytes:
+    def _server_rows(self) -> list[Row]:
         rows: list[Row] = []
         for pool in self.pooler.pools.values():
             servers = [(s, "active" if s.client is not None else "tested") for s in pool.active]
@@ -687,7 +704,7 @@ class AdminSession:
                         server.backend_pid,
                     )
                 )
-        return result_set(SOCKET_COLUMNS, rows)
+        return rows
 
     def show_databases(self) -> bytes:
         pooler = self.pooler
@@ -704,7 +721,7 @@ class AdminSession:
                     db.pool_mode.value if db.pool_mode is not None else None, None,
                     limits.max_db_connections, pooler.database_server_count(name),
                     config.client_limits_for(name, "")[0], pooler.database_clients[name],
-                    int(self.console.is_paused(name)), 0,
+                    int(self.console.is_paused(name)), int(name in pooler.disabled_databases),
                 ]
             )  # fmt: skip
         rows.append(
@@ -760,6 +777,37 @@ class AdminSession:
             STATE_COLUMNS,
             [["active", "no" if paused else "yes"], ["paused", "yes" if paused else "no"], ["suspended", "no"]],
         )
+
+    def show_sockets(self) -> bytes:
+        """Every client and server socket, in SHOW CLIENTS' terms plus PgBouncer's buffer
+        columns (pgfleet keeps no per-socket packet buffer: they are 0)."""
+        rows = [[*row, 0, 0, 0, 0, 0, 0, 0] for row in self._socket_rows()]
+        return result_set(SOCKETS_COLUMNS, rows)
+
+    def show_active_sockets(self) -> bytes:
+        return result_set(
+            SOCKETS_COLUMNS, [[*row, 0, 0, 0, 0, 0, 0, 0] for row in self._socket_rows() if row[4] == "active"]
+        )
+
+    def _socket_rows(self) -> list[list[object]]:
+        return [list(row)[:17] for row in (*self._client_rows(), *self._server_rows())]
+
+    def show_mem(self) -> bytes:
+        """PgBouncer's slab caches; pgfleet's objects are Python's: counts, no sizes."""
+        pooler = self.pooler
+        servers = sum(len(pool.idle) + len(pool.active) for pool in pooler.pools.values())
+        rows = [
+            ["client_cache", 0, len(pooler.clients), 0, 0],
+            ["server_cache", 0, servers, 0, 0],
+            ["pool_cache", 0, len(pooler.pools), 0, 0],
+        ]
+        return result_set(MEM_COLUMNS, rows)
+
+    def show_dns_hosts(self) -> bytes:
+        return result_set(DNS_HOSTS_COLUMNS, [])  # no DNS cache: every connect asks the resolver
+
+    def show_dns_zones(self) -> bytes:
+        return result_set(DNS_ZONES_COLUMNS, [])
 
     def show_peers(self) -> bytes:
         return result_set(PEERS_COLUMNS, [])
@@ -860,6 +908,43 @@ class AdminSession:
             pool.close_all("KILL", active=True)
         return backend.command_complete("KILL")
 
+    async def cmd_kill_client(self, arg: str) -> bytes:
+        """KILL_CLIENT <id> (SHOW CLIENTS' id): close that client now; a query of its in
+        flight is cancelled and its server closed, a transaction rolled back."""
+        if not arg.isdigit():
+            raise AdminError("KILL_CLIENT needs a client id (SHOW CLIENTS)", sqlstate.SYNTAX_ERROR)
+        for client in list(self.pooler.clients):
+            if client.id == int(arg):
+                log.info("KILL_CLIENT %s command issued (%r)", arg, client)
+                client.terminate(sqlstate.ADMIN_SHUTDOWN, "client killed by admin (KILL_CLIENT)")
+                return backend.command_complete("KILL_CLIENT")
+        raise AdminError(f"client {arg} not found", sqlstate.PROTOCOL_VIOLATION)
+
+    async def cmd_suspend(self, arg: str) -> bytes:
+        _no_argument("SUSPEND", arg)
+        # SUSPEND readies PgBouncer's online restart (-R), handing its sockets to a new process.
+        raise AdminError(
+            "SUSPEND is for PgBouncer's online restart, which pgfleet does not have: use PAUSE, or a "
+            "rolling restart (SIGTERM drains; workers share the port)",
+            sqlstate.FEATURE_NOT_SUPPORTED,
+        )
+
+    async def cmd_disable(self, database: str) -> bytes:
+        if not database:
+            raise AdminError("DISABLE needs a database name", sqlstate.SYNTAX_ERROR)
+        self.console._check_database(database, "disable")
+        log.info("DISABLE '%s' command issued", database)
+        self.pooler.disabled_databases.add(database)
+        return backend.command_complete("DISABLE")
+
+    async def cmd_enable(self, database: str) -> bytes:
+        if not database:
+            raise AdminError("ENABLE needs a database name", sqlstate.SYNTAX_ERROR)
+        self.console._check_database(database, "enable")
+        log.info("ENABLE '%s' command issued", database)
+        self.pooler.disabled_databases.discard(database)
+        return backend.command_complete("ENABLE")
+
     async def cmd_reconnect(self, database: str) -> bytes:
         if database:
             self.console._check_database(database, "reconnect")
@@ -940,6 +1025,11 @@ SHOW_COMMANDS: dict[str, Callable[[AdminSession], bytes]] = {
     "help": AdminSession.show_help,
     "lists": AdminSession.show_lists,
     "peers": AdminSession.show_peers,
+    "sockets": AdminSession.show_sockets,
+    "active_sockets": AdminSession.show_active_sockets,
+    "mem": AdminSession.show_mem,
+    "dns_hosts": AdminSession.show_dns_hosts,
+    "dns_zones": AdminSession.show_dns_zones,
     "peer_pools": AdminSession.show_peer_pools,
     "pools": AdminSession.show_pools,
     "servers": AdminSession.show_servers,
@@ -953,6 +1043,10 @@ SHOW_COMMANDS: dict[str, Callable[[AdminSession], bytes]] = {
 }
 COMMANDS: dict[str, Callable[[AdminSession, str], Awaitable[bytes | None]]] = {
     "kill": AdminSession.cmd_kill,
+    "kill_client": AdminSession.cmd_kill_client,
+    "suspend": AdminSession.cmd_suspend,
+    "disable": AdminSession.cmd_disable,
+    "enable": AdminSession.cmd_enable,
     "pause": AdminSession.cmd_pause,
     "reconnect": AdminSession.cmd_reconnect,
     "reload": AdminSession.cmd_reload,

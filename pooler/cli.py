@@ -90,6 +90,7 @@ async def serve(config: PoolerConfig, config_path: str | None, slot: WorkerSlot 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgfleet-pooler", description="PostgreSQL transaction-pooling proxy")
+    parser.add_argument("--version", "-V", action="version", version=_version())
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--config", "-c", metavar="FILE", help="run with this config (YAML, or PgBouncer .ini)")
     group.add_argument("--check-config", metavar="FILE", help="validate a config file and exit")
@@ -137,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"pgfleet-pooler: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("pgfleet")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return f"pgfleet-pooler {ours} ({BUILD}); admin console of PgBouncer 1.25"
 
 
 def _worker_command(args: argparse.Namespace) -> list[str]:

@@ -118,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
         "close_at_boundary",
         "connect_time",
         "database",
+        "id",
         "is_admin",
         "last_activity",
         "maps_statements",
@@ -140,6 +141,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, pooler: Pooler) -> None:
         self.pooler = pooler
+        self.id = next(pooler.client_ids)
         self._clock = pooler.loop.time  # bound once: read on every message
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
@@ -361,6 +363,8 @@ class ClientConnection(asyncio.Protocol):
         db_config = config.database(self.database)
         if db_config is None:
             raise ClientError(sqlstate.INVALID_CATALOG_NAME, f'no such database: "{self.database}"')
+        if self.database in self.pooler.disabled_databases:
+            raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"database does not allow connections: {self.database}")
         await self._authenticate()
         pool = self.pooler.get_pool(self.database, self.user)
         welcome = await pool.welcome_params()
@@ -640,22 +644,21 @@ class ClientConnection(asyncio.Protocol):
                 elif msg_type in _EXTENDED:
                     self.unsynced = True
                     if msg_type == _P:
-                        stats.client_parse_count += 1
+                        # PgBouncer's parse and bind counters count tracked named statements only.
                         name_end = data.find(b"\x00", pos + 5, end)
                         query_end = data.find(b"\x00", name_end + 1, end)
                         if name_end < 0 or query_end < 0 or end - query_end < 3:
                             raise _Violation("invalid message format")
                         if maps and name_end > pos + 5:
+                            stats.client_parse_count += 1
                             new = prepared.on_parse(self, server, data[pos + 5 : end], replies)
                         else:
-                            stats.server_parse_count += 1
                             prepared.track(server, prepared.PARSE_REPLY, replies)
                             # The SQL alone: a ';' ends many a query, and after it the regex
                             # would look at the parameter types that follow.
                             if sqlscan.worth_a_look(data, name_end + 1, query_end):
                                 self._parse_effect(data[name_end + 1 : query_end])
                     elif msg_type == _B:
-                        stats.bind_count += 1
                         if length < 12:  # two names, three counts
                             raise _Violation("invalid message format")
                         if maps:
@@ -663,6 +666,7 @@ class ClientConnection(asyncio.Protocol):
                             if portal_end < 0:
                                 raise _Violation("invalid message format")
                             if portal_end < end - 1 and data[portal_end + 1] != 0:
+                                stats.bind_count += 1
                                 new = prepared.on_bind(self, server, data[pos + 5 : end], portal_end - pos - 5, replies)
                     elif msg_type in _KIND_AND_NAME and (length < 6 or data[end - 1] != 0):
                         raise _Violation("invalid message format")  # a kind and a name
@@ -773,8 +777,6 @@ class ClientConnection(asyncio.Protocol):
             if self.maps_statements and name_end > pos + 5:
                 return None
             self.unsynced = True
-            stats.client_parse_count += 1
-            stats.server_parse_count += 1
             prepared.track(server, prepared.PARSE_REPLY, replies)
             return None, pos, replies
         if msg_type == _B:
@@ -785,8 +787,8 @@ class ClientConnection(asyncio.Protocol):
                     raise _Violation("invalid message format")  # names that long
                 return None, -1, replies
             self.unsynced = True
-            stats.bind_count += 1
             if self.maps_statements and name_end > portal_end + 1:
+                stats.bind_count += 1
                 head = prepared.on_bind(
                     self, server, data[pos + 5 : name_end + 1], portal_end - pos - 5, replies, end - name_end - 1
                 )

@@ -218,7 +218,7 @@ class Pool:
         """A client is done with `server` (transaction over, or the client left)."""
         now = self._clock()
         if server.link_time:
-            self.stats.xact_count += 1
+            self.stats.server_assignment_count += 1
             self.stats.xact_time += int((now - server.link_time) * 1_000_000)
             server.link_time = 0.0
         server.last_used = now

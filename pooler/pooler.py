@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import secrets
 import socket
@@ -63,6 +64,8 @@ class Pooler:
         self.database_clients: collections.Counter[str] = collections.Counter()
         self.user_clients: collections.Counter[str] = collections.Counter()
         self.draining = False
+        self.disabled_databases: set[str] = set()  # DISABLE: new clients refused
+        self.client_ids = itertools.count(1)  # SHOW CLIENTS' id, KILL_CLIENT's argument
         self._client_timeouts = config.has_client_timeouts()
         # SHUTDOWN WAIT_FOR_SERVERS: no client gets a server any more (pool.acquire).
         self.refusing_servers = False

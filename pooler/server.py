@@ -312,6 +312,8 @@ class ServerConnection(asyncio.Protocol):
                         self.xact_start = self.client.request_time
                     self.tx_status = status
                     self.outstanding -= 1
+                    if status == _IDLE and self.outstanding <= 0:
+                        self.pool.stats.xact_count += 1  # a transaction ended (PgBouncer's xact_count)
                     saw_ready = True
                     if self.replies:
                         statements.on_ready(self)

@@ -13,6 +13,7 @@ COUNTERS = (
     "prepared_misses",
     "query_count",
     "query_time",
+    "server_assignment_count",
     "server_parse_count",
     "wait_count",
     "wait_time",
@@ -27,7 +28,8 @@ class PoolStats:
     __slots__ = COUNTERS
 
     def __init__(self) -> None:
-        self.xact_count = 0
+        self.xact_count = 0  # SQL transactions ended (ReadyForQuery 'I' with nothing outstanding)
+        self.server_assignment_count = 0  # a server handed to a client and taken back
         self.query_count = 0
         self.bytes_received = 0
         self.bytes_sent = 0

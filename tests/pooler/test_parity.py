@@ -22,7 +22,7 @@ import psycopg
 import pytest
 import yaml
 from pgfleet.devtools.tempdb import TempPostgres
-from pgfleet.devtools.testing import wait_until
+from pgfleet.devtools.testing import run_cmd, wait_until
 from pgfleet.pooler.config import load_config
 from pgfleet.pooler.pool import Pool
 from pgfleet.pooler.pooler import Pooler
@@ -622,3 +622,81 @@ async def test_max_db_and_user_client_connections(start_pooler: StartPooler) -> 
         await admin.close()
         for conn in [*conns, scram]:
             conn.terminate()
+
+
+# -- 12 and 13. admin details and the rest of PgBouncer's commands ----------------------------------
+
+
+async def test_admin_details_as_pgbouncer(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(**ADMIN_SETTINGS, pool_mode="session")
+    admin = await admin_connect(pooler)
+    first = await app_connect(pooler)
+    second = await app_connect(pooler)
+    try:
+        with pytest.raises(psycopg.errors.ProtocolViolation, match="no such database"):
+            await admin.execute("KILL nosuchdb")
+        # SHOW CLIENTS' id: a sequence number, as PgBouncer's.
+        _, clients = await admin_rows(admin, "SHOW CLIENTS")
+        ids = sorted(row[-1] for row in clients)
+        assert ids == list(range(ids[0], ids[0] + len(ids))), ids
+        # xact_count counts SQL transactions, also in session mode (one server assignment here).
+        async with first.transaction():
+            await first.execute("SELECT 1")
+        for _ in range(3):
+            await first.execute("SELECT 1")
+        stats = pooler.pools[("app", "md5user")].stats
+        assert stats.xact_count == 4
+        assert stats.server_assignment_count == 0  # the session still holds its server
+        # Parse/bind counters: tracked named statements only (session mode tracks none).
+        await first.fetchval("SELECT $1::int", 1)
+        assert (stats.client_parse_count, stats.bind_count) == (0, 0)
+    finally:
+        await admin.close()
+        first.terminate()
+        second.terminate()
+
+
+async def test_version_option() -> None:
+    code, out, _ = await run_cmd(sys.executable, "-m", "pgfleet.pooler", "--version")
+    assert code == 0 and out.startswith("pgfleet-pooler ")
+
+
+async def test_pgbouncers_other_admin_commands(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(**ADMIN_SETTINGS)
+    admin = await admin_connect(pooler)
+    victim = await app_connect(pooler)
+    try:
+        await victim.execute("SELECT 1")
+        # KILL_CLIENT <id>: that client, and only it, is closed.
+        _, clients = await admin_rows(admin, "SHOW CLIENTS")
+        [victim_id] = [row[-1] for row in clients if row[2] == "app"]
+        await admin.execute(f"KILL_CLIENT {victim_id}")
+        await wait_until(victim.is_closed)
+        with pytest.raises(psycopg.errors.ProtocolViolation, match="not found"):
+            await admin.execute(f"KILL_CLIENT {victim_id}")
+        # DISABLE refuses new clients of a database; ENABLE lets them in again.
+        await admin.execute("DISABLE app")
+        with pytest.raises(asyncpg.ProtocolViolationError, match="does not allow connections"):
+            await app_connect(pooler)
+        _, databases = await admin_rows(admin, "SHOW DATABASES")
+        assert {row[0]: row[16] for row in databases}["app"] == 1
+        await admin.execute("ENABLE app")
+        again = await app_connect(pooler)
+        assert await again.fetchval("SELECT 1") == 1
+        # SHOW SOCKETS / ACTIVE_SOCKETS / MEM / DNS_HOSTS / DNS_ZONES answer with PgBouncer's columns.
+        names, sockets = await admin_rows(admin, "SHOW SOCKETS")
+        assert names[:3] == ["type", "user", "database"] and names[-1] == "send_avail"
+        assert {row[0] for row in sockets} == {"C", "S"}
+        names, _ = await admin_rows(admin, "SHOW ACTIVE_SOCKETS")
+        assert names[-1] == "send_avail"
+        names, mem = await admin_rows(admin, "SHOW MEM")
+        assert names == ["name", "size", "used", "free", "memtotal"] and mem
+        assert (await admin_rows(admin, "SHOW DNS_HOSTS")) == (["hostname", "ttl", "addrs"], [])
+        assert (await admin_rows(admin, "SHOW DNS_ZONES")) == (["zonename", "serial", "count"], [])
+        # SUSPEND (PgBouncer's online restart) says clearly that pgfleet has none.
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="online restart"):
+            await admin.execute("SUSPEND")
+        await again.close()
+    finally:
+        await admin.close()
+        victim.terminate()
