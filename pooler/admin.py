@@ -954,6 +954,7 @@ class AdminSession:
             for server in pool.active:
                 # Closed when its client is done with it (pool.release), never mid-transaction.
                 server.close_needed = True
+            pool.close_sessions_marked_to_close()
         return backend.command_complete("RECONNECT")
 
     async def cmd_wait_close(self, database: str) -> bytes:

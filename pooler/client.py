@@ -837,6 +837,9 @@ class ClientConnection(asyncio.Protocol):
                 pool.refuse_transaction_block(self, server)
             return
         if pool.mode is PoolMode.SESSION or self.pins:
+            if server.close_needed and pool.fast_close:
+                # server_fast_close: the session ends with its transaction, not at logout.
+                self.terminate(sqlstate.ADMIN_SHUTDOWN, "server_fast_close: the server connection is closing")
             return
         self._release()
 

@@ -181,6 +181,15 @@ class PoolerConfig(_Strict):
     server_lifetime: Seconds = 3600.0
     server_connect_timeout: Seconds = 15.0
     server_login_retry: Seconds = 15.0
+    server_check_query: str = Field(
+        default="",
+        description="Run on a server idle longer than server_check_delay before a client gets it ('': an empty query).",
+    )
+    server_check_delay: Seconds = Field(default=30.0, description="0: check before every use.")
+    server_fast_close: bool = Field(
+        default=False,
+        description="Session mode: close a session whose server is marked to close at its transaction's end.",
+    )
 
     # Client time limits (0 disables).
     query_wait_timeout: Seconds = 120.0

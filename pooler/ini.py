@@ -27,6 +27,7 @@ DURATION_KEYS = frozenset(
         "server_lifetime",
         "server_connect_timeout",
         "server_login_retry",
+        "server_check_delay",
         "query_wait_timeout",
         "query_wait_notify",
         "query_timeout",
@@ -82,10 +83,7 @@ IGNORED_PGBOUNCER_KEYS = frozenset(
         "auth_ident_file",
         "auth_ldap_options",
         "scram_iterations",
-        # server health checks and routing
-        "server_check_query",
-        "server_check_delay",
-        "server_fast_close",
+        # routing
         "server_round_robin",
         "disable_pqexec",
         "application_name_add_host",

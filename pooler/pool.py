@@ -103,6 +103,8 @@ class Pool:
         self.refuses_blocks = self.mode is PoolMode.STATEMENT
         self.maps_statements = self.mode is not PoolMode.SESSION and config.max_prepared_statements > 0
         self.server_lifetime = db.server_lifetime if db.server_lifetime is not None else config.server_lifetime
+        self.check_delay = config.server_check_delay
+        self.fast_close = config.server_fast_close and self.mode is PoolMode.SESSION
         self.timeouts = config.timeouts_for(self.database, self.user)
         limits = self.pooler.limits_for(self.database, self.user)
         self.pool_size = limits.pool_size
@@ -124,6 +126,7 @@ class Pool:
         self.close_idle(len(self.idle))
         for server in self.active:
             server.close_needed = True
+        self.close_sessions_marked_to_close()
         self.server_params = None  # the new target greets clients with its own parameters
         self.last_error = None
         self.retry_at = self.retry_delay = 0.0
@@ -186,6 +189,9 @@ class Pool:
                 if lifetime and client.request_time - server.created_at > lifetime:
                     self._close(server, "server_lifetime")
                     continue
+                if client.request_time - server.last_used > self.check_delay:
+                    self._health_check(server)  # the client takes another idle server, or waits for it
+                    continue
                 # The hot path: no clock read, no wait statistics (nobody waited).
                 server.state = ServerState.ACTIVE
                 self.active.add(server)
@@ -204,6 +210,25 @@ class Pool:
             return
         self.waiting.append(client)
         self.launch_for_waiters()
+
+    def _health_check(self, server: ServerConnection) -> None:
+        """PgBouncer's server_check_query: a server idle past server_check_delay answers it first.
+
+        It then goes to the first waiting client as any freed server does; one that fails
+        the check (an error, a dead socket) is closed and replaced instead.
+        """
+        server.state = ServerState.ACTIVE
+        self.active.add(server)
+        server.run_internal(self.pooler.config.server_check_query, lambda: self._give_checked(server))
+
+    def close_sessions_marked_to_close(self) -> None:
+        """server_fast_close: session clients whose server is marked to close, idle now, end now."""
+        if not self.fast_close:
+            return
+        for server in list(self.active):
+            client = server.client
+            if client is not None and server.close_needed and server.is_clean_but_marked:
+                client.terminate(sqlstate.ADMIN_SHUTDOWN, "server_fast_close: the server connection is closing")
 
     def _activate(self, server: ServerConnection, client: ClientConnection, now: float) -> None:
         """Hand a server to a client that waited in the queue for it (`_give`: already ACTIVE)."""

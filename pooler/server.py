@@ -469,6 +469,11 @@ class ServerConnection(asyncio.Protocol):
         await self._closed
 
     @property
+    def is_clean_but_marked(self) -> bool:
+        """Idle, outside a transaction, nothing outstanding, whatever close_needed says."""
+        return self.tx_status == IDLE and self.outstanding == 0 and not self._swallow
+
+    @property
     def is_clean(self) -> bool:
         """Idle, outside a transaction, nothing outstanding: safe to hand to anyone."""
         return self.tx_status == IDLE and self.outstanding == 0 and not self._swallow and not self.close_needed

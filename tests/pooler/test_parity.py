@@ -700,3 +700,77 @@ async def test_pgbouncers_other_admin_commands(start_pooler: StartPooler) -> Non
     finally:
         await admin.close()
         victim.terminate()
+
+
+# -- 16. server_check_query / server_check_delay, server_fast_close, reserve pool under SET ----------
+
+
+async def test_a_server_idle_past_server_check_delay_is_checked_before_use(start_pooler: StartPooler) -> None:
+    """PgBouncer runs server_check_query on a server idle longer than server_check_delay; one
+    that fails it is closed and the client gets another, never an error."""
+    pooler = await start_pooler(
+        auth_type="trust", default_pool_size=1, server_check_delay=0.3, server_check_query="SELECT 1/0"
+    )
+    conn = await trust_connect(pooler.port, "app")
+    try:
+        first = await conn.fetchval("SELECT pg_backend_pid()")
+        assert await conn.fetchval("SELECT pg_backend_pid()") == first  # used again at once: not checked
+        pool = pooler.pools[("app", "postgres")]
+        idle = pool.idle[0]
+        await wait_until(lambda: pooler.loop.time() - idle.last_used > 0.3)
+        assert await conn.fetchval("SELECT pg_backend_pid()") != first  # failed its check: replaced
+    finally:
+        conn.terminate()
+
+
+async def test_server_check_delay_keeps_a_healthy_server(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1, server_check_delay=0.2)
+    conn = await trust_connect(pooler.port, "app")
+    try:
+        first = await conn.fetchval("SELECT pg_backend_pid()")
+        idle = pooler.pools[("app", "postgres")].idle[0]
+        await wait_until(lambda: pooler.loop.time() - idle.last_used > 0.2)
+        assert await conn.fetchval("SELECT pg_backend_pid()") == first  # the empty query passed
+    finally:
+        conn.terminate()
+
+
+async def test_server_fast_close_ends_a_session_whose_server_must_close(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(**ADMIN_SETTINGS, pool_mode="session", server_fast_close=True)
+    admin = await admin_connect(pooler)
+    idle_session = await app_connect(pooler)
+    busy_session = await app_connect(pooler)
+    try:
+        await idle_session.execute("SELECT 1")
+        tx = busy_session.transaction()
+        await tx.start()
+        await admin.execute("RECONNECT")
+        await wait_until(idle_session.is_closed)  # idle: ended now
+        assert not busy_session.is_closed()
+        assert await busy_session.fetchval("SELECT 2") == 2  # inside its transaction: carries on
+        await tx.commit()  # the transaction ends well; the session ends with it
+        await wait_until(lambda: not pooler.pools[("app", "md5user")].clients)
+    finally:
+        await admin.close()
+        idle_session.terminate()
+        busy_session.terminate()
+
+
+async def test_reserve_pool_settings_change_with_set(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(**ADMIN_SETTINGS, default_pool_size=1, query_wait_timeout=30)
+    admin = await admin_connect(pooler)
+    holder = await app_connect(pooler)
+    waiter = await app_connect(pooler)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1")
+        await admin.execute("SET reserve_pool_timeout = 0.1")
+        await admin.execute("SET reserve_pool_size = 1")
+        # The pool is full; past reserve_pool_timeout the queued client gets a reserve server.
+        assert await asyncio.wait_for(waiter.fetchval("SELECT 7"), 10) == 7
+        await tx.rollback()
+    finally:
+        await admin.close()
+        holder.terminate()
+        waiter.terminate()
