@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the client drivers the prepared-statement tests run (tests/pooler/test_prepared_drivers.py)
+# Install the client drivers the driver tests run (tests/pooler/test_prepared_drivers.py,
+# tests/pooler/test_driver_conformance.py)
 # when their runtime is there: node-postgres (npm `pg`, into tests/pooler/node) when
 # Node.js is installed, pgjdbc (Debian libpostgresql-jdbc-java) when Java is. A missing
 # runtime is not an error: those tests skip and say why.
