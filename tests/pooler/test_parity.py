@@ -774,3 +774,12 @@ async def test_reserve_pool_settings_change_with_set(start_pooler: StartPooler) 
         await admin.close()
         holder.terminate()
         waiter.terminate()
+
+
+async def test_client_idle_timeout_closes_the_client_with_08p01(start_pooler: StartPooler) -> None:
+    pooler = await start_pooler(client_idle_timeout=0.3)
+    conn = await psycopg_app(pooler)
+    await conn.execute("SELECT 1")
+    await wait_until(lambda: not pooler.pools[("app", "md5user")].clients)
+    error = await closed_with(conn, "SELECT 1")
+    assert error.sqlstate == "08P01" and "client_idle_timeout" in str(error)
