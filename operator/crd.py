@@ -61,6 +61,7 @@ def _structural(node: dict[str, Any], *, defaults: bool) -> dict[str, Any]:
         elif len(kinds) == 1:
             # Optional[X]: absence is how Kubernetes says "unset", so null is not allowed.
             node = {**kinds[0], **node}
+            node.pop("title", None)
         else:  # pragma: no cover - the models use no other unions
             raise ValueError(f"cannot express anyOf {any_of} in a structural schema")
         if node.get("default", ...) is None:

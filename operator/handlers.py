@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from . import model, reconcile
+from . import model, reconcile, scaling
 from .control import BudgetLoops
 from .kube import Credentials, KubeClient, object_path
 from .observe import AsyncpgProbe, DatabaseProbe
@@ -156,6 +156,7 @@ async def on_delete(body: kopf.Body, **_: Any) -> None:
     """The PgPool is gone: its fleet leaves its server's budget loop (the loop ends with the last)."""
     if runtime.loops is not None:
         runtime.loops.unregister(f"{body.metadata.namespace}/{body.metadata.name}")
+    scaling.forget(str(body.metadata.uid))
 
 
 def _reconciled_once(status: kopf.Status, **_: Any) -> bool:

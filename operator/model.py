@@ -252,6 +252,30 @@ class ServiceSpec(_Model):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
+class AutoscalingSpec(_Model):
+    """Pods from client load: ceil(clients / targetClientsPerReplica), within bounds and the budget."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            ("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
+        )
+    )
+
+    min_replicas: int = Field(default=1, ge=0, le=100, description="Fewest pooler pods.")
+    max_replicas: int = Field(
+        ge=1, le=100, description="Most pooler pods (fewer when the budget cannot give each pod its floor)."
+    )
+    target_clients_per_replica: int = Field(
+        ge=1, description="Client connections one pod should carry; the clients are what the pods report."
+    )
+    scale_down_stabilization_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=3600,
+        description="Scale down only to the highest count recommended over this many seconds; up is at once.",
+    )
+
+
 class PgPoolSpec(_Model):
     # Each pod that can exist at once needs at least one backend; with an absolute budget
     # that is checked at admission (a percentage budget is checked once max_connections is known).
@@ -270,7 +294,15 @@ class PgPoolSpec(_Model):
     client_auth: ClientAuthSpec = Field(default_factory=ClientAuthSpec)
     tls: TlsSpec = Field(default_factory=TlsSpec)
     pool_mode: PoolMode = Field(default=PoolMode.TRANSACTION, description="When a server connection is given back.")
-    replicas: int = Field(default=2, ge=0, le=100, description="Pooler pods (the scale subresource sets it).")
+    replicas: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description="Pooler pods (the scale subresource sets it; with autoscaling, the operator does).",
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None, description="Scale the pods from the clients they report; unset: replicas is the user's."
+    )
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     budget: BudgetSpec
     pooler: PoolerSpec = Field(default_factory=PoolerSpec)
@@ -293,6 +325,22 @@ class Condition(_Model):
     message: str = ""
     last_transition_time: str
     observed_generation: int | None = None
+
+
+class ReplicaRecommendation(_Model):
+    at: str = Field(description="When (RFC 3339).")
+    replicas: int
+
+
+class AutoscalingStatus(_Model):
+    """What the autoscaler saw and decided at the last reconcile."""
+
+    clients: int | None = Field(default=None, description="Client connections the pods reported.")
+    desired_replicas: int | None = Field(default=None, description="Replicas the autoscaler set.")
+    last_scale_time: str | None = Field(default=None, description="When it last changed replicas.")
+    recommendations: list[ReplicaRecommendation] = Field(
+        default_factory=list, description="Recommendations within the scale-down window."
+    )
 
 
 class BudgetStatus(_Model):
@@ -330,6 +378,7 @@ class PgPoolStatus(_Model):
     selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
     conditions: list[Condition] = Field(default_factory=list)
     budget: BudgetStatus = Field(default_factory=BudgetStatus)
+    autoscaling: AutoscalingStatus | None = None
     paused_pods: int | None = Field(
         default=None, description="Pods paused by pooler.paused (no server connection open any more)."
     )

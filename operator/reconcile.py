@@ -11,13 +11,14 @@ import base64
 import binascii
 import functools
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pgfleet.pooler.config import ConfigError
 from pgfleet.pooler.userlist import parse_userlist
 
-from . import budget, conditions, fleet, kube, model, render, traffic
+from . import budget, conditions, fleet, kube, model, render, scaling, traffic
 from .apply import apply
 from .control import BudgetLoops, Fleet, FleetReport, PeriodReport
 from .observe import DatabaseFacts, DatabaseProbe, DatabaseTarget, DatabaseUnreachable
@@ -95,7 +96,7 @@ def _finish(pgpool: model.PgPool, status: Obj, updates: list[conditions.Conditio
     previous = [c.model_dump(by_alias=True, mode="json", exclude_none=True) for c in pgpool.status.conditions]
     for cond in updates:
         # Pods starting up is progress, not a problem worth an Event.
-        quiet = ("PodsNotReady", "Paused", *traffic.QUIET_REASONS)
+        quiet = ("PodsNotReady", "Paused", *traffic.QUIET_REASONS, *scaling.QUIET_REASONS)
         if cond["reason"] in quiet or not conditions.flipped_to_false(previous, cond):
             continue
         event = Event("Warning", cond["reason"], cond["message"])
@@ -166,6 +167,23 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         reachable = condition(conditions.DATABASE_REACHABLE, False, "Unreachable", str(exc))
     # While the database cannot be measured, the last measurement still bounds the budget.
     max_connections = facts.max_connections if facts else pgpool.status.budget.max_connections
+
+    # -- autoscaling: spec.replicas from the clients the pods report (scaling.py) ----------------
+    scaled: scaling.Scaled | None = None
+    if spec.autoscaling is not None:
+        scaled = await scaling.autoscale_step(
+            ctx.client,
+            pgpool,
+            max_connections=max_connections,
+            port=ctx.pod_http_port,
+            timeout=ctx.push_timeout,
+            condition=condition,
+            now=time.time(),
+        )
+        pgpool, spec = scaled.pgpool, scaled.pgpool.spec
+        status["autoscaling"] = scaled.status
+    elif pgpool.status.autoscaling is not None:
+        status["autoscaling"] = None  # autoscaling turned off: its record goes
 
     # -- budget and rendering ---------------------------------------------------------------------
     allocation = budget.allocate(
@@ -271,12 +289,10 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
             "PodsReady" if pods_ready else "PodsNotReady",
             f"{ready_replicas}/{desired} pooler pods ready",
         )
-    return _finish(
-        pgpool,
-        status,
-        [ready, reachable, enforced, condition(traffic.TRAFFIC_PAUSED, *traffic.describe(paused))],
-        events,
-    )
+    updates = [ready, reachable, enforced, condition(traffic.TRAFFIC_PAUSED, *traffic.describe(paused))]
+    if scaled is not None:
+        updates.append(scaled.condition)
+    return _finish(pgpool, status, updates, events)
 
 
 async def _pause(ctx: Context, pgpool: model.PgPool, token: str) -> traffic.PauseReport:

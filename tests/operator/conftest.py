@@ -89,6 +89,9 @@ async def api() -> AsyncIterator[Any]:
             verbs={"list", "watch", "get", "create", "patch", "update", "delete"},
         )
         emulator.token = "test-token"  # what the `kubeconfig` fixture's user presents
+        # The scale subresource as the committed CRD maps it (kubectl scale, an HPA).
+        crd = yaml.safe_load((REPO / "crds" / "pgpool.yaml").read_text())
+        emulator.scale_paths["pgfleet.io/v1alpha1/pgpools"] = crd["spec"]["versions"][0]["subresources"]["scale"]
         yield emulator
 
 
@@ -150,3 +153,59 @@ async def operator(api: Any, kubeconfig: Any) -> AsyncIterator[Any]:
     kubeconfig(str(api.url))
     async with running_operator(api) as runner:
         yield runner
+
+
+# -- real poolers standing in for pods ---------------------------------------------------------------
+POD_IPS = ("127.0.0.2", "127.0.0.3")
+
+
+@pytest.fixture(scope="module")
+def labdb() -> Any:
+    """A PostgreSQL with the fleet's role `fleet` (devtools.fleetlab), for the tests with pods."""
+    from pgfleet.devtools.fleetlab import lab_database
+
+    pg = lab_database(max_connections=50)
+    try:
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+@pytest.fixture
+def lab_pods(labdb: Any, tmp_path: Path) -> Any:
+    """Two real poolers whose control ports listen on 127.0.0.2 and 127.0.0.3 at the operator's
+    pod port (the second with two workers); Pod objects with those podIPs stand for them."""
+    from pgfleet.devtools.fleetlab import start_fleet_pooler
+
+    port = int(os.environ["PGFLEET_POD_HTTP_PORT"])
+    started = [
+        start_fleet_pooler(
+            labdb, tmp_path, f"pod{i}", workers=workers, http_listen_addr=ip, http_listen_port=port, floor=2
+        )
+        for i, (ip, workers) in enumerate(zip(POD_IPS, (1, 2), strict=True))
+    ]
+    yield started
+    for pooler in started:
+        pooler.stop()
+
+
+def pod_object(name: str, ip: str, namespace: str = "shop", pgpool: str = "main") -> dict[str, Any]:
+    from pgfleet.operator import render
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": render.selector_labels(pgpool)},
+        "status": {"phase": "Running", "podIP": ip},
+    }
+
+
+async def fleet_objects(api: Any, namespace: str = "shop") -> None:
+    """The Pods (main-a, main-b), the fleet role's credentials and the control-port token of PgPool `main`."""
+    from pgfleet.devtools.fleetlab import FLEET_ROLE, TOKEN
+
+    for name, ip in zip(("main-a", "main-b"), POD_IPS, strict=True):
+        await api.put_object("/v1/pods", pod_object(name, ip, namespace))
+    for name, data in (("db-creds", {"username": FLEET_ROLE, "password": "unused"}), ("main-token", {"token": TOKEN})):
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}}
+        await api.put_object("/v1/secrets", {**secret, "stringData": data})

@@ -14,6 +14,9 @@ answers every object request itself:
 - a watch takes its snapshot and subscribes under one lock, so no write falls in between;
 - deletion honours finalizers (deletionTimestamp first), and a small garbage collector
   deletes objects whose controller owner is gone;
+- the `scale` subresource answers GET, PATCH and PUT with an autoscaling/v1 Scale, mapped
+  through the CRD's specReplicasPath, statusReplicasPath and labelSelectorPath (set in
+  `scale_paths`), as `kubectl scale` and a HorizontalPodAutoscaler see it;
 - with `token` set, a request without `Authorization: Bearer <token>` gets 401, as a real
   API server answers a missing or wrong credential.
 
@@ -31,6 +34,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp.web
 import attrs
 import kmock
 from kmock._internal import apps, rendering
@@ -92,6 +96,16 @@ def _json_patch(obj: Obj, ops: list[Obj]) -> Obj:
     return doc
 
 
+def _at(obj: Obj, path: str) -> Any:
+    """The value at a CRD JSON path such as `.spec.replicas`, or None."""
+    node: Any = obj
+    for part in path.strip(".").split(".") if path else []:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
 def _matches(obj: Obj, selector: str | None) -> bool:
     if not selector:
         return True
@@ -111,6 +125,8 @@ class FakeKubernetes(kmock.KubernetesEmulator):
     _state: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     token: str | None = attrs.field(default=None, init=False)
     refused: int = attrs.field(default=0, init=False)  # requests answered 401
+    # "group/version/plural" -> the CRD's subresources.scale (specReplicasPath, ...)
+    scale_paths: dict[str, dict[str, str]] = attrs.field(factory=dict, init=False)
 
     async def _handle(self, request: rendering.Request) -> Any:
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
@@ -118,8 +134,68 @@ class FakeKubernetes(kmock.KubernetesEmulator):
             return await self._render_error(
                 kmock.KubernetesError(status=401, reason="Unauthorized", message="Unauthorized")
             )
+        if request.subresource == "scale" and request.resource is not None:
+            try:
+                return aiohttp.web.json_response(await self._serve_scale(request))
+            except kmock.KubernetesError as exc:
+                return await self._render_error(exc)
         # Skip KubernetesEmulator's own bookkeeping; the fallbacks below keep the state.
         return await apps.RawHandler._handle(self, request)
+
+    # -- the scale subresource -------------------------------------------------------------------
+    def _scale_of(self, resource: str, obj: Obj) -> Obj:
+        paths = self.scale_paths[resource]
+        meta = obj["metadata"]
+        status: Obj = {"replicas": _at(obj, paths["statusReplicasPath"]) or 0}
+        selector = _at(obj, paths.get("labelSelectorPath", ""))
+        if selector:
+            status["selector"] = selector
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in meta
+            },
+            "spec": {"replicas": _at(obj, paths["specReplicasPath"]) or 0},
+            "status": status,
+        }
+
+    async def _serve_scale(self, request: rendering.Request) -> Obj:
+        resource = self._resource(request)
+        if resource not in self.scale_paths:
+            raise kmock.KubernetesError(status=404, reason="NotFound", message=f"{resource} has no scale subresource")
+        key = (resource, request.namespace, request.name or "")
+        async with self._state:
+            obj = self.store.get(key)
+            if obj is None:
+                raise kmock.KubernetesObjectNotFoundError()
+            scale = self._scale_of(resource, obj)
+            if request.method == kmock.method.GET:
+                return scale
+            body = request.data if request.data is not None else json.loads(request.text or "null")
+            if request.method == kmock.method.PATCH:
+                wanted = _json_patch(scale, body) if isinstance(body, list) else _merge(scale, body)
+            elif request.method == kmock.method.PUT:
+                wanted = body if isinstance(body, dict) else {}
+                version = (wanted.get("metadata") or {}).get("resourceVersion")
+                if version and version != obj["metadata"].get("resourceVersion"):
+                    raise kmock.KubernetesError(status=409, reason="Conflict", message="the object has been modified")
+            else:
+                raise kmock.KubernetesError(status=405, reason="MethodNotAllowed", message=str(request.method))
+            replicas = (wanted.get("spec") or {}).get("replicas")
+            if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+                raise kmock.KubernetesError(
+                    status=422,
+                    reason="Invalid",
+                    message=f"spec.replicas: must be a non-negative integer, got {replicas!r}",
+                )
+            patch: Obj = {}
+            node = patch
+            parts = self.scale_paths[resource]["specReplicasPath"].strip(".").split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = replicas
+            return self._scale_of(resource, await self._patch(key, patch, subresource=None))
 
     # -- helpers for tests ---------------------------------------------------------------------
     def get(self, resource: str, namespace: str | None, name: str) -> Obj | None:

@@ -7,21 +7,17 @@ Pod objects in the emulated API server carry those podIPs), one of them with two
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
-import pytest
-from pgfleet.devtools.fleetlab import FLEET_ROLE, TOKEN, LabPooler, lab_database, start_fleet_pooler
+from pgfleet.devtools.fleetlab import FLEET_ROLE, LabPooler
 from pgfleet.devtools.tempdb import TempPostgres
-from pgfleet.operator import render, traffic
+from pgfleet.operator import traffic
 
-from .conftest import eventually
-from .test_operator_lifecycle import NS, PGPOOLS, SECRETS, condition
+from .conftest import eventually, fleet_objects
+from .test_operator_lifecycle import NS, PGPOOLS, condition
 
-PODS = "/v1/pods"
 POD_PORT = int(os.environ["PGFLEET_POD_HTTP_PORT"])
 
 
@@ -57,66 +53,17 @@ def test_the_condition_counts_pods_without_servers() -> None:
 # -- the operator against real poolers -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def labdb() -> Iterator[TempPostgres]:
-    pg = lab_database(max_connections=50)
-    try:
-        yield pg
-    finally:
-        pg.cleanup()
-
-
-@pytest.fixture
-def pods(labdb: TempPostgres, tmp_path: Path) -> Iterator[list[LabPooler]]:
-    started = [
-        start_fleet_pooler(
-            labdb, tmp_path, f"pod{i}", workers=workers, http_listen_addr=ip, http_listen_port=POD_PORT, floor=2
-        )
-        for i, (ip, workers) in enumerate([("127.0.0.2", 1), ("127.0.0.3", 2)])
-    ]
-    yield started
-    for pooler in started:
-        pooler.stop()
-
-
-def pod_object(name: str, ip: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS, "labels": render.selector_labels("main")},
-        "status": {"phase": "Running", "podIP": ip},
-    }
-
-
 async def pooler_status(ip: str) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http, http.get(f"http://{ip}:{POD_PORT}/status") as response:
         return dict(await response.json())
 
 
 async def test_pooler_paused_pauses_every_pod_and_false_resumes(
-    api: Any, operator: Any, labdb: TempPostgres, pods: list[LabPooler]
+    api: Any, operator: Any, labdb: TempPostgres, lab_pods: list[LabPooler]
 ) -> None:
-    for name, ip in (("main-a", "127.0.0.2"), ("main-b", "127.0.0.3")):
-        await api.put_object(PODS, pod_object(name, ip))
-    await api.put_object(
-        SECRETS,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "db-creds", "namespace": NS},
-            "stringData": {"username": FLEET_ROLE, "password": "unused"},
-        },
-    )
-    # The control-port token the operator keeps for this PgPool: the one the poolers were given.
-    await api.put_object(
-        SECRETS,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "main-token", "namespace": NS},
-            "stringData": {"token": TOKEN},
-        },
-    )
+    # The control-port token the operator keeps for this PgPool is the one the poolers were given.
+    await fleet_objects(api)
+    pods = lab_pods
     # A transaction in flight on pod a: the pause waits for it.
     client = await asyncpg.connect(host="127.0.0.1", port=pods[0].port, user=FLEET_ROLE, database="app")
     try:
