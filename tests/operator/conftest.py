@@ -160,8 +160,9 @@ POD_IPS = ("127.0.0.2", "127.0.0.3")
 
 
 @pytest.fixture(scope="module")
-def labdb() -> Any:
-    """A PostgreSQL with the fleet's role `fleet` (devtools.fleetlab), for the tests with pods."""
+def pods_db() -> Any:
+    """A PostgreSQL with the fleet's role `fleet` (devtools.fleetlab) for one module's tests with
+    pods: their backends never mix with another module's in pg_stat_activity."""
     from pgfleet.devtools.fleetlab import lab_database
 
     pg = lab_database(max_connections=50)
@@ -172,7 +173,7 @@ def labdb() -> Any:
 
 
 @pytest.fixture
-def lab_pods(labdb: Any, tmp_path: Path) -> Any:
+def lab_pods(pods_db: Any, tmp_path: Path) -> Any:
     """Two real poolers whose control ports listen on 127.0.0.2 and 127.0.0.3 at the operator's
     pod port (the second with two workers); Pod objects with those podIPs stand for them."""
     from pgfleet.devtools.fleetlab import start_fleet_pooler
@@ -180,7 +181,7 @@ def lab_pods(labdb: Any, tmp_path: Path) -> Any:
     port = int(os.environ["PGFLEET_POD_HTTP_PORT"])
     started = [
         start_fleet_pooler(
-            labdb, tmp_path, f"pod{i}", workers=workers, http_listen_addr=ip, http_listen_port=port, floor=2
+            pods_db, tmp_path, f"pod{i}", workers=workers, http_listen_addr=ip, http_listen_port=port, floor=2
         )
         for i, (ip, workers) in enumerate(zip(POD_IPS, (1, 2), strict=True))
     ]

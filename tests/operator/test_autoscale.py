@@ -127,13 +127,13 @@ def test_the_crd_checks_the_bounds() -> None:
 
 
 async def test_a_crowd_grows_the_fleet_within_bounds_and_budget_then_it_shrinks_after_the_window(
-    api: Any, operator: Any, labdb: TempPostgres, lab_pods: list[LabPooler]
+    api: Any, operator: Any, pods_db: TempPostgres, lab_pods: list[LabPooler]
 ) -> None:
     await fleet_objects(api)
     window = 3
     budget = 5  # with maxSurge 1 and one worker per pod: at most 4 replicas get their floor
     spec = {
-        "database": {"host": labdb.host, "port": labdb.port, "dbname": "app", "credentialsSecret": "db-creds"},
+        "database": {"host": pods_db.host, "port": pods_db.port, "dbname": "app", "credentialsSecret": "db-creds"},
         "replicas": 1,
         "budget": {"maxBackends": budget},
         "autoscaling": {
@@ -143,7 +143,7 @@ async def test_a_crowd_grows_the_fleet_within_bounds_and_budget_then_it_shrinks_
             "scaleDownStabilizationSeconds": window,
         },
     }
-    sampler = PodBackends(labdb)
+    sampler = PodBackends(pods_db)
     await sampler.start()
     timeline: list[tuple[float, int, int]] = []  # (seconds since start, spec.replicas, Deployment replicas)
     started = time.monotonic()

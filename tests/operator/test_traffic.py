@@ -59,7 +59,7 @@ async def pooler_status(ip: str) -> dict[str, Any]:
 
 
 async def test_pooler_paused_pauses_every_pod_and_false_resumes(
-    api: Any, operator: Any, labdb: TempPostgres, lab_pods: list[LabPooler]
+    api: Any, operator: Any, pods_db: TempPostgres, lab_pods: list[LabPooler]
 ) -> None:
     # The control-port token the operator keeps for this PgPool is the one the poolers were given.
     await fleet_objects(api)
@@ -71,7 +71,7 @@ async def test_pooler_paused_pauses_every_pod_and_false_resumes(
         await tx.start()
         await client.fetchval("SELECT 1")
         spec = {
-            "database": {"host": labdb.host, "port": labdb.port, "dbname": "app", "credentialsSecret": "db-creds"},
+            "database": {"host": pods_db.host, "port": pods_db.port, "dbname": "app", "credentialsSecret": "db-creds"},
             "replicas": 2,
             "budget": {"maxBackends": 20},
             "pooler": {"paused": True},
