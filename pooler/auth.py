@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from scramp import ScramClient, ScramException, ScramMechanism
 
 SCRAM = "SCRAM-SHA-256"
+# Per process: the mock SCRAM salts of unknown users derive from it (ScramServerExchange.mock).
+_MOCK_SECRET = secrets.token_bytes(32)
 _MECHANISM = ScramMechanism(SCRAM)
 
 
@@ -90,13 +92,26 @@ class ScramServerExchange:
     packet, never from SCRAM); the key derivation is still scramp's.
     """
 
-    def __init__(self, secret: str) -> None:
-        self._verifier = scram_verifier(secret)
+    def __init__(self, verifier: ScramVerifier) -> None:
+        self._verifier = verifier
         # Set once the client's proof checks out: what SCRAM pass-through logs in with.
         self.client_key = b""
         self._nonce = ""
         self._auth_prefix = ""
         self._gs2_header = ""
+
+    @classmethod
+    def mock(cls, user: str) -> ScramServerExchange:
+        """An exchange for a user without a usable secret: it looks like any other and fails
+        at its end. The salt is derived from the user name and a secret of this process, so
+        that asking twice gives the same salt (as PostgreSQL's mock authentication)."""
+        salt = hmac.new(_MOCK_SECRET, user.encode(), hashlib.sha256).digest()[:16]
+        # Keys no proof can match: random, never derived from any password.
+        return cls(ScramVerifier(salt, secrets.token_bytes(32), secrets.token_bytes(32), 4096))
+
+    @classmethod
+    def for_secret(cls, secret: str) -> ScramServerExchange:
+        return cls(scram_verifier(secret))
 
     def first(self, client_first: bytes) -> bytes:
         try:
@@ -164,16 +179,26 @@ class ScramClientExchange:
             raise AuthFailed(f"server's SCRAM signature did not verify: {exc}") from exc
 
 
-def check_plain_password(user: str, secret: str, given: str) -> bool:
-    """A cleartext password (auth_type plain) against any stored secret form."""
+# Compared as bytes: hmac.compare_digest refuses str holding anything but ASCII.
+
+
+def check_plain_password(user: str, secret: str, given: bytes) -> bool:
+    """A cleartext password (auth_type plain) against any stored secret form; empty never matches."""
+    if not given or not secret:
+        return False
     if is_md5(secret):
-        return hmac.compare_digest(md5_secret(user, given), secret)
+        digest = "md5" + hashlib.md5(given + user.encode()).hexdigest()
+        return hmac.compare_digest(digest.encode(), secret.encode())
     if is_scram(secret):
         verifier = parse_scram_secret(secret)
-        _, stored, _, _ = _MECHANISM.make_auth_info(given, verifier.iterations, verifier.salt)
+        password = given.decode(errors="replace")
+        _, stored, _, _ = _MECHANISM.make_auth_info(password, verifier.iterations, verifier.salt)
         return hmac.compare_digest(stored, verifier.stored_key)
-    return hmac.compare_digest(secret, given)
+    return hmac.compare_digest(secret.encode(), given)
 
 
-def check_md5_password(user: str, secret: str, salt: bytes, given: str) -> bool:
-    return hmac.compare_digest(md5_response(user, secret, salt), given)
+def check_md5_password(user: str, secret: str, salt: bytes, given: bytes) -> bool:
+    """A client's md5 answer; a secret that is empty, or the md5 of an empty password, never matches."""
+    if not secret or secret == md5_secret(user, ""):
+        return False
+    return hmac.compare_digest(md5_response(user, secret, salt).encode(), given)

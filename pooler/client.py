@@ -337,6 +337,9 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         assert isinstance(packet, StartupMessage)
+        if packet.needs_negotiation:
+            # As PostgreSQL: go on with 3.0, naming the protocol options not taken.
+            self.transport.write(backend.negotiate_protocol_version(0, packet.protocol_options))
         if not self.tls and self.pooler.tls.client_mode.demands_tls and self.address[0] != "unix":
             raise ClientError(sqlstate.INVALID_AUTHORIZATION, "SSL required")
         self.state = ClientState.LOGIN
@@ -360,12 +363,13 @@ class ClientConnection(asyncio.Protocol):
                 await self._authenticate()
             await self.pooler.admin_login(self)
             return
+        # Authenticated first: an unknown database must not be told apart before the password.
+        await self._authenticate()
         db_config = config.database(self.database)
         if db_config is None:
             raise ClientError(sqlstate.INVALID_CATALOG_NAME, f'no such database: "{self.database}"')
         if self.database in self.pooler.disabled_databases:
             raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"database does not allow connections: {self.database}")
-        await self._authenticate()
         pool = self.pooler.get_pool(self.database, self.user)
         welcome = await pool.welcome_params()
         refused = self.pooler.client_refused(self.database, self.user)
@@ -464,22 +468,25 @@ class ClientConnection(asyncio.Protocol):
         elif method is AuthType.TRUST:
             if config.auth_file and secret is None:
                 raise ClientError(sqlstate.INVALID_AUTHORIZATION, f'no such user: "{user}"')
-        elif secret is None:
-            # Same answer as a wrong password: do not tell which user names exist.
-            raise ClientError(sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
-        elif method is AuthType.PLAIN:
-            self.transport.write(backend.authentication_cleartext())
-            cleartext = (await self._read_password()).rstrip(b"\x00").decode(errors="replace")
-            if not auth.check_plain_password(user, secret, cleartext):
-                raise self._auth_failed()
-        elif method is AuthType.MD5 and not auth.is_scram(secret):
-            salt = os.urandom(4)
-            self.transport.write(backend.authentication_md5(salt))
-            given = (await self._read_password()).rstrip(b"\x00").decode(errors="replace")
-            if not auth.check_md5_password(user, secret, salt, given):
-                raise self._auth_failed()
         else:
-            await self._authenticate_scram(secret)
+            # A user not in auth_file, or with an empty password, is asked for a password
+            # like any other and refused once it is given, as a wrong one: the answer must
+            # not tell which user names exist (PostgreSQL's mock authentication), and an
+            # empty password never logs in (PgBouncer).
+            known = secret or None
+            if method is AuthType.PLAIN:
+                self.transport.write(backend.authentication_cleartext())
+                cleartext = (await self._read_password()).rstrip(b"\x00")
+                if known is None or not auth.check_plain_password(user, known, cleartext):
+                    raise self._auth_failed()
+            elif method is AuthType.MD5 and (known is None or not auth.is_scram(known)):
+                salt = os.urandom(4)
+                self.transport.write(backend.authentication_md5(salt))
+                given = (await self._read_password()).rstrip(b"\x00")
+                if known is None or not auth.check_md5_password(user, known, salt, given):
+                    raise self._auth_failed()
+            else:
+                await self._authenticate_scram(known)
         self.transport.write(backend.authentication_ok())
 
     def _auth_failed(self) -> ClientError:
@@ -491,10 +498,15 @@ class ClientConnection(asyncio.Protocol):
             raise ProtocolError(f"expected password message, got {chr(msg_type)!r}")
         return body
 
-    async def _authenticate_scram(self, secret: str) -> None:
+    async def _authenticate_scram(self, secret: str | None) -> None:
+        """SCRAM-SHA-256; without a secret, a mock exchange that fails at its end."""
         assert self.transport is not None
         try:
-            exchange = auth.ScramServerExchange(secret)
+            exchange = (
+                auth.ScramServerExchange.for_secret(secret)
+                if secret is not None
+                else auth.ScramServerExchange.mock(self.user)
+            )
         except auth.AuthFailed as exc:
             log.warning("cannot authenticate %s with SCRAM: %s", self.user, exc)
             raise self._auth_failed() from None

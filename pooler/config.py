@@ -20,8 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 log = logging.getLogger("pgfleet.config")
 
 Port = Annotated[int, Field(ge=1, le=65535)]
-Seconds = Annotated[float, Field(ge=0)]
-Count = Annotated[int, Field(ge=0)]
+# Every number has a ceiling, so that a typo (or PUT /limits, or SET) cannot ask for 2**63
+# server connections or a timer 1e30 s away: PostgreSQL's and PgBouncer's int, ten years.
+MAX_COUNT = 2**31 - 1
+MAX_SECONDS = 10 * 365 * 24 * 3600
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class PoolMode(str, Enum):

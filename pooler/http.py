@@ -165,12 +165,18 @@ def status(pooler: Any) -> dict[str, Any]:
     }
 
 
-def parse_limits(body: bytes) -> dict[str, Any]:
-    """Check a PUT /limits body; unknown keys and wrong types are errors, never ignored."""
+def _load_json(body: bytes) -> Any:
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("body is not valid JSON: nested too deeply") from None
+
+
+def parse_limits(body: bytes) -> dict[str, Any]:
+    """Check a PUT /limits body; unknown keys and wrong types are errors, never ignored."""
+    data = _load_json(body)
     if not isinstance(data, dict) or not data:
         raise BadRequest("body must be a non-empty JSON object of limits")
     for key, value in data.items():
@@ -207,10 +213,7 @@ def _check_count(where: str, value: Any, *, nullable: bool) -> None:
 
 def parse_pause(body: bytes) -> bool:
     """Check a PUT /pause body: {"paused": true} or {"paused": false}, nothing else."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    data = _load_json(body)
     if not isinstance(data, dict) or set(data) != {"paused"} or not isinstance(data["paused"], bool):
         raise BadRequest('body must be {"paused": true} or {"paused": false}')
     return bool(data["paused"])

@@ -164,3 +164,10 @@ def parse_error_fields(body: bytes) -> dict[str, str]:
         fields[key] = body[pos + 1 : end].decode(errors="replace")
         pos = end + 1
     return fields
+
+
+def negotiate_protocol_version(minor: int, options: tuple[str, ...] | list[str]) -> bytes:
+    """NegotiateProtocolVersion: the newest 3.x minor version supported, and the protocol
+    options (`_pq_.*`) of the startup packet that are not."""
+    body = (3 << 16 | minor).to_bytes(4, "big") + len(options).to_bytes(4, "big")
+    return frame(b"v", body + b"".join(cstring(name) for name in options))

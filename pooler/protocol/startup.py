@@ -17,6 +17,14 @@ CANCEL_REQUEST_CODE = 80877102
 @dataclass(frozen=True, slots=True)
 class StartupMessage:
     params: dict[str, str] = field(default_factory=dict)
+    # A newer 3.x than 3.0 asked for, and `_pq_.` protocol options (left out of params):
+    # the server answers both with NegotiateProtocolVersion and goes on with 3.0.
+    minor_version: int = 0
+    protocol_options: tuple[str, ...] = ()
+
+    @property
+    def needs_negotiation(self) -> bool:
+        return self.minor_version > 0 or bool(self.protocol_options)
 
     @property
     def user(self) -> str:
@@ -68,6 +76,7 @@ def parse_startup_packet(body: bytes) -> StartupPacket:
             FEATURE_NOT_SUPPORTED,
         )
     params: dict[str, str] = {}
+    options: list[str] = []
     pos = 4
     while True:
         if pos >= len(body):
@@ -76,10 +85,13 @@ def parse_startup_packet(body: bytes) -> StartupPacket:
             break
         name, pos = read_cstring(body, pos)
         value, pos = read_cstring(body, pos)
-        params[name] = value
+        if name.startswith("_pq_."):
+            options.append(name)  # none is supported (PostgreSQL knows none either)
+        else:
+            params[name] = value
     if "user" not in params or not params["user"]:
         raise ProtocolError("no PostgreSQL user name specified in startup packet", INVALID_AUTHORIZATION)
-    return StartupMessage(params)
+    return StartupMessage(params, minor, tuple(options))
 
 
 def build_startup_message(params: dict[str, str]) -> bytes:

@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import psycopg
 import pytest
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.devtools.testing import wait_until
+from pgfleet.pooler.auth import md5_response, md5_secret
 from pgfleet.pooler.pool import Pool
 from pgfleet.pooler.protocol import backend, extended, frontend
 from pgfleet.pooler.protocol.framing import frame
+from pgfleet.pooler.protocol.startup import StartupMessage, build_startup_message, parse_startup_packet
 from pgfleet.pooler.server import ServerState
+from pgfleet.pooler.userlist import dump_userlist
+from scramp import ScramClient
 
 from .conftest import PoolerProcess, StartPooler
 from .rawpg import RawClient, error, rows
@@ -283,3 +290,183 @@ async def test_a_flood_of_silent_sockets_is_turned_away_at_accept(start_pooler: 
         for _, writer in flood:
             writer.close()
             await writer.wait_closed()
+
+
+async def raw_login(port: int, user: str, database: str = "app") -> tuple[RawClient, backend.AuthRequest]:
+    """A startup packet sent by hand; the authentication request it gets."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = RawClient(reader, writer)
+    writer.write(build_startup_message({"user": user, "database": database}))
+    kind, body = await client.message()
+    assert kind == "R", (kind, body)
+    return client, backend.parse_authentication(body)
+
+
+async def answer(client: RawClient, request: backend.AuthRequest, user: str, password: str) -> list[tuple[str, bytes]]:
+    """Answer an authentication request with `password`; the messages up to the end of the login."""
+    if request.code == backend.AUTH_MD5:
+        client.send(frontend.password_message(md5_response(user, password, request.data[:4])))
+    elif request.code == backend.AUTH_CLEARTEXT:
+        client.send(frontend.password_message(password))
+    else:
+        assert request.code == backend.AUTH_SASL
+        scram = ScramClient(["SCRAM-SHA-256"], user, password)
+        client.send(frontend.sasl_initial_response("SCRAM-SHA-256", scram.get_client_first().encode()))
+        _, body = await client.message()
+        server_first = backend.parse_authentication(body).data.decode()
+        scram.set_server_first(server_first)
+        client.send(frontend.sasl_response(scram.get_client_final().encode()))
+    out = []
+    try:
+        while not out or out[-1][0] not in "ZE":
+            out.append(await client.message())
+    finally:
+        await client.close()
+    return out
+
+
+@pytest.mark.parametrize("auth_type", ["md5", "scram-sha-256", "plain"])
+async def test_unknown_user_or_database_is_challenged_like_anyone(start_pooler: StartPooler, auth_type: str) -> None:
+    pooler = await start_pooler(auth_type=auth_type)
+    user = {"md5": "md5user", "scram-sha-256": "scramuser", "plain": "plainuser"}[auth_type]
+    requests = {}
+    for name, (who, database) in {
+        "known": (user, "app"),
+        "unknown user": ("nobody", "app"),
+        "unknown database": (user, "nope"),
+    }.items():
+        client, request = await raw_login(pooler.port, who, database)
+        requests[name] = request.code
+        # A wrong password: the same refusal whatever was unknown, and only at the end.
+        fields = error(await answer(client, request, who, "wrong"))
+        assert (fields["C"], fields["M"]) == ("28P01", f'password authentication failed for user "{who}"')
+    assert len(set(requests.values())) == 1, requests
+    if auth_type == "scram-sha-256":
+        # The mock salt of a user name is the same each time, as a real one would be.
+        salts = set()
+        for _ in range(2):
+            client, request = await raw_login(pooler.port, "nobody")
+            scram = ScramClient(["SCRAM-SHA-256"], "nobody", "x")
+            client.send(frontend.sasl_initial_response("SCRAM-SHA-256", scram.get_client_first().encode()))
+            _, body = await client.message()
+            salts.add(dict(p.split("=", 1) for p in body[4:].decode().split(","))["s"])
+            await client.close()
+        assert len(salts) == 1
+
+
+@pytest.mark.parametrize("auth_type", ["md5", "scram-sha-256", "plain"])
+async def test_empty_password_never_logs_in(start_pooler: StartPooler, auth_type: str) -> None:
+    # The test userlist gives postgres an empty password (a templating slip alike).
+    pooler = await start_pooler(auth_type=auth_type)
+    client, request = await raw_login(pooler.port, "postgres")
+    assert error(await answer(client, request, "postgres", ""))["C"] == "28P01"
+
+
+async def test_non_ascii_passwords(pg: TempPostgres, start_pooler: StartPooler, tmp_path: Path) -> None:
+    auth_file = tmp_path / "unicode-userlist.txt"
+    auth_file.write_text(dump_userlist({"unicode": "pässwörd", "md5unicode": md5_secret("md5unicode", "pässwörd")}))
+    # Server logins as postgres (trust), whoever the client is.
+    app = {"app": {"host": pg.host, "port": pg.port, "user": "postgres"}}
+    for auth_type, user in (("plain", "unicode"), ("md5", "unicode"), ("md5", "md5unicode")):
+        pooler = await start_pooler(auth_type=auth_type, auth_file=str(auth_file), databases=app)
+        conn = await asyncpg.connect(host="127.0.0.1", port=pooler.port, user=user, password="pässwörd", database="app")
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        for wrong in ("pässwort", "päss"):
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(host="127.0.0.1", port=pooler.port, user=user, password=wrong, database="app")
+    # An md5 answer that is not even ASCII: refused as wrong, not an internal error.
+    pooler = await start_pooler(auth_type="md5", auth_file=str(auth_file), databases=app)
+    client, _ = await raw_login(pooler.port, "unicode")
+    client.send(frontend.password_message("md5ü" + "0" * 31))
+    messages = [await client.message()]
+    await client.close()
+    assert error(messages)["C"] == "28P01"
+
+
+def test_reload_with_a_missing_or_malformed_userlist_is_logged(pooler_process: Callable[..., PoolerProcess]) -> None:
+    pooler = pooler_process(auth_type="md5")
+    auth_file = Path(pooler.settings["auth_file"])
+
+    def logged(text: str) -> None:
+        deadline = time.monotonic() + 15
+        while text not in pooler.log():
+            assert time.monotonic() < deadline, pooler.log()
+            time.sleep(0.05)
+
+    auth_file.unlink()
+    pooler.signal(signal.SIGHUP)
+    logged("cannot read auth_file")
+    auth_file.write_text('"md5user" md5pass\n')
+    pooler.signal(signal.SIGHUP)
+    logged("expected a double-quoted value")
+    assert pooler.log().count("reload failed, keeping the running config") == 2
+    # The running userlist stayed.
+    dsn = f"host=127.0.0.1 port={pooler.port} user=md5user password=md5pass dbname=app"
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_startup_asking_for_3_2_and_protocol_options_is_parsed_for_negotiation() -> None:
+    body = (3 << 16 | 2).to_bytes(4, "big") + b"user\x00u\x00_pq_.opt\x00x\x00\x00"
+    packet = parse_startup_packet(body)
+    assert isinstance(packet, StartupMessage)
+    assert (packet.minor_version, packet.protocol_options, packet.params) == (2, ("_pq_.opt",), {"user": "u"})
+    assert backend.negotiate_protocol_version(0, ["_pq_.opt"]) == frame(
+        b"v", struct.pack("!ii", 3 << 16, 1) + b"_pq_.opt\x00"
+    )
+
+
+@pytest.mark.parametrize(
+    ("minor", "options"), [(2, {}), (0, {"_pq_.unknown": "on"}), (2, {"_pq_.a": "1", "_pq_.b": "2"})]
+)
+async def test_newer_protocol_and_protocol_options_are_negotiated_down(
+    start_pooler: StartPooler, minor: int, options: dict[str, str]
+) -> None:
+    pooler = await start_pooler(auth_type="trust")
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+    client = RawClient(reader, writer)
+    body = (3 << 16 | minor).to_bytes(4, "big")
+    body += b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in {"user": "postgres", **options}.items())
+    body += b"\x00"
+    writer.write((len(body) + 4).to_bytes(4, "big") + body)
+    kind, data = await client.message()
+    # As PostgreSQL: NegotiateProtocolVersion (3.0 and the options not taken), then login.
+    assert kind == "v"
+    version, count = struct.unpack("!ii", data[:8])
+    assert (version, count) == (3 << 16, len(options))
+    assert data[8:].split(b"\x00")[:-1] == [name.encode() for name in options]
+    await client.until_ready()
+    client.send(frontend.query("SELECT 1"))
+    assert rows(await client.until_ready()) == [["1"]]
+    await client.close()
+
+
+# -- the control surface ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "bound"),
+    [
+        ("default_pool_size", "9223372036854775808", "2147483647"),
+        ("max_client_conn", "1e30", "integer"),
+        ("query_timeout", "1e30", "not a duration"),
+        ("server_lifetime", "99999999999", "315360000"),
+    ],
+)
+async def test_console_set_refuses_out_of_range_values_naming_the_bound(
+    start_pooler: StartPooler, setting: str, value: str, bound: str
+) -> None:
+    pooler = await start_pooler(auth_type="trust", admin_users=["postgres"])
+    before = pooler.config
+    admin = await asyncpg.connect(
+        host="127.0.0.1", port=pooler.port, user="postgres", database="pgbouncer", statement_cache_size=0
+    )
+    try:
+        with pytest.raises(asyncpg.PostgresError, match=bound):
+            await admin.execute(f"SET {setting} = {value}")
+        assert pooler.config is before
+        await admin.execute(f"SET {setting} = 7")  # an in-range value still goes through
+        assert getattr(pooler.config, setting) == 7
+    finally:
+        await admin.close()

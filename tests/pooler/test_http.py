@@ -168,6 +168,11 @@ async def test_put_limits_refuses_bad_tokens_and_bodies(http_pooler: StartHttp, 
         ({"databases": {"nosuchdb": {"pool_size": 2}}}, "no such database"),
         ({"databases": ["app"]}, "expected an object"),
         ({"min_pool_size": 50}, "min_pool_size must not exceed default_pool_size"),
+        ({"default_pool_size": 2**63}, "less than or equal to 2147483647"),
+        ({"max_client_conn": 1e30}, "non-negative integer"),
+        ({"databases": {"app": {"pool_size": 2**31}}}, "less than or equal to 2147483647"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"default_pool_size": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
     ]
     for body, reason in bad_bodies:
         kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
