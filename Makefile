@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv compiled linktree demo demo-pooler test check lint typecheck pytest pytest-compiled bench crd clean
+.PHONY: help deps venv compiled linktree demo demo-pooler test check lint typecheck pytest pytest-compiled fuzz bench crd clean
 
 help:
 	@echo "make demo       three poolers + the budget controller in front of a small PostgreSQL; others"
@@ -14,6 +14,7 @@ help:
 	@echo "make test       ruff, mypy, import layers, the whole pytest suite, and the pooler's"
 	@echo "                tests again against its compiled build"
 	@echo "make compiled   build the pooler as the image ships it (hot path compiled by mypyc)"
+	@echo "make fuzz       the Hypothesis fuzzing suite at length (FUZZ_EXAMPLES cases per test)"
 	@echo "make bench      pgbench: direct vs pgfleet vs PgBouncer (if installed)"
 	@echo "make crd        regenerate crds/pgpool.yaml from the operator's models"
 
@@ -70,6 +71,12 @@ pytest-compiled: deps compiled
 	PYTHONPATH=$(CURDIR)/$(COMPILED) PGFLEET_EXPECT_COMPILED=1 $(BIN)/pytest tests/pooler $(PYTEST_ARGS)
 
 test: lint typecheck pytest pytest-compiled
+
+# `make test` runs tests/pooler/test_fuzz.py with a few dozen cases per test; this runs
+# thousands (the codec, and a running pooler before and after login).
+FUZZ_EXAMPLES ?= 2000
+fuzz: deps venv
+	PGFLEET_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/pooler/test_fuzz.py -s --timeout 3600 $(PYTEST_ARGS)
 
 check: test
 
