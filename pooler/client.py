@@ -461,7 +461,13 @@ class ClientConnection(asyncio.Protocol):
         method = config.auth_type
         user = self.user
         secret = self.pooler.userlist.get(user)
-        if secret is None and config.auth_user and method is not AuthType.ANY and self.database != _ADMIN_DATABASE:
+        if (
+            secret is None
+            and config.auth_user
+            and method is not AuthType.ANY
+            and self.database != _ADMIN_DATABASE
+            and config.database(config.auth_dbname or self.database) is not None  # (else: mock, then refused)
+        ):
             secret = await self.pooler.credentials.lookup(user, self.database)  # auth_query
         if method is AuthType.ANY:
             pass
@@ -530,7 +536,8 @@ class ClientConnection(asyncio.Protocol):
             log.info("SCRAM authentication of %s failed: %s", self.user, exc.__cause__ or exc)
             raise self._auth_failed() from None
         self.transport.write(backend.authentication_sasl_final(server_final))
-        self.pooler.credentials.learned(self.user, secret, exchange.client_key)  # SCRAM pass-through
+        if secret is not None:  # (a mock exchange never gets this far)
+            self.pooler.credentials.learned(self.user, secret, exchange.client_key)  # SCRAM pass-through
 
     # -- hot path ---------------------------------------------------------------------------
     def _need_server(self) -> None:
