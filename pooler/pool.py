@@ -82,6 +82,7 @@ class Pool:
         self.over_db_limit = False
         self.reserve_in_use = False
         self._params_waiters: list[asyncio.Future[dict[str, str]]] = []
+        self._params_wait_start = 0.0  # when the first login still waiting for a server began
         self._tasks: set[asyncio.Task[None]] = set()
         self._target: tuple[object, ...] | None = None
         self.configure(pooler.config)
@@ -333,6 +334,11 @@ class Pool:
                 self._close(server, "max_db_connections lowered")
                 return
             self.over_db_limit = False
+        if self.max_db_connections and self.pooler.yield_to_sibling(self):
+            # The database is at max_db_connections and a sibling pool has waited longer:
+            # its turn (the slot goes to it), not another round for this pool's queue.
+            self._close(server, "max_db_connections: a sibling pool's turn")
+            return
         if self.server_lifetime and now - server.created_at > self.server_lifetime:
             self._close(server, "server_lifetime")
             self.launch_for_waiters()
@@ -446,6 +452,16 @@ class Pool:
             return self.db_config.password
         return self.pooler.credentials.server_secret(self.server_user)
 
+    def oldest_wait(self) -> float | None:
+        """When the longest wait for a server in this pool began (a queued transaction or a
+        login that needs the pool's first server); None when nobody waits."""
+        starts = [self._params_wait_start] if any(not w.done() for w in self._params_waiters) else []
+        for client in self.waiting:
+            if client.transport is not None and not client.transport.is_closing():
+                starts.append(client.wait_start)
+                break
+        return min(starts) if starts else None
+
     @property
     def usable(self) -> bool:
         """Whether a server of this pool can still serve the queue (not one marked to close)."""
@@ -546,6 +562,8 @@ class Pool:
         if self.last_error is not None and loop.time() < self.error_until:
             raise self.last_error
         waiter: asyncio.Future[dict[str, str]] = loop.create_future()
+        if not self._params_waiters:
+            self._params_wait_start = loop.time()
         self._params_waiters.append(waiter)
         if not self.connecting and self._room() and loop.time() >= self.retry_at:
             self.launch()

@@ -291,9 +291,27 @@ class Pooler:
         self.loop.call_soon(self._launch_where_waiting, pool.database, pool.user)
 
     def _launch_where_waiting(self, database: str, user: str) -> None:
-        for other in list(self.pools.values()):
-            if other.database == database or other.user == user:
-                other.launch_for_waiters()
+        # Longest wait first: under max_db_connections the freed slot goes to the pool whose
+        # client has waited longest, not to whichever pool comes first.
+        pools = [other for other in self.pools.values() if other.database == database or other.user == user]
+        waits = {id(pool): pool.oldest_wait() for pool in pools}
+        pools.sort(key=lambda pool: (waits[id(pool)] is None, waits[id(pool)] or 0.0))
+        for other in pools:
+            other.launch_for_waiters()
+
+    def yield_to_sibling(self, pool: Pool) -> bool:
+        """Whether `pool` should give up a freed server: its database is at max_db_connections
+        and another of its pools has a client that has waited longer than any of `pool`'s."""
+        if self.database_server_count(pool.database) < pool.max_db_connections:
+            return False
+        mine = pool.oldest_wait()
+        for other in self.pools.values():
+            if other is pool or other.database != pool.database or other.paused:
+                continue
+            theirs = other.oldest_wait()
+            if theirs is not None and (mine is None or theirs < mine) and other.server_count < other.limit:
+                return True
+        return False
 
     def observe_wait(self, pool: Pool, seconds: float) -> None:
         for observer in self.wait_observers:

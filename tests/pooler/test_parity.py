@@ -783,3 +783,34 @@ async def test_client_idle_timeout_closes_the_client_with_08p01(start_pooler: St
     await wait_until(lambda: not pooler.pools[("app", "md5user")].clients)
     error = await closed_with(conn, "SELECT 1")
     assert error.sqlstate == "08P01" and "client_idle_timeout" in str(error)
+
+
+# -- 6. max_db_connections serves a database's pools fairly ---------------------------------------
+
+
+async def test_max_db_connections_does_not_starve_a_new_users_pool(start_pooler: StartPooler) -> None:
+    """A busy pool keeps its queue full; a new user's pool (whose login needs a server) still gets in."""
+    pooler = await start_pooler(default_pool_size=2, max_db_connections=2, query_wait_timeout=60)
+    busy = [await app_connect(pooler) for _ in range(6)]
+    stop = asyncio.Event()
+
+    async def hammer(conn: asyncpg.Connection) -> None:
+        while not stop.is_set():
+            await conn.execute("SELECT pg_sleep(0.02)")
+
+    tasks = [asyncio.create_task(hammer(conn)) for conn in busy]
+    try:
+        await wait_until(lambda: len(pooler.pools[("app", "md5user")].waiting) >= 2)
+        async with asyncio.timeout(10):  # without fairness: never (until client_login_timeout)
+            newcomer = await asyncpg.connect(
+                host="127.0.0.1", port=pooler.port, user="scramuser", password="scrampass", database="app"
+            )
+            assert await newcomer.fetchval("SELECT 1") == 1
+            assert await newcomer.fetchval("SELECT 2") == 2
+        await newcomer.close()
+        assert all(not task.done() for task in tasks)  # the busy pool was served meanwhile too
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in busy:
+            conn.terminate()
