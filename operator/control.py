@@ -71,6 +71,7 @@ class PeriodReport:
     error: str  # why the server was not observed, or ""
     server: ServerBudget
     fleets: dict[str, FleetReport]
+    max_connections: int | None = None  # as last observed
 
     @property
     def observed(self) -> bool:
@@ -157,7 +158,14 @@ class BudgetLoop:
                 push=push,
                 fleet_backends=snapshot.held_by(pids[fleet.name]) if snapshot is not None else None,
             )
-        period = PeriodReport(at=time.time(), took=time.monotonic() - started, error=error, server=server, fleets=out)
+        period = PeriodReport(
+            at=time.time(),
+            took=time.monotonic() - started,
+            error=error,
+            server=server,
+            fleets=out,
+            max_connections=snapshot.max_connections if snapshot is not None else None,
+        )
         self.last = period
         return period
 

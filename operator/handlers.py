@@ -164,6 +164,22 @@ def _reconciled_once(status: kopf.Status, **_: Any) -> bool:
     return status.get("observedGeneration") is not None
 
 
+@kopf.timer(*RESOURCE, id="budget", interval=SETTINGS.budget_period, when=_reconciled_once)
+async def budget(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """status.budget and BudgetEnforced as the budget loop sees it, every period (no API reads)."""
+    loops = runtime.loops
+    if loops is None:
+        return
+    async with _lock(memo):
+        outcome = reconcile.budget_report(loops, dict(body))
+    if outcome is None:
+        return
+    for event in outcome.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        logger.warning(f"{event.reason}: {event.message}")
+    patch.status.update(outcome.status)
+
+
 @kopf.timer(*RESOURCE, id="refresh", interval=SETTINGS.reconcile_interval, when=_reconciled_once)
 async def refresh(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Pick up what no PgPool change announces: a Secret appearing, the database, pod readiness."""

@@ -155,16 +155,32 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         spec.database.host, spec.database.port, spec.database.dbname, creds["username"], creds["password"]
     )
     facts: DatabaseFacts | None = None
-    try:
-        facts = await ctx.probe(target)
+    key = f"{pgpool.namespace}/{pgpool.name}"
+    looked = ctx.loops.report(key) if ctx.loops is not None else None
+    seen_max = looked[0].max_connections if looked is not None and looked[0].observed else None
+    if looked is not None and seen_max is not None:
+        # The budget loop's kept connection sees the database even when it is full, where
+        # a new connection of the probe's would be refused.
+        period, mine = looked
+        facts = DatabaseFacts(max_connections=seen_max, backends_in_use=mine.fleet_backends or 0)
         reachable = condition(
             conditions.DATABASE_REACHABLE,
             True,
             "Connected",
-            f"max_connections={facts.max_connections}, {facts.backends_in_use} backends of {target.user}",
+            f"max_connections={facts.max_connections}, {facts.backends_in_use} backends of the fleet, "
+            f"{period.server.others} of others",
         )
-    except DatabaseUnreachable as exc:
-        reachable = condition(conditions.DATABASE_REACHABLE, False, "Unreachable", str(exc))
+    else:
+        try:
+            facts = await ctx.probe(target)
+            reachable = condition(
+                conditions.DATABASE_REACHABLE,
+                True,
+                "Connected",
+                f"max_connections={facts.max_connections}, {facts.backends_in_use} backends of {target.user}",
+            )
+        except DatabaseUnreachable as exc:
+            reachable = condition(conditions.DATABASE_REACHABLE, False, "Unreachable", str(exc))
     # While the database cannot be measured, the last measurement still bounds the budget.
     max_connections = facts.max_connections if facts else pgpool.status.budget.max_connections
 
@@ -196,7 +212,6 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         workers=spec.pooler.workers,
     )
     token = await _token(ctx.client, pgpool)
-    key = f"{pgpool.namespace}/{pgpool.name}"
     seen: tuple[PeriodReport, FleetReport] | None = None
     if ctx.loops is not None:
         ctx.loops.register(_fleet(ctx, pgpool, creds["username"], token, allocation), target)
@@ -310,6 +325,42 @@ async def _pause(ctx: Context, pgpool: model.PgPool, token: str) -> traffic.Paus
 
 
 # -- the budget loop's side ------------------------------------------------------------------------
+
+
+def budget_report(loops: BudgetLoops, body: Obj) -> Outcome | None:
+    """status.budget and BudgetEnforced from the loop's last period, between full reconciles.
+
+    None when there is nothing new to say: no report yet, or the status already has it.
+    Nothing else of the status is touched (observedGeneration stays the reconcile's).
+    """
+    pgpool = model.PgPool.model_validate(body)
+    if pgpool.spec.paused or pgpool.status.observed_generation is None:
+        return None
+    looked = loops.report(f"{pgpool.namespace}/{pgpool.name}")
+    if looked is None:
+        return None
+    period, report = looked
+    if pgpool.status.budget.per_pod is None:
+        return None  # the first full reconcile has not written the spec's figures yet
+    budget_now = _budget_status(period, report)
+    condition = functools.partial(
+        conditions.condition, generation=pgpool.status.observed_generation, at=conditions.now()
+    )
+    enforced = _enforced(condition, period, report)
+    # Only a change is written (observedAt alone moves with every full reconcile).
+    written = pgpool.status.budget.model_dump(by_alias=True, mode="json")
+    previous = next((c for c in pgpool.status.conditions if c.type == conditions.BUDGET_ENFORCED), None)
+    same_budget = all(written.get(k) == v for k, v in budget_now.items() if k != "observedAt")
+    same_condition = previous is not None and (previous.status.value, previous.reason, previous.message) == (
+        enforced["status"],
+        enforced["reason"],
+        enforced["message"],
+    )
+    if same_budget and same_condition:
+        return None
+    events: list[Event] = []
+    _budget_change_event(pgpool, budget_now["total"], events)
+    return _finish(pgpool, {"budget": budget_now}, [enforced], events)
 
 
 def _fleet(ctx: Context, pgpool: model.PgPool, role: str, token: str, allocation: budget.Allocation) -> Fleet:
