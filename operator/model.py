@@ -252,6 +252,26 @@ class ServiceSpec(_Model):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
+class MonitoringSpec(_Model):
+    """Monitoring objects for the pods' /metrics (pgbouncer_exporter's names plus pgfleet's own)."""
+
+    pod_monitor: bool = Field(
+        default=False,
+        description=(
+            "Render a Prometheus Operator PodMonitor for the pods' /metrics (only where the cluster serves "
+            "monitoring.coreos.com/v1 PodMonitors; the Monitoring condition says why not otherwise)."
+        ),
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra PodMonitor labels (e.g. what your Prometheus selects on)."
+    )
+    interval: str | None = Field(
+        default=None,
+        pattern=r"^([0-9]+(ms|s|m|h))+$",
+        description="Scrape interval (e.g. 30s); Prometheus' default if unset.",
+    )
+
+
 class AutoscalingSpec(_Model):
     """Pods from client load: ceil(clients / targetClientsPerReplica), within bounds and the budget."""
 
@@ -309,6 +329,7 @@ class PgPoolSpec(_Model):
     image: str | None = Field(default=None, description="Pooler image; defaults to the operator's own image.")
     pod: PodSpec = Field(default_factory=PodSpec)
     service: ServiceSpec = Field(default_factory=ServiceSpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
     paused: bool = Field(default=False, description="Stop reconciling: the operator leaves the children as they are.")
 
 

@@ -12,13 +12,14 @@ import binascii
 import functools
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pgfleet.pooler.config import ConfigError
 from pgfleet.pooler.userlist import parse_userlist
 
-from . import budget, conditions, fleet, kube, model, render, scaling, traffic
+from . import budget, conditions, fleet, kube, model, monitoring, render, scaling, traffic
 from .apply import apply
 from .control import BudgetLoops, Fleet, FleetReport, PeriodReport
 from .observe import DatabaseFacts, DatabaseProbe, DatabaseTarget, DatabaseUnreachable
@@ -259,6 +260,7 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
     if children.pdb is None:
         await ctx.client.delete(kube.object_path("policy/v1", "PodDisruptionBudget", pgpool.namespace, pgpool.name))
     paused = await _pause(ctx, pgpool, token)
+    monitored = await _pod_monitor(ctx, pgpool, condition)
     status["pausedPods"] = len(paused.fully_paused) if pgpool.spec.pooler.paused else 0
 
     # -- status ------------------------------------------------------------------------------------
@@ -307,7 +309,34 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
     updates = [ready, reachable, enforced, condition(traffic.TRAFFIC_PAUSED, *traffic.describe(paused))]
     if scaled is not None:
         updates.append(scaled.condition)
+    if monitored is not None:
+        updates.append(monitored)
     return _finish(pgpool, status, updates, events)
+
+
+async def _pod_monitor(
+    ctx: Context, pgpool: model.PgPool, condition: Callable[..., conditions.Condition]
+) -> conditions.Condition | None:
+    """spec.monitoring.podMonitor: the PodMonitor where the cluster serves the kind (monitoring.py)."""
+    discovery = await ctx.client.get(f"/apis/{monitoring.GROUP_VERSION}")
+    served = any(r.get("name") == "podmonitors" for r in (discovery or {}).get("resources") or [])
+    path = kube.object_path(monitoring.GROUP_VERSION, "PodMonitor", pgpool.namespace, pgpool.name)
+    if not pgpool.spec.monitoring.pod_monitor:
+        if served:
+            await ctx.client.delete(path)  # turned off: ours goes (nothing if there is none)
+        return None
+    if not served:
+        return condition(
+            monitoring.MONITORING,
+            False,
+            "PodMonitorUnavailable",
+            "spec.monitoring.podMonitor is true, but this cluster does not serve monitoring.coreos.com/v1 "
+            "PodMonitors: install the Prometheus Operator's CRDs (the pods' /metrics on port http stays scrapable)",
+        )
+    await apply(ctx.client, monitoring.render_pod_monitor(pgpool))
+    return condition(
+        monitoring.MONITORING, True, "PodMonitorApplied", f"PodMonitor {pgpool.name} scrapes the pods' /metrics"
+    )
 
 
 async def _pause(ctx: Context, pgpool: model.PgPool, token: str) -> traffic.PauseReport:

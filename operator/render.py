@@ -473,3 +473,8 @@ def render(pgpool: model.PgPool, facts: Facts) -> Children:
         deployment=render_deployment(pgpool, facts, config),
         pdb=render_pdb(pgpool),
     )
+
+
+# For the other render modules (monitoring.py): the same metadata and hash stamp as ours.
+child_meta = _meta
+stamped = _stamped
