@@ -32,6 +32,15 @@ def _rules(*rules: tuple[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
 
 
+def _list_rules(*rules: tuple[str, str]) -> Any:
+    """The same CEL rules on a list field (they see the list as `self`)."""
+    return Field(json_schema_extra=_rules(*rules))
+
+
+# Lists of named Kubernetes objects (env, volumes, containers) need the name.
+_NAMED = ("self.all(x, has(x.name) && x.name != '')", "every entry needs a name")
+
+
 class _Model(BaseModel):
     # Unknown keys are rejected here as the API server's pruning would drop them: a typo in
     # a spec must never turn into a silently ignored setting.
@@ -243,13 +252,105 @@ class PodSpec(_Model):
     priority_class_name: str | None = None
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+    env: Annotated[list[dict[str, Any]], _list_rules(_NAMED)] = Field(
+        default_factory=list, description="Extra environment variables of the pooler container (core/v1 EnvVar)."
+    )
+    volumes: Annotated[
+        list[dict[str, Any]],
+        _list_rules(
+            _NAMED,
+            (
+                "self.all(v, !has(v.name) || !(v.name in ['config', 'tmp']))",
+                "volumes: config and tmp are the pooler's own",
+            ),
+        ),
+    ] = Field(default_factory=list, description="Extra pod volumes (core/v1 Volume), e.g. for a sidecar.")
+    volume_mounts: Annotated[
+        list[dict[str, Any]],
+        _list_rules(
+            (
+                "self.all(m, has(m.name) && has(m.mountPath))",
+                "volumeMounts: every mount needs a name and a mountPath",
+            ),
+            (
+                "self.all(m, !has(m.mountPath) || !(m.mountPath in ['/etc/pgfleet', '/tmp']))",
+                "volumeMounts: /etc/pgfleet and /tmp are the pooler's own",
+            ),
+        ),
+    ] = Field(default_factory=list, description="Extra mounts of the pooler container (core/v1 VolumeMount).")
+    containers: Annotated[
+        list[dict[str, Any]],
+        _list_rules(
+            _NAMED, ("self.all(c, !has(c.name) || c.name != 'pooler')", "containers: the name pooler is taken")
+        ),
+    ] = Field(
+        default_factory=list,
+        description=(
+            "Extra containers (sidecars, core/v1 Container); each gets the pooler's restricted securityContext "
+            "under its own."
+        ),
+    )
+    security_context: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Pod securityContext merged over the secure defaults (non-root UID 10001, RuntimeDefault seccomp); "
+            "what you set wins."
+        ),
+    )
+    container_security_context: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "The pooler container's securityContext merged over the defaults (no privilege escalation, read-only "
+            "root filesystem, all capabilities dropped, non-root); what you set wins."
+        ),
+    )
+    service_account_name: str | None = Field(default=None, description="ServiceAccount of the pods.")
+    automount_service_account_token: bool = Field(
+        default=False, description="Mount the ServiceAccount's token (the pooler needs none; a sidecar may)."
+    )
+
+
+class ExternalTrafficPolicy(str, Enum):
+    CLUSTER = "Cluster"
+    LOCAL = "Local"
 
 
 class ServiceSpec(_Model):
     """Overrides for the Service applications connect to."""
 
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            (
+                "!has(self.loadBalancerSourceRanges) || size(self.loadBalancerSourceRanges) == 0"
+                " || self.type == 'LoadBalancer'",
+                "service.loadBalancerSourceRanges needs service.type LoadBalancer",
+            ),
+            (
+                "!has(self.externalTrafficPolicy) || self.type != 'ClusterIP'",
+                "service.externalTrafficPolicy needs service.type NodePort or LoadBalancer",
+            ),
+            (
+                "!has(self.nodePort) || self.type != 'ClusterIP'",
+                "service.nodePort needs service.type NodePort or LoadBalancer",
+            ),
+        )
+    )
+
     type: ServiceType = ServiceType.CLUSTER_IP
     annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra Service labels (ours win on conflict).")
+    port: int = Field(
+        default=5432, ge=1, le=65535, description="The Service's PostgreSQL port (the pods listen on 5432)."
+    )
+    node_port: int | None = Field(
+        default=None, ge=30000, le=32767, description="Fixed nodePort (NodePort, LoadBalancer)."
+    )
+    load_balancer_source_ranges: list[str] = Field(
+        default_factory=list, description="CIDRs allowed through the cloud load balancer (type LoadBalancer)."
+    )
+    external_traffic_policy: ExternalTrafficPolicy | None = Field(
+        default=None, description="Local keeps client source addresses (NodePort, LoadBalancer)."
+    )
 
 
 class MonitoringSpec(_Model):

@@ -19,7 +19,7 @@ from urllib.parse import quote
 from pgfleet.pooler.config import AuthType, DatabaseConfig, PoolerConfig, SslMode, dump_config
 from pgfleet.pooler.userlist import dump_userlist
 
-from . import model
+from . import model, templates
 from .budget import Allocation
 
 Obj = dict[str, Any]
@@ -287,8 +287,9 @@ def render_app_secret(pgpool: model.PgPool, facts: Facts) -> Obj:
     host = f"{pgpool.name}.{pgpool.namespace}.svc"
     user, password = app_credentials(facts)
     dbname = pgpool.spec.database.dbname
-    uri = f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{POSTGRES_PORT}/{quote(dbname, safe='')}"
-    data = {"host": host, "port": str(POSTGRES_PORT), "dbname": dbname, "username": user, "password": password}
+    port = pgpool.spec.service.port  # what applications reach through the Service
+    uri = f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(dbname, safe='')}"
+    data = {"host": host, "port": str(port), "dbname": dbname, "username": user, "password": password}
     if pgpool.spec.tls.client_cert_secret:
         # The poolers refuse applications without TLS.
         uri += "?sslmode=require"
@@ -298,18 +299,18 @@ def render_app_secret(pgpool: model.PgPool, facts: Facts) -> Obj:
 
 def render_service(pgpool: model.PgPool) -> Obj:
     svc = pgpool.spec.service
-    return _stamped(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": _meta(pgpool, pgpool.name, svc.annotations),
-            "spec": {
-                "type": svc.type.value,
-                "selector": selector_labels(pgpool.name),
-                "ports": [{"name": "postgres", "port": POSTGRES_PORT, "targetPort": "postgres", "protocol": "TCP"}],
-            },
-        }
-    )
+    service: Obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(pgpool, pgpool.name, svc.annotations),
+        "spec": {
+            "type": svc.type.value,
+            "selector": selector_labels(pgpool.name),
+            "ports": [{"name": "postgres", "port": POSTGRES_PORT, "targetPort": "postgres", "protocol": "TCP"}],
+        },
+    }
+    templates.apply_service(service, svc)
+    return _stamped(service)
 
 
 def _default_spread(name: str) -> list[Obj]:
@@ -409,6 +410,7 @@ def render_deployment(pgpool: model.PgPool, facts: Facts, config: PoolerConfig) 
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
         ],
     }
+    templates.apply_pod(pod_spec, pod)
     if pod.affinity:
         pod_spec["affinity"] = pod.affinity
     if pod.tolerations:
