@@ -50,11 +50,13 @@ TYPES = b"QPBEDCSHFXdcfp"
 @st.composite
 def messages(draw: st.DrawFn) -> bytes:
     """One client message: a known or any type, a body random or built, a length true or not."""
-    kind = draw(st.one_of(st.sampled_from(list(TYPES)), st.integers(0, 255)))
+    # The types the proxy reads (statement and portal names) most often, then any.
+    kind = draw(st.one_of(st.sampled_from(list(b"PBDC")), st.sampled_from(list(TYPES)), st.integers(0, 255)))
     body = draw(
         st.one_of(
             st.binary(max_size=40),
-            st.just(b""),
+            st.binary(max_size=3),
+            st.sampled_from([b"S", b"P", b"S\xff\xfe\x00", b"Sname", b"\x00\xff\x00", b"name\x00"]),
             st.builds(lambda n, q: n + b"\x00" + q + b"\x00\x00\x00", st.binary(max_size=8), st.binary(max_size=20)),
             st.builds(lambda n: b"S" + n + b"\x00", st.binary(max_size=8)),
             st.builds(
