@@ -109,7 +109,7 @@ class PoolerProcess:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 15) -> None:
+    def wait_ready(self, timeout: float = 60) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             log = self.log_path.read_text()
