@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from .compiled import BUILD
 from .config import ConfigError, PoolerConfig, load_config
+from .hba import rules_for
 from .pooler import Pooler
 from .shares import WorkerSlot
 from .tls import build_contexts
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         # A worker (re)started by the supervisor runs as one of the workers already running.
         config = load_config(path, workers=slot.count if slot is not None else None)
         build_contexts(config)  # key, certificate and CA files can be read and fit together
+        rules_for(config)  # auth_hba_file can be read and every line understood
     except ConfigError as exc:
         print(f"pgfleet-pooler: invalid configuration: {exc}", file=sys.stderr)
         return 2

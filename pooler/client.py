@@ -18,7 +18,7 @@ import ssl
 import struct
 from typing import TYPE_CHECKING, Final, cast
 
-from . import auth, params, prepared, sqlscan, tls
+from . import auth, hba, params, prepared, sqlscan, tls
 from .config import AuthType, PoolMode
 from .protocol import backend
 from .protocol import errors as sqlstate
@@ -54,6 +54,12 @@ _EXTENDED: Final = frozenset(map(ord, "PBDEC"))
 _COPY: Final = frozenset(map(ord, "dcf"))
 _KIND_AND_NAME: Final = frozenset(map(ord, "CD"))  # Close, Describe
 _ADMIN_DATABASE = "pgbouncer"
+_HBA_METHODS = {
+    "trust": AuthType.TRUST,
+    "password": AuthType.PLAIN,
+    "md5": AuthType.MD5,
+    "scram-sha-256": AuthType.SCRAM_SHA_256,
+}
 _NO_MORE_CONNECTIONS = "no more connections allowed (max_client_conn)"
 # A queued client keeps being read until it has sent this much: pausing and resuming the
 # socket for every queued transaction would cost two syscalls each, and a client that
@@ -459,6 +465,8 @@ class ClientConnection(asyncio.Protocol):
         assert self.transport is not None
         config = self.pooler.config
         method = config.auth_type
+        if method is AuthType.HBA:
+            method = self._hba_method()
         user = self.user
         secret = self.pooler.userlist.get(user)
         if (
@@ -494,6 +502,28 @@ class ClientConnection(asyncio.Protocol):
             else:
                 await self._authenticate_scram(known)
         self.transport.write(backend.authentication_ok())
+
+    def _hba_method(self) -> AuthType:
+        """auth_type hba: this connection's method, from the first auth_hba_file rule that matches."""
+        tls_in_use = bool(self.tls)
+        found = hba.method_for(self.pooler.hba, self.database, self.user, self.address[0], tls_in_use)
+        if found is None or found == "reject":
+            encryption = "SSL encryption" if tls_in_use else "no encryption"
+            what = "no auth_hba_file entry" if found is None else "auth_hba_file rejects connection"
+            raise ClientError(
+                sqlstate.INVALID_AUTHORIZATION,
+                f'{what} for host "{self.address[0]}", user "{self.user}", database "{self.database}", {encryption}',
+            )
+        if found == "cert":
+            # The client certificate (checked against client_tls_ca_file) names the user.
+            peer = self.transport.get_extra_info("peercert") if self.transport is not None else None
+            names = [value for rdn in (peer or {}).get("subject", ()) for key, value in rdn if key == "commonName"]
+            if self.user not in names:
+                raise ClientError(
+                    sqlstate.INVALID_AUTHORIZATION, f'certificate authentication failed for user "{self.user}"'
+                )
+            return AuthType.ANY
+        return _HBA_METHODS[found]
 
     def _auth_failed(self) -> ClientError:
         return ClientError(sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"')

@@ -40,6 +40,7 @@ class AuthType(str, Enum):
     PLAIN = "plain"
     MD5 = "md5"
     SCRAM_SHA_256 = "scram-sha-256"
+    HBA = "hba"  # per connection, from auth_hba_file
 
 
 class SslMode(str, Enum):
@@ -141,6 +142,9 @@ class PoolerConfig(_Strict):
     auth_dbname: str | None = Field(
         default=None, description="Database (a `databases` entry) auth_query runs in; default the client's."
     )
+    auth_hba_file: str | None = Field(
+        default=None, description="auth_type hba: pg_hba.conf-style rules choosing the method per connection."
+    )
     admin_users: list[str] = Field(default_factory=list)
     stats_users: list[str] = Field(default_factory=list)
 
@@ -230,7 +234,11 @@ class PoolerConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PoolerConfig:
-        if self.auth_type not in (AuthType.TRUST, AuthType.ANY) and not (self.auth_file or self.auth_user):
+        if self.auth_type is AuthType.HBA and not self.auth_hba_file:
+            raise ValueError("auth_type hba needs auth_hba_file")
+        if self.auth_type not in (AuthType.TRUST, AuthType.ANY, AuthType.HBA) and not (
+            self.auth_file or self.auth_user
+        ):
             raise ValueError(f"auth_type {self.auth_type.value} needs auth_file or auth_user")
         self._check_tls()
         if self.min_pool_size > self.default_pool_size:
@@ -456,7 +464,7 @@ def load_config(path: str | Path, *, workers: int | None = None) -> PoolerConfig
     # Relative to the config file, as PgBouncer resolves its include paths.
     relative = {
         key: str(path.parent / value)
-        for key in ("auth_file", *TLS_FILE_KEYS)
+        for key in ("auth_file", "auth_hba_file", *TLS_FILE_KEYS)
         if (value := getattr(config, key)) and not Path(value).is_absolute()
     }
     return config.model_copy(update=relative) if relative else config

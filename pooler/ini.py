@@ -79,7 +79,6 @@ IGNORED_PGBOUNCER_KEYS = frozenset(
         "dns_zone_check_period",
         "resolv_conf",
         # authentication pgfleet does not implement
-        "auth_hba_file",
         "auth_ident_file",
         "auth_ldap_options",
         "scram_iterations",

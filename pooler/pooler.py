@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import TIMEOUT_KEYS, ConfigError, PoolerConfig, PoolLimits, load_config, merge_limits
 from .credentials import Credentials
+from .hba import rules_for
 from .pool import Pool
 from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
@@ -54,6 +55,7 @@ class Pooler:
         self.tls: TlsContexts = build_contexts(config)
         self._tls_files = file_signature(config)
         self.credentials = Credentials(self)
+        self.hba = rules_for(config)
         self.tls_stats = TlsStats()
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[ClientConnection] = set()
@@ -221,12 +223,14 @@ class Pooler:
         """Switch to `new`; returns the settings that need a restart to take effect."""
         if tls is None and _tls_settings(new) != _tls_settings(self.config):
             tls = build_contexts(new)
+        rules = rules_for(new)
         userlist = load_userlist(new.auth_file) if new.auth_file else {}
         pending = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
         for key in pending:
             log.warning("%s changed: takes effect after a restart", key)
         self.config = new
         self.userlist = userlist
+        self.hba = rules
         self._client_timeouts = new.has_client_timeouts()
         self.credentials.forget()
         if tls is not None:

@@ -33,6 +33,7 @@ import aiohttp
 
 from .compiled import BUILD
 from .config import ConfigError, PoolerConfig, load_config, merge_limits
+from .hba import rules_for
 from .shares import WorkerSlot
 from .tls import build_contexts
 
@@ -210,6 +211,7 @@ class Supervisor:
         try:
             new = load_config(self.config_path, workers=self.config.workers)
             build_contexts(new)  # the workers would refuse it alike
+            rules_for(new)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return
