@@ -238,7 +238,7 @@ async def test_transactions_share_one_tls_handshake_per_server(
 ) -> None:
     pooler = await start_pooler(
         server_tls_sslmode="verify-full", server_tls_ca_file=certs.ca_file, default_pool_size=1,
-        databases=to_tls_pg(tls_pg),
+        databases=to_tls_pg(tls_pg), admin_users=["md5user"],
     )  # fmt: skip
     for _ in range(3):
         code, out, err = await psql(pooler.port, "", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
@@ -246,6 +246,11 @@ async def test_transactions_share_one_tls_handshake_per_server(
     assert (pooler.tls_stats.server_handshakes, pooler.tls_stats.server_failures) == (1, 0)
     (server,) = pooler.pools["app", "md5user"].idle
     assert server.tls.startswith("TLSv1.3/")
+    code, out, err = await run_cmd(
+        "psql", "-X", "-A", "-t", "-d", f"host=127.0.0.1 port={pooler.port} user=md5user dbname=pgbouncer",
+        "-c", "SHOW SERVERS", env=client_env("md5pass"),
+    )  # fmt: skip
+    assert code == 0 and f"|{server.tls}|" in out, err + out
 
 
 async def test_verify_full_refuses_a_wrong_host_name_and_verify_ca_an_unknown_ca(
