@@ -13,6 +13,7 @@ the session is kept for the link's whole life.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import ssl
@@ -290,8 +291,20 @@ def server_mode_text(tls: TlsContexts) -> str:
     return f"server_tls_sslmode {tls.server_mode.value}"
 
 
+def _numeric(host: str, port: int) -> list[tuple[int, int, int, str, tuple[str, int]]] | None:
+    """The address of an IP literal without asking the resolver (a thread per lookup)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+
+
 async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    # asyncio's create_connection skips the resolver for IP literals too: a storm of new
+    # server links must not queue behind the executor's few threads.
+    infos = _numeric(host, port) or await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     if not infos:
         raise OSError(f"cannot resolve {host}")
     error: OSError | None = None
