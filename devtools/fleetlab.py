@@ -179,6 +179,7 @@ class Crowd:
         self.stats = stats if stats is not None else CrowdStats()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: set[asyncio.Task[None]] = set()
+        self._visitors: set[asyncio.Task[None]] = set()  # the serverless ones
 
     def _error(self, exc: BaseException) -> None:
         self.stats.errors[getattr(exc, "sqlstate", None) or type(exc).__name__] += 1
@@ -236,20 +237,25 @@ class Crowd:
 
     def add_serverless(self, count: int, pause: float = 0.05, seed: int = 0) -> None:
         rng = random.Random(seed)
-        self._tasks += [asyncio.create_task(self._serverless(rng, pause)) for _ in range(count)]
+        new = [asyncio.create_task(self._serverless(rng, pause)) for _ in range(count)]
+        self._visitors.update(new)
+        self._tasks += new
 
     async def stop(self, count: int | None = None, grace: float = 5.0) -> None:
         """Stop `count` clients (all by default): serverless ones after their visit, steady ones now."""
         count = len(self._tasks) if count is None else count
         stopping, self._tasks = self._tasks[:count], self._tasks[count:]
         self._stopping.update(stopping)
-        # A visit in progress ends by itself (cancelling asyncpg mid-connect leaves noise).
-        if stopping:
-            await asyncio.wait(stopping, timeout=grace)
+        # A serverless visit in progress ends by itself (cancelling asyncpg mid-connect
+        # leaves noise); steady clients are cancelled at once.
+        visiting = [task for task in stopping if task in self._visitors]
+        if visiting:
+            await asyncio.wait(visiting, timeout=grace)
         for task in stopping:
             task.cancel()
         await asyncio.gather(*stopping, return_exceptions=True)
         self._stopping.difference_update(stopping)
+        self._visitors.difference_update(stopping)
 
     @property
     def size(self) -> int:

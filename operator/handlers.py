@@ -168,9 +168,12 @@ def _reconciled_once(status: kopf.Status, **_: Any) -> bool:
 async def budget(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """status.budget and BudgetEnforced as the budget loop sees it, every period (no API reads)."""
     loops = runtime.loops
-    if loops is None:
-        return
-    async with _lock(memo):
+    lock = _lock(memo)
+    if loops is None or lock.locked():
+        return  # a reconcile is running: it writes the budget itself, and newer conditions
+    async with lock:
+        # The body is kopf's live view of the object (timers get one), so the conditions
+        # merged here are the latest the watch has delivered.
         outcome = reconcile.budget_report(loops, dict(body))
     if outcome is None:
         return
