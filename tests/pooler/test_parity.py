@@ -135,6 +135,21 @@ async def test_queued_clients_get_the_servers_login_error_promptly(
         # The client in its transaction is not cut.
         assert await holder.fetchval("SELECT 2") == 2
         await tx.rollback()
+        # The password is put right: once server_login_retry (1 s here) has passed, the next
+        # login succeeds, and the cached error is gone with it.
+        await asyncio.to_thread(pg.sql, f"ALTER ROLE {password_role} PASSWORD 'pw1'")
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                fresh = await app_connect(pooler, "forced")
+                assert await fresh.fetchval("SELECT 3") == 3
+                await fresh.close()
+                break
+            except asyncpg.PostgresError as exc:
+                assert "password authentication failed" in str(exc)
+                assert time.monotonic() < deadline, "the cached login error outlived the fix"
+                await asyncio.sleep(0.1)
+        assert pool_of(pooler, "forced").last_error is None
     finally:
         await admin.close()
         for conn in [holder, *queued]:
