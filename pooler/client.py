@@ -200,7 +200,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.address = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("unix", 0)
         if not self.pooler.client_connected(self):
-            self.terminate(sqlstate.TOO_MANY_CONNECTIONS, _NO_MORE_CONNECTIONS)
+            self.terminate(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
             return
         self._handshake = self.pooler.loop.create_task(self._run_handshake())
 
@@ -354,9 +354,10 @@ class ClientConnection(asyncio.Protocol):
         if self.pooler.draining and self.database != _ADMIN_DATABASE:
             raise ClientError(sqlstate.CANNOT_CONNECT_NOW, "pgfleet is shutting down")
         if self.database != _ADMIN_DATABASE and self.pooler.over_client_limit():
-            # Every connection counts, logging in or not (PgBouncer's text; PostgreSQL's code).
+            # Every connection counts, logging in or not. PgBouncer's text and code (its
+            # disconnect_client() default, 08P01): clients and alerts written for it match.
             self.pooler.client_limit_hit()
-            raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, _NO_MORE_CONNECTIONS)
+            raise ClientError(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
         startup_params = self._check_startup_params(packet.params)
         self._startup = MessageReader(max_length=10_000)
         if self.database == _ADMIN_DATABASE:

@@ -83,12 +83,13 @@ async def test_database_missing_on_the_server_relays_its_error(start_pooler: Sta
     assert "cannot connect" in str(info.value)
 
 
-async def test_too_many_clients_is_53300(start_pooler: StartPooler) -> None:
+async def test_too_many_clients_is_fatal_08p01_as_in_pgbouncer(start_pooler: StartPooler) -> None:
     pooler = await start_pooler(max_client_conn=2, auth_type="trust")
     first = await connect(pooler.port, "postgres", None)
     second = await connect(pooler.port, "postgres", None)
     try:
-        with pytest.raises(asyncpg.TooManyConnectionsError):
+        # PgBouncer's disconnect_client() for max_client_conn: FATAL, its default 08P01.
+        with pytest.raises(asyncpg.ProtocolViolationError, match=r"no more connections allowed \(max_client_conn\)"):
             await connect(pooler.port, "postgres", None)
     finally:
         await first.close()

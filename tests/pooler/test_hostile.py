@@ -258,8 +258,11 @@ async def test_clients_count_from_accept_against_max_client_conn(
     # Three sockets that never say a word (a client stuck at its password prompt alike).
     silent = [await asyncio.open_connection("127.0.0.1", pooler.port) for _ in range(3)]
     await wait_until(lambda: len(pooler.clients) == 3)
-    with pytest.raises(asyncpg.TooManyConnectionsError, match=r"no more connections allowed \(max_client_conn\)"):
+    with pytest.raises(
+        asyncpg.ProtocolViolationError, match=r"no more connections allowed \(max_client_conn\)"
+    ) as info:
         await connect(pooler.port)
+    assert (info.value.sqlstate, info.value.severity) == ("08P01", "FATAL")  # PgBouncer's code
     assert "max_client_conn (3) reached" in caplog.text
     # The admin console still gets in, to see what is going on.
     admin = await asyncpg.connect(
@@ -285,6 +288,7 @@ async def test_a_flood_of_silent_sockets_is_turned_away_at_accept(start_pooler: 
         for reader, _ in flood[kept:]:
             data = await asyncio.wait_for(reader.read(), 10)
             assert b"no more connections allowed" in data
+            assert backend.parse_error_fields(data[5 : 1 + int.from_bytes(data[1:5])])["C"] == "08P01"
         await wait_until(lambda: len(pooler.clients) == kept)
     finally:
         for _, writer in flood:
