@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import itertools
 import logging
+import os
+import resource
 import secrets
 import socket
 from collections.abc import Coroutine
@@ -62,6 +65,7 @@ class Pooler:
         self.logged_in_clients = 0
         self._limit_refusals = 0
         self._limit_logged_at = float("-inf")
+        self._fd_logged_at = float("-inf")
         # Logged-in clients per database and per (login) user: max_*_client_connections.
         self.database_clients: collections.Counter[str] = collections.Counter()
         self.user_clients: collections.Counter[str] = collections.Counter()
@@ -492,6 +496,33 @@ class Pooler:
             pool.maintain(now)
         self._check_client_timeouts(now)
         self._watch_tls_files()
+        self._check_fd_room(now)
+
+    def _check_fd_room(self, now: float) -> None:
+        """Say so when the process has no file descriptor left.
+
+        Then accept() fails with EMFILE/ENFILE and the event loop is silent about it
+        (uvloop's libuv accepts and closes the connection; asyncio retries a second
+        later): clients see a closed socket and nothing explains it. A probe each
+        janitor turn costs two system calls.
+        """
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            if now >= self._fd_logged_at + _LIMIT_LOG_INTERVAL:
+                self._fd_logged_at = now
+                log.error(
+                    "out of file descriptors (%s, limit %d): new connections fail at accept; "
+                    "%d clients, %d servers open. Raise the limit or lower max_client_conn",
+                    os.strerror(exc.errno),
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    len(self.clients),
+                    sum(pool.server_count for pool in self.pools.values()),
+                )
+            return
+        os.close(fd)
 
     def _watch_tls_files(self) -> None:
         """Key and certificate files rotated on disk (a Secret volume) serve new handshakes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import resource
 import signal
 import struct
 import time
@@ -294,6 +295,41 @@ async def test_a_flood_of_silent_sockets_is_turned_away_at_accept(start_pooler: 
         for _, writer in flood:
             writer.close()
             await writer.wait_closed()
+
+
+async def test_accept_out_of_file_descriptors_is_logged_and_serving_resumes(
+    pooler_process: Callable[..., PoolerProcess],
+) -> None:
+    proc = pooler_process(auth_type="trust", max_client_conn=1000)
+    # A small descriptor table, soft and hard alike, set from outside (as a container's would be).
+    resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE, (64, 64))
+    # Silent sockets until the pooler has no descriptor left: accept() fails (the event
+    # loop drops or defers the connection), and the log must say why.
+    silent = [await asyncio.open_connection("127.0.0.1", proc.port) for _ in range(100)]
+    try:
+        await wait_until(lambda: "out of file descriptors" in proc.log(), timeout=20)
+        assert "limit 64" in proc.log()
+    finally:
+        for _, writer in silent:
+            writer.close()
+
+    # Once they leave, the pooler still listens and serves.
+    async def served() -> int:
+        conn = await asyncpg.connect(host="127.0.0.1", port=proc.port, user="postgres", database="app")
+        try:
+            return int(await conn.fetchval("SELECT 1"))
+        finally:
+            await conn.close()
+
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        try:
+            assert await asyncio.wait_for(served(), 10) == 1
+            break
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            # Descriptors are freed as the pooler sees the sockets close.
+            assert asyncio.get_running_loop().time() < deadline, proc.log()
+            await asyncio.sleep(0.2)
 
 
 async def raw_login(port: int, user: str, database: str = "app") -> tuple[RawClient, backend.AuthRequest]:
