@@ -647,6 +647,18 @@ class ClientConnection(asyncio.Protocol):
         stats = pool.stats
         maps = self.maps_statements
         n = len(data)
+        # More of the client's messages: a retry would now come after them (prepared.retryable).
+        server.retry = None
+        fresh = (
+            maps
+            and n > 0
+            and data[0] == _B
+            and not self.unsynced
+            and server.outstanding == 0
+            and not server.replies
+            and server.tx_status == _IDLE
+            and not server.busy_internally
+        )
         pos = 0
         replies = 0  # ReadyForQuery replies asked for by this chunk
         seg = 0  # start of the client bytes not yet copied to `out`
@@ -761,6 +773,12 @@ class ClientConnection(asyncio.Protocol):
         except _MALFORMED:
             self._malformed(server, "invalid message format")
             return
+        if fresh and pos == n and replies == 1 and out is not None and out[1][:1] == b"B":
+            # A Bind of a statement the link holds, Execute, Sync: kept, to be sent again
+            # should the server say it has no such statement (prepared.retry_due).
+            name = prepared.retryable(data, server)
+            if name is not None:
+                server.retry = (name, data)
         if pos:
             if replies:
                 server.outstanding += replies
@@ -784,6 +802,10 @@ class ClientConnection(asyncio.Protocol):
                 self._pending = data[pos:]
         if answered:
             self.server_ready(server)
+
+    def send_again(self, data: bytes) -> None:
+        """The client's exchange once more, as it sent it (a statement was missing; prepared.retry_due)."""
+        self._forward(data)
 
     def _pass_through(self, data: bytes) -> bytes:
         """Send on the rest of a long message; return what follows it in `data`."""

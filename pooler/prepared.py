@@ -48,6 +48,9 @@ VOID = PREFIX + "void"
 _VOID_PARSE = extended.parse(VOID, "")
 _VOID_CLOSE = extended.close(extended.STATEMENT, VOID)
 
+SYNC_TYPE: Final = ord("S")
+DESCRIBE_TYPE: Final = ord("D")
+PORTAL_KIND: Final = ord("P")
 PARSE: Final = ord("1")
 CLOSE: Final = ord("3")
 SYNC: Final = ord("Z")
@@ -463,6 +466,44 @@ def on_error(server: ServerConnection, body: bytes) -> bytes | None:
     return None
 
 
+_RETRYABLE_TAIL: Final = frozenset(map(ord, "DE"))
+
+
+def retryable(data: bytes, server: ServerConnection) -> str | None:
+    """The server name bound when `data` is exactly Bind, [Describe portal], Execute, Sync.
+
+    Such an exchange, started with nothing else in flight outside a transaction block,
+    can be sent again if the Bind fails for a missing statement: the error is the first
+    reply, nothing has reached the client, and the failed implicit transaction ran nothing.
+    """
+    replies = server.replies
+    if len(replies) != 1 or replies[0].binds is None or len(replies[0].binds) != 1:
+        return None
+    pos = 1 + int.from_bytes(data[1:5], "big")  # past the Bind
+    n = len(data)
+    while pos < n:
+        msg_type = data[pos]
+        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if msg_type == SYNC_TYPE:
+            return replies[0].binds[0] if end == n else None
+        if msg_type not in _RETRYABLE_TAIL or (msg_type == DESCRIBE_TYPE and data[pos + 5] != PORTAL_KIND):
+            return None
+        pos = end
+    return None
+
+
+def retry_due(server: ServerConnection, body: bytes) -> bool:
+    """The error is 26000 for the statement of the exchange kept in `server.retry`."""
+    retry = server.retry
+    if retry is None:
+        return False
+    fields = backend.parse_error_fields(body)
+    if fields.get("C") != sqlstate.INVALID_SQL_STATEMENT_NAME:
+        return False
+    found = _SERVER_NAME.search(fields.get("M", ""))
+    return found is not None and found.group(1) == retry[0]
+
+
 def _forget_missing(server: ServerConnection, message: str) -> None:
     """26000 for a statement this link was believed to hold: something on the server
     deallocated it where the scanner cannot see (`EXECUTE 'DEALLOCATE ALL'` in a DO
@@ -519,6 +560,10 @@ def on_unexpected(server: ServerConnection, msg_type: int) -> None:
 
 def client_left(server: ServerConnection) -> None:
     """The client went away: replies still due cannot be told apart any more."""
+    server.retry = None
+    if server.retry_error is not None:
+        server.retry_error = None
+        server.close_needed = True  # its ReadyForQuery is still due
     if server.replies:
         server.replies.clear()
         server.prepared.clear()

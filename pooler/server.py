@@ -110,6 +110,11 @@ class ServerConnection(asyncio.Protocol):
         self.startup_sets: tuple[str, ...] = ()
         # The error fields of the last failed internal query, for a caller that asks.
         self.internal_error: dict[str, str] | None = None
+        # The client's exchange now in flight, kept to send again should its Bind find
+        # the statement missing (server name, bytes: prepared.retryable), and the error
+        # held back meanwhile (sent after all if the retry cannot be).
+        self.retry: tuple[str, bytes] | None = None
+        self.retry_error: bytes | None = None
         # Internal queries whose replies are swallowed, one callback per ReadyForQuery.
         self._swallow: collections.deque[Callable[[], None] | None] = collections.deque()
         self._partial = b""
@@ -317,7 +322,12 @@ class ServerConnection(asyncio.Protocol):
                     saw_ready = True
                     if self.replies:
                         statements.on_ready(self)
-                    if status != _IDLE and self.pool.refuses_blocks:
+                    settled = -1
+                    if self.retry is not None or self.retry_error is not None:
+                        settled = self._settle_retry(status, data, seg, pos, end)
+                    if settled >= 0:
+                        seg = settled
+                    elif status != _IDLE and self.pool.refuses_blocks:
                         # Statement mode: the client hears of the refusal in place of this
                         # ReadyForQuery, once the block is rolled back (pool.refuse_...).
                         self._emit(data[seg:pos])
@@ -331,7 +341,12 @@ class ServerConnection(asyncio.Protocol):
                         # The server closes after it: its word is the client's last (server_lost).
                         self.ended_fatally = True
                     rewritten = statements.on_error(self, data[pos + 5 : end])
-                    if rewritten is not None:
+                    if self.retry is not None and statements.retry_due(self, data[pos + 5 : end]):
+                        # Held back: the exchange is sent again once this one is over.
+                        self._emit(data[seg:pos])
+                        seg = end
+                        self.retry_error = frame(b"E", rewritten) if rewritten is not None else data[pos:end]
+                    elif rewritten is not None:
                         self._emit(data[seg:pos])
                         seg = end
                         self._emit(frame(b"E", rewritten))
@@ -352,6 +367,23 @@ class ServerConnection(asyncio.Protocol):
                 self._partial = data[pos:]
         if saw_ready and self.client is not None:
             self.client.server_ready(self)
+
+    def _settle_retry(self, status: int, data: bytes, seg: int, pos: int, end: int) -> int:
+        """ReadyForQuery of an exchange kept for a retry: send it again if its Bind failed
+        for a missing statement (the link has forgotten its statements: a Parse goes
+        first). Returns where the bytes not yet forwarded start, -1 if it went through."""
+        retry, failed = self.retry, self.retry_error
+        self.retry = self.retry_error = None
+        if failed is None:
+            return -1
+        self._emit(data[seg:pos])
+        client = self.client
+        if retry is not None and client is not None and status == _IDLE and self.outstanding == 0:
+            log.info("server %s: statement %s was missing; prepared and sent again", self.backend_pid, retry[0])
+            client.send_again(retry[1])
+            return end  # this ReadyForQuery is not the client's
+        self._emit(failed)  # the client sent more meanwhile: it hears the error after all
+        return pos
 
     def _emit(self, chunk: bytes) -> None:
         if chunk and self.client is not None:
