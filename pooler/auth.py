@@ -10,6 +10,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import os
 import secrets
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from scramp import ScramClient, ScramException, ScramMechanism
 SCRAM = "SCRAM-SHA-256"
 # Per process: the mock SCRAM salts of unknown users derive from it (ScramServerExchange.mock).
 _MOCK_SECRET = secrets.token_bytes(32)
+_SALT_LENGTH = 16  # SCRAM_DEFAULT_SALT_LEN, PostgreSQL's
 _MECHANISM = ScramMechanism(SCRAM)
 
 
@@ -72,7 +74,9 @@ def parse_scram_secret(secret: str) -> ScramVerifier:
 def _verifier_for_password(password: str) -> ScramVerifier:
     # PBKDF2 with 4096 rounds costs milliseconds; a connection storm would pay it per
     # login, so the verifier derived from a plaintext secret is computed once.
-    salt, stored, server, iterations = _MECHANISM.make_auth_info(password)
+    # A 16-byte salt, as PostgreSQL's (and the mock exchange's): scramp's default is 32,
+    # and a salt of another length would tell a user from auth_file from an unknown one.
+    salt, stored, server, iterations = _MECHANISM.make_auth_info(password, salt=os.urandom(_SALT_LENGTH))
     return ScramVerifier(salt, stored, server, iterations)
 
 
@@ -105,7 +109,7 @@ class ScramServerExchange:
         """An exchange for a user without a usable secret: it looks like any other and fails
         at its end. The salt is derived from the user name and a secret of this process, so
         that asking twice gives the same salt (as PostgreSQL's mock authentication)."""
-        salt = hmac.new(_MOCK_SECRET, user.encode(), hashlib.sha256).digest()[:16]
+        salt = hmac.new(_MOCK_SECRET, user.encode(), hashlib.sha256).digest()[:_SALT_LENGTH]
         # Keys no proof can match: random, never derived from any password.
         return cls(ScramVerifier(salt, secrets.token_bytes(32), secrets.token_bytes(32), 4096))
 

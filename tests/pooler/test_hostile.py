@@ -7,6 +7,7 @@ gets a clear error and that everyone else is still served by a pool that leaks n
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import resource
 import signal
@@ -410,16 +411,21 @@ async def test_unknown_user_or_database_is_challenged_like_anyone(start_pooler: 
         assert (fields["C"], fields["M"]) == ("28P01", f'password authentication failed for user "{who}"')
     assert len(set(requests.values())) == 1, requests
     if auth_type == "scram-sha-256":
-        # The mock salt of a user name is the same each time, as a real one would be.
-        salts = set()
-        for _ in range(2):
-            client, request = await raw_login(pooler.port, "nobody")
-            scram = ScramClient(["SCRAM-SHA-256"], "nobody", "x")
+
+        async def server_first(who: str) -> dict[str, str]:
+            client, _ = await raw_login(pooler.port, who)
+            scram = ScramClient(["SCRAM-SHA-256"], who, "x")
             client.send(frontend.sasl_initial_response("SCRAM-SHA-256", scram.get_client_first().encode()))
             _, body = await client.message()
-            salts.add(dict(p.split("=", 1) for p in body[4:].decode().split(","))["s"])
             await client.close()
-        assert len(salts) == 1
+            return dict(p.split("=", 1) for p in body[4:].decode().split(","))
+
+        # The mock salt of a user name is the same each time, as a real one would be.
+        mock = [await server_first("nobody") for _ in range(2)]
+        assert mock[0]["s"] == mock[1]["s"]
+        # And it looks like a real one: as long, with the same iteration count.
+        real = await server_first(user)
+        assert (len(base64.b64decode(mock[0]["s"])), mock[0]["i"]) == (len(base64.b64decode(real["s"])), real["i"])
 
 
 @pytest.mark.parametrize("auth_type", ["md5", "scram-sha-256", "plain"])
