@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -291,6 +292,19 @@ class BudgetLoops:
         if last is None or name not in last.fleets:
             return None
         return last, last.fleets[name]
+
+    def reports(self) -> list[tuple[str, PeriodReport]]:
+        """Each server ("host:port") and its loop's last report, of the fleets still registered.
+
+        Called from the metrics thread: it copies before it reads and never mutates.
+        """
+        out = []
+        for (host, port), (loop, _task) in list(self._loops.items()):
+            last, names = loop.last, set(loop.fleets)
+            if last is not None:
+                fleets = {name: report for name, report in last.fleets.items() if name in names}
+                out.append((f"{host}:{port}", dataclasses.replace(last, fleets=fleets)))
+        return out
 
     async def close(self) -> None:
         for loop, task in self._loops.values():

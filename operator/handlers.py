@@ -11,11 +11,13 @@ import asyncio
 import logging
 import os
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import kopf
+from prometheus_client import start_http_server
 
-from . import model, reconcile, scaling
-from .control import BudgetLoops
+from . import metrics, model, reconcile, scaling
+from .control import BudgetLoops, PeriodReport
 from .kube import Credentials, KubeClient, object_path
 from .observe import AsyncpgProbe, DatabaseProbe
 from .settings import DEFAULT_IMAGE, OperatorSettings
@@ -33,6 +35,7 @@ class _Runtime:
     probe: DatabaseProbe = AsyncpgProbe()
     pooler_image: str | None = None
     loops: BudgetLoops | None = None  # one budget loop per database server
+    metrics: WSGIServer | None = None  # the /metrics server (a thread), when its port is set
 
 
 runtime = _Runtime()
@@ -46,6 +49,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     runtime.loops = BudgetLoops(
         period=SETTINGS.budget_period, push_timeout=SETTINGS.push_timeout, probe_timeout=SETTINGS.probe_timeout
     )
+    if SETTINGS.metrics_port and runtime.metrics is None:
+        registry = metrics.make_registry(_reports)
+        runtime.metrics, _thread = start_http_server(SETTINGS.metrics_port, SETTINGS.metrics_addr, registry)
     # Our own annotation prefix: kopf's bookkeeping is visibly ours and cannot collide
     # with another kopf operator watching the same objects.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
@@ -59,6 +65,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.connect_timeout = 30
     # Only Warnings become Events by themselves; our own Events are posted explicitly.
     settings.posting.level = logging.WARNING
+
+
+def _reports() -> list[tuple[str, PeriodReport]]:
+    loops = runtime.loops
+    return loops.reports() if loops is not None else []
 
 
 @kopf.on.login()
@@ -94,6 +105,11 @@ async def close(**_: Any) -> None:
     if runtime.client is not None:
         await runtime.client.close()
         runtime.client = None
+    if runtime.metrics is not None:
+        # Last: stopping the server waits for its thread's next poll (up to half a second).
+        server, runtime.metrics = runtime.metrics, None
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
 
 
 def _client() -> KubeClient:

@@ -31,6 +31,8 @@ class OperatorSettings:
     watch_client_timeout: float  # gives up on a watch that went silent
     budget_period: float = 3.0  # seconds between two periods of each server's budget loop
     pod_http_port: int = 8080  # the pods' control port the operator talks to (tests run several poolers)
+    metrics_port: int = 8000  # the operator's own /metrics (budget per PgPool and server); 0: none
+    metrics_addr: str = "0.0.0.0"  # Prometheus scrapes the pod from outside it
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -43,4 +45,6 @@ class OperatorSettings:
             watch_client_timeout=_float("PGFLEET_WATCH_CLIENT_TIMEOUT", 330.0),
             budget_period=_float("PGFLEET_BUDGET_PERIOD", 3.0),
             pod_http_port=int(_float("PGFLEET_POD_HTTP_PORT", 8080)),
+            metrics_port=int(_float("PGFLEET_OPERATOR_METRICS_PORT", 8000)),
+            metrics_addr=os.environ.get("PGFLEET_OPERATOR_METRICS_ADDR") or "0.0.0.0",
         )

@@ -15,6 +15,9 @@ os.environ.setdefault("PGFLEET_POOLER_IMAGE", "pgfleet:test")
 os.environ.setdefault("PGFLEET_BUDGET_PERIOD", "0.5")
 # Pods are pooler processes on 127.0.0.2, .3, ...: one control port for all, free here.
 os.environ.setdefault("PGFLEET_POD_HTTP_PORT", str(free_port()))
+# The operator's own /metrics, on loopback and a free port.
+os.environ.setdefault("PGFLEET_OPERATOR_METRICS_ADDR", "127.0.0.1")
+os.environ.setdefault("PGFLEET_OPERATOR_METRICS_PORT", str(free_port()))
 
 import contextlib
 import copy

@@ -11,16 +11,31 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from pgfleet.devtools.fleetlab import FLEET_ROLE, Crowd, CrowdStats, Grabber, Sampler, start_fleet_pooler
 from pgfleet.operator import render
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import eventually
 from .test_operator_lifecycle import EVENTS, NS, PGPOOLS, SECRETS, condition
 
 PODS = "/v1/pods"
+
+
+def operator_metrics() -> dict[str, float]:
+    """The running operator's /metrics for PgPool main: metric name -> value."""
+    url = f"http://127.0.0.1:{os.environ['PGFLEET_OPERATOR_METRICS_PORT']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.labels.get("namespace") == NS and s.labels.get("pgpool") == "main"
+    }
 
 
 async def test_the_operator_follows_the_database_with_real_poolers(
@@ -111,6 +126,14 @@ async def test_the_operator_follows_the_database_with_real_poolers(
         budget = obj["status"]["budget"]
         assert budget["total"] == 38 and budget["usable"] == 47 and budget["perPodMax"] == 13
         assert condition(obj, "BudgetEnforced")["status"] == "True"  # type: ignore[index]
+        # The operator exports the same budget for the dashboard.
+        seen = await eventually(
+            lambda: (m := operator_metrics()).get("pgfleet_operator_pod_limit_min") == 12 and m,
+            what="the budget in the operator's /metrics",
+            timeout=30,
+        )
+        assert seen["pgfleet_operator_budget_backends"] == 38 and seen["pgfleet_operator_usable_backends"] == 47
+        assert seen["pgfleet_operator_pod_limit_min"] == 12 and seen["pgfleet_operator_pod_limit_max"] == 13
 
         # Another application takes 30 backends: squeezed, with a Warning naming others' backends.
         assert await grabber.grab(30, time.monotonic() + 60) == 30  # generous: a loaded machine
@@ -127,6 +150,12 @@ async def test_the_operator_follows_the_database_with_real_poolers(
             timeout=60,
         )
         assert squeezed["status"] == "False" and "others hold 31 backends" in squeezed["message"]
+        others = await eventually(
+            lambda: (m := operator_metrics()).get("pgfleet_operator_others_backends", 0) >= 31 and m,
+            what="others' backends in the operator's /metrics",
+            timeout=30,
+        )
+        assert others["pgfleet_operator_budget_backends"] <= 47 - 31 - 1 - 2
         await eventually(
             lambda: [e for e in api.all(EVENTS, NS) if e.get("reason") == "Squeezed"], what="a Squeezed Event"
         )
