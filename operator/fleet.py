@@ -39,6 +39,11 @@ def running_pod_addresses(pods: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return out
 
 
+def pod_url(ip: str, port: int) -> str:
+    """The base URL of a pod's control port (an IPv6 address in brackets)."""
+    return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
+
+
 async def push_limits(
     addresses: Mapping[str, str], limits: Mapping[str, Any], token: str, *, port: int, timeout: float = 5.0
 ) -> PushResult:
@@ -49,9 +54,9 @@ async def push_limits(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), headers=headers) as session:
 
         async def one(name: str, ip: str) -> None:
-            host = f"[{ip}]" if ":" in ip else ip
+            base = pod_url(ip, port)
             try:
-                async with session.put(f"http://{host}:{port}/limits", json=dict(limits)) as response:
+                async with session.put(f"{base}/limits", json=dict(limits)) as response:
                     if response.status >= 300:
                         result.failed[name] = f"HTTP {response.status}: {(await response.text())[:200]}"
                         return
@@ -61,7 +66,7 @@ async def push_limits(
             result.pushed.append(name)
             # Only for `kubectl get pgpools`: a pod that does not say is left out, not failed.
             with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, TypeError):
-                async with session.get(f"http://{host}:{port}/status") as response:
+                async with session.get(f"{base}/status") as response:
                     if response.status == 200:
                         result.clients[name] = int((await response.json())["clients"])
 

@@ -404,10 +404,7 @@ def _fleet(ctx: Context, pgpool: model.PgPool, role: str, token: str, allocation
 
     async def pods() -> dict[str, str]:
         found = await client.list(kube.collection_path("v1", "Pod", namespace), label_selector=selector)
-        return {
-            name: f"http://{f'[{ip}]' if ':' in ip else ip}:{port}"
-            for name, ip in fleet.running_pod_addresses(found).items()
-        }
+        return {name: fleet.pod_url(ip, port) for name, ip in fleet.running_pod_addresses(found).items()}
 
     return Fleet(
         name=f"{pgpool.namespace}/{pgpool.name}",

@@ -42,9 +42,8 @@ async def count_clients(addresses: Mapping[str, str], *, port: int, timeout: flo
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
 
         async def one(name: str, ip: str) -> None:
-            host = f"[{ip}]" if ":" in ip else ip
             try:
-                async with session.get(f"http://{host}:{port}/status") as response:
+                async with session.get(f"{fleet.pod_url(ip, port)}/status") as response:
                     if response.status == 200:
                         counts[name] = int((await response.json())["clients"])
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, TypeError):

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from .fleet import pod_url
+
 TRAFFIC_PAUSED = "TrafficPaused"
 # Progress, not trouble: these never become Warning Events.
 QUIET_REASONS = ("Pausing", "Serving", "Resuming")
@@ -50,9 +52,8 @@ async def push_pause(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), headers=headers) as session:
 
         async def one(name: str, ip: str) -> None:
-            host = f"[{ip}]" if ":" in ip else ip
             try:
-                async with session.put(f"http://{host}:{port}/pause", json={"paused": paused}) as response:
+                async with session.put(f"{pod_url(ip, port)}/pause", json={"paused": paused}) as response:
                     if response.status != 200:
                         report.failed[name] = f"HTTP {response.status}: {(await response.text())[:200]}"
                         return
