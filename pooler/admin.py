@@ -455,6 +455,13 @@ class AdminConsole:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def start_paused(self) -> None:
+        """PAUSEd before the pooler accepts anyone (start_paused, or its supervisor's pause): as a
+        PUT /pause that came first, so the control port's RESUME lifts it. No pool exists yet;
+        each starts paused (`pool_created`) and never opens a server until RESUME."""
+        self.paused_all = True
+        self.paused_by_control = True
+
     def resume_all(self) -> None:
         """Lift the whole-pooler PAUSE (a PAUSE or KILL of one database stays): queued clients go on."""
         self.paused_all = False

@@ -48,6 +48,13 @@ async def serve(config: PoolerConfig, config_path: str | None, slot: WorkerSlot 
     if limits_file is not None and limits_file.exists():
         # A worker started again: the limits in force, not the file's, before the first client.
         pooler.set_limits(json.loads(limits_file.read_text()))
+    if _starts_paused(config, pooler.slot):
+        # Before the listeners open: not one client is served until RESUME (PUT /pause).
+        if pooler.admin is None:
+            log.warning("start_paused is set, but this pooler has no admin console to pause with")
+        else:
+            log.info('starting PAUSEd: new transactions wait until PUT /pause {"paused": false}')
+            pooler.admin.start_paused()
     await pooler.start()
     for hook in STARTUP_HOOKS:
         await hook(pooler)
@@ -87,6 +94,15 @@ async def serve(config: PoolerConfig, config_path: str | None, slot: WorkerSlot 
     await pooler.wait_stopped()
     log.info("stopped")
     return 0
+
+
+def _starts_paused(config: PoolerConfig, slot: WorkerSlot) -> bool:
+    """start_paused; for a worker, its supervisor's pause in force (a pause or resume through the
+    control port since the config was read wins over the file's setting)."""
+    paused_file = slot.paused_file
+    if paused_file is not None and paused_file.exists():
+        return paused_file.read_text().strip() == "1"
+    return config.start_paused
 
 
 def main(argv: list[str] | None = None) -> int:

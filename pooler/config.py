@@ -218,6 +218,11 @@ class PoolerConfig(_Strict):
     http_listen_port: Annotated[int, Field(ge=0, le=65535)] = Field(default=0, description="0 disables the HTTP port.")
     http_token_file: str | None = Field(default=None, description="Bearer token for PUT /limits and POST /drain.")
     stats_period: Annotated[float, Field(gt=0)] = 60.0
+    start_paused: bool = Field(
+        default=False,
+        description="Start PAUSEd, before the first client: as a PUT /pause that came first (its RESUME lifts it). "
+        "Read at start only.",
+    )
 
     # Logging.
     log_connections: bool = True

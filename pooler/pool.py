@@ -565,7 +565,9 @@ class Pool:
         if not self._params_waiters:
             self._params_wait_start = loop.time()
         self._params_waiters.append(waiter)
-        if not self.connecting and self._room() and loop.time() >= self.retry_at:
+        # PAUSE holds logins too (no server opens while paused, as PgBouncer's); RESUME
+        # launches for them (launch_for_waiters).
+        if not self.paused and not self.connecting and self._room() and loop.time() >= self.retry_at:
             self.launch()
         try:
             # Bounded by client_login_timeout too; query_wait_timeout, as for any wait for a server.

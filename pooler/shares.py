@@ -72,6 +72,11 @@ class WorkerSlot:
         """Limits changed by PUT /limits since the last reload, for a worker that starts again."""
         return self.control_dir / "limits.json" if self.control_dir is not None else None
 
+    @property
+    def paused_file(self) -> Path | None:
+        """The supervisor's pause ("1" or "0"), which a worker starting (again) takes over its config's."""
+        return self.control_dir / "paused" if self.control_dir is not None else None
+
     @classmethod
     def parse(cls, text: str, control_dir: str | None) -> WorkerSlot:
         """`I/N` from the command line, as the supervisor passes it."""

@@ -114,7 +114,8 @@ class Supervisor:
         ]
         self.draining = False
         self.stopping = False
-        self.paused = False  # PUT /pause: a worker started again is paused too
+        # PUT /pause (or start_paused until the first one): a worker started again follows it.
+        self.paused = config.start_paused
         self.loop = asyncio.get_running_loop()
         self.started_at = self.loop.time()
         self._stopped = self.loop.create_future()
@@ -149,6 +150,7 @@ class Supervisor:
             shutil.rmtree(self.control_dir, ignore_errors=True)
 
     async def _start_all(self) -> None:
+        self._save_paused()
         for worker in self.workers:
             await worker.start()
         await asyncio.gather(*(worker.wait_ready() for worker in self.workers))
@@ -177,8 +179,8 @@ class Supervisor:
             try:
                 await worker.start()  # it reads the limits in force from the control directory
                 await worker.wait_ready()
-                if self.paused:
-                    await self._put_pause(worker, True)
+                # It started from the pause file; a change since it read the file reaches it here.
+                await self._put_pause(worker, self.paused)
             except (WorkerFailed, OSError) as exc:
                 log.error("worker %d failed to start again: %s", worker.slot.index + 1, exc)
 
@@ -257,6 +259,7 @@ class Supervisor:
     async def set_paused(self, paused: bool) -> list[tuple[int, int, Any]]:
         """PUT /pause in every worker; (worker, status, reply) of each."""
         self.paused = paused
+        self._save_paused()  # first: a worker starting now must not miss it
         return await asyncio.gather(*(self._put_pause(worker, paused) for worker in self.workers))
 
     async def _put_pause(self, worker: Worker, paused: bool) -> tuple[int, int, Any]:
@@ -271,6 +274,14 @@ class Supervisor:
         path = self.workers[0].slot.limits_file
         assert path is not None
         return path
+
+    def _save_paused(self) -> None:
+        """Write the pause in force where every worker reads it as it starts (start_paused's stand-in)."""
+        path = self.workers[0].slot.paused_file
+        assert path is not None
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text("1" if self.paused else "0")
+        temporary.replace(path)
 
     def _save_limits(self) -> None:
         """Write the limits in force where a worker that starts again reads them."""

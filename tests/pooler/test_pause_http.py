@@ -174,3 +174,46 @@ async def test_restart_postgres_under_pgbench_while_paused(
 
 async def _at_least(read: Callable[[], Any], count: int) -> bool:
     return bool(await read() >= count)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_start_paused_holds_the_first_clients_until_resume(
+    pg: TempPostgres,
+    pooler_process: Callable[..., PoolerProcess],
+    tmp_path: Any,
+    http: aiohttp.ClientSession,
+    workers: int,
+) -> None:
+    """start_paused: a pooler (a pod created during a pause) serves nobody until RESUME, not even
+    its first client, and opens no server meanwhile; with workers, every worker."""
+    base, port = start(pooler_process, tmp_path, pg, workers=workers, start_paused=True)
+    state = await status(http, base)
+    assert state["paused"] is True and state["servers"] == 0
+    clients = 6  # with two workers the kernel spreads them: both are tried
+
+    async def one(i: int) -> int:
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database="app", timeout=60)
+        try:
+            return int(await conn.fetchval("SELECT $1::int", i))
+        finally:
+            await conn.close()
+
+    held = [asyncio.ensure_future(one(i)) for i in range(clients)]
+    try:
+
+        async def all_arrived() -> bool:
+            return bool((await status(http, base))["clients"] == clients)
+
+        await until(all_arrived, "every client connected to the paused pooler", timeout=20)
+        state = await status(http, base)
+        # Held at login (the pool has not met its server yet) or in the queue; nothing served.
+        assert state["servers"] == 0 and state["paused"] is True
+        assert not any(task.done() for task in held)
+        # The control port's RESUME lifts a pause the pooler started with.
+        reply = await put_pause(http, base, False)
+        assert reply["paused"] is False
+        assert sorted(await asyncio.wait_for(asyncio.gather(*held), 20)) == list(range(clients))
+    finally:
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)

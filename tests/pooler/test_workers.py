@@ -755,3 +755,35 @@ async def test_admin_console_shows_its_worker_and_refuses_changes(fleet: StartFl
     for conn in app_clients:
         assert await (await conn.execute("SELECT 2")).fetchone() == (2,)  # not paused, not killed
         await conn.close()
+
+
+async def test_a_worker_started_again_takes_the_pause_in_force_not_the_files(
+    fleet: StartFleet, pg: TempPostgres, fresh_db: str, http: aiohttp.ClientSession
+) -> None:
+    """start_paused is the first state only: a worker that dies after a RESUME comes back serving,
+    one that dies during a PUT /pause comes back paused."""
+    f = fleet(start_paused=True, databases=own_app(pg, fresh_db))
+    assert (await get_json(http, f"{f.base}/status"))["paused"] is True
+    async with http.put(f"{f.base}/pause", json={"paused": False}, headers=AUTH) as response:
+        assert response.status == 200 and (await response.json())["paused"] is False
+
+    async def restarted(index: int, restarts: int) -> bool:
+        worker = (await get_json(http, f"{f.base}/status"))["workers"][index]
+        return bool(worker["restarts"] == restarts and worker["status"] is not None)
+
+    old_pid, _ = f.workers()[1]
+    os.kill(old_pid, signal.SIGKILL)
+    await eventually(lambda: restarted(1, 1), timeout=15, what="worker 1 started again")
+    status = await get_json(http, f"{f.base}/status")
+    assert [w["status"]["paused"] for w in status["workers"]] == [False, False]
+    groups = await on_each_worker(f.connect, asyncpg_pid, 2)
+    for conn in (conn for group in groups for conn in group):
+        assert await asyncio.wait_for(conn.fetchval("SELECT 1"), 10) == 1
+
+    async with http.put(f"{f.base}/pause", json={"paused": True}, headers=AUTH) as response:
+        assert response.status == 200
+    old_pid, _ = f.workers()[0]
+    os.kill(old_pid, signal.SIGKILL)
+    await eventually(lambda: restarted(0, 1), timeout=15, what="worker 0 started again")
+    status = await get_json(http, f"{f.base}/status")
+    assert [w["status"]["paused"] for w in status["workers"]] == [True, True] and status["paused"] is True
