@@ -328,6 +328,8 @@ class ClientConnection(asyncio.Protocol):
 
     async def _login(self) -> None:
         assert self.transport is not None
+        if self.pooler.tls.client is not None:
+            await self._direct_tls(self.pooler.tls.client)
         while True:
             packet = parse_startup_packet(await self._read_startup_packet())
             if isinstance(packet, SSLRequest) and self.pooler.tls.client is not None and not self.tls:
@@ -399,8 +401,24 @@ class ClientConnection(asyncio.Protocol):
         if self._pending:
             self._need_server()
 
-    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
-        """SSLRequest: answer 'S' and upgrade this connection in place."""
+    async def _direct_tls(self, ctx: ssl.SSLContext) -> None:
+        """A first byte that opens a TLS handshake is PostgreSQL 17's direct negotiation:
+        the handshake starts at once, and only a client naming ALPN `postgresql` goes on."""
+        while not self._pending:
+            await self._wait_for_data()
+        if self._pending[0] != tls.HANDSHAKE_RECORD:
+            return
+        hello, self._pending = self._pending, b""
+        await self._start_tls(ctx, hello)
+        assert self.transport is not None
+        if not tls.alpn_agreed(self.transport):
+            raise ClientError(
+                sqlstate.PROTOCOL_VIOLATION,
+                "received direct SSL connection request without ALPN protocol negotiation extension",
+            )
+
+    async def _start_tls(self, ctx: ssl.SSLContext, hello: bytes = b"") -> None:
+        """SSLRequest (or a direct ClientHello, `hello`): upgrade this connection in place."""
         if self._pending:
             # Bytes sent before the handshake cannot have come through it (CVE-2021-23214).
             raise ClientError(sqlstate.PROTOCOL_VIOLATION, "received unencrypted data after SSL request")
@@ -408,8 +426,9 @@ class ClientConnection(asyncio.Protocol):
         pooler = self.pooler
         try:
             self.transport = await tls.upgrade_client(
-                pooler.loop, self.transport, self, ctx, pooler.tls_stats, pooler.config.client_login_timeout or None
-            )
+                pooler.loop, self.transport, self, ctx, pooler.tls_stats, pooler.config.client_login_timeout or None,
+                hello,
+            )  # fmt: skip
         except (OSError, TimeoutError) as exc:
             log.info("TLS handshake with client %s:%s failed: %s", *self.address, exc)
             self.transport.abort()

@@ -4,7 +4,9 @@ A config that asks for TLS it cannot have (a file missing or unreadable, a key t
 not fit its certificate, an unknown protocol name) is a `ConfigError` naming the key, at
 start, at `--check-config` and at every reload: nothing falls back to cleartext silently.
 
-Client links upgrade in place after SSLRequest (`loop.start_tls`). Server links send
+Client links upgrade in place after SSLRequest (`loop.start_tls`), or start in TLS when
+their first byte opens a TLS handshake (PostgreSQL 17's direct negotiation, ALPN
+`postgresql` required), on the same port. Server links send
 SSLRequest on a bare socket, read the one-byte answer, and only then hand the socket to
 the event loop with or without TLS: the handshake happens once, when the link opens, and
 the session is kept for the link's whole life.
@@ -207,6 +209,11 @@ def describe(transport: asyncio.BaseTransport | None) -> str:
 
 
 # -- the client leg -------------------------------------------------------------------------
+# The first byte of a TLS handshake record: a client that opens with it negotiates TLS
+# directly (PostgreSQL 17's sslnegotiation=direct) instead of sending SSLRequest.
+HANDSHAKE_RECORD = 0x16
+
+
 async def upgrade_client(
     loop: asyncio.AbstractEventLoop,
     transport: asyncio.BaseTransport,
@@ -214,19 +221,31 @@ async def upgrade_client(
     ctx: ssl.SSLContext,
     stats: TlsStats,
     timeout: float | None,
+    hello: bytes = b"",
 ) -> asyncio.Transport:
-    """Answer a client's SSLRequest with 'S' and run the handshake on the same socket."""
+    """Run the server side of a handshake on the client's socket.
+
+    Without `hello` the client sent SSLRequest: answer 'S' first. With it the client
+    opened with its ClientHello (direct TLS), already read off the socket: those bytes
+    are handed to the TLS layer before it reads anything else.
+    """
     # uvloop's transports are not asyncio.Transport subclasses, only alike.
     link = cast(asyncio.Transport, transport)
-    link.write(b"S")
+    # Nothing more may reach the clear-text protocol (the ClientHello answers the 'S'):
+    # start_tls resumes reading once its TLS layer is in place, in its first step.
+    link.pause_reading()
+    if not hello:
+        link.write(b"S")
+    handshake = asyncio.ensure_future(
+        loop.start_tls(link, protocol, ctx, server_side=True, ssl_handshake_timeout=timeout)
+    )
+    if hello:
+        # start_tls's first step (scheduled just above, so it runs first) swaps the TLS
+        # layer in and schedules its start and the resumed reading; this runs right after
+        # it, before the loop polls the socket again, so the ClientHello comes first.
+        loop.call_soon(_replay, link, protocol, hello)
     try:
-        upgraded = await loop.start_tls(
-            link,
-            protocol,
-            ctx,
-            server_side=True,
-            ssl_handshake_timeout=timeout,
-        )
+        upgraded = await handshake
     except BaseException:
         stats.client_failures += 1
         link.abort()
@@ -236,6 +255,35 @@ async def upgrade_client(
         raise ConnectionResetError("client closed the connection during the TLS handshake")
     stats.client_handshakes += 1
     return upgraded
+
+
+def _replay(link: asyncio.Transport, app: asyncio.BaseProtocol, data: bytes) -> None:
+    """Feed bytes already read in the clear to the TLS layer that now owns the link.
+
+    asyncio's and uvloop's TLS layers are buffered protocols: get_buffer/buffer_updated
+    is how their transports hand them what the socket gave.
+    """
+    layer = link.get_protocol()
+    if layer is app or not hasattr(layer, "buffer_updated"):
+        # The TLS layer is not in place: never guess, drop the link.
+        link.abort()
+        return
+    # uvloop's TLS layer is alike, not an asyncio.BufferedProtocol subclass.
+    layer = cast(asyncio.BufferedProtocol, layer)
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(layer.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        layer.buffer_updated(size)
+        view = view[size:]
+
+
+def alpn_agreed(transport: asyncio.BaseTransport) -> bool:
+    """Whether the client named ALPN `postgresql` in its handshake (PostgreSQL 17 requires
+    it of direct TLS, so that a TLS connection meant for another protocol is refused)."""
+    obj = transport.get_extra_info("ssl_object")
+    return obj is not None and obj.selected_alpn_protocol() == ALPN
 
 
 # -- the server leg -------------------------------------------------------------------------

@@ -232,6 +232,79 @@ async def test_a_failed_handshake_costs_other_clients_nothing(certs: Certs, star
     assert (code, out.strip()) == (0, "1"), err
 
 
+def direct_context(certs: Certs, *alpn: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=certs.ca_file)
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    return context
+
+
+async def direct_tls_login(port: int, context: ssl.SSLContext) -> bytes:
+    """Open with a ClientHello (no SSLRequest), send a startup packet, return what comes back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
+    try:
+        writer.write(build_startup_message({"user": "md5user", "database": "app"}))
+        return await asyncio.wait_for(reader.read(1000), 10)
+    finally:
+        writer.close()
+
+
+async def test_direct_tls_with_alpn_postgresql_on_the_same_port(certs: Certs, start_pooler: StartPooler) -> None:
+    """PostgreSQL 17's sslnegotiation=direct: a ClientHello first, ALPN `postgresql` required."""
+    pooler = await start_pooler(**client_tls(certs, "prefer"))
+    async with await psycopg.AsyncConnection.connect(
+        host="localhost", port=pooler.port, user="md5user", password="md5pass", dbname="app",
+        sslmode="verify-full", sslrootcert=certs.ca_file, sslnegotiation="direct",
+    ) as conn:  # fmt: skip
+        assert conn.info.pgconn.ssl_in_use
+        cur = await conn.execute("SELECT %s::int + 1", (41,))
+        assert await cur.fetchone() == (42,)
+    # Over the raw socket: the authentication request comes back through TLS.
+    answer = await direct_tls_login(pooler.port, direct_context(certs, "postgresql"))
+    assert answer[:1] == b"R", answer
+    # The same port still negotiates by SSLRequest, and in the clear where the mode allows.
+    for conninfo in ("sslmode=require", "sslmode=disable"):
+        code, out, err = await psql(pooler.port, conninfo)
+        assert (code, out.strip()) == (0, "1"), (conninfo, err)
+    assert pooler.tls_stats.client_handshakes == 3
+    assert pooler.tls_stats.client_failures == 0
+
+
+async def test_direct_tls_without_alpn_postgresql_is_refused(certs: Certs, start_pooler: StartPooler) -> None:
+    """As PostgreSQL 17: a direct TLS connection that does not name ALPN `postgresql` (not
+    libpq, maybe a client of another protocol pointed at the wrong port) goes no further."""
+    pooler = await start_pooler(**client_tls(certs))
+    for alpn in ((), ("http/1.1",)):
+        answer = await direct_tls_login(pooler.port, direct_context(certs, *alpn))
+        assert answer[:1] == b"E", (alpn, answer)
+        assert b"without ALPN protocol negotiation extension" in answer, answer
+    code, out, err = await psql(pooler.port, "sslmode=require")
+    assert (code, out.strip()) == (0, "1"), err
+
+
+async def test_direct_tls_without_client_tls_is_not_a_startup_packet(start_pooler: StartPooler) -> None:
+    """client_tls_sslmode disable: a ClientHello is garbage in place of a startup packet, as
+    for a PostgreSQL with ssl = off; the connection closes and nothing else is disturbed."""
+    pooler = await start_pooler()
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await direct_tls_login(pooler.port, ssl._create_unverified_context())
+    await wait_until(lambda: not pooler.clients)
+    code, out, err = await psql(pooler.port, "sslmode=disable")
+    assert (code, out.strip()) == (0, "1"), err
+
+
+def test_direct_tls_under_the_production_loop(certs: Certs, pooler_process: Callable[..., PoolerProcess]) -> None:
+    """The real pooler process (uvloop): psycopg with sslnegotiation=direct and verify-full."""
+    proc = pooler_process(**client_tls(certs, "verify-full", client_tls_ca_file=certs.ca_file))
+    with psycopg.connect(
+        host="localhost", port=proc.port, user="md5user", password="md5pass", dbname="app",
+        sslmode="verify-full", sslrootcert=certs.ca_file, sslnegotiation="direct",
+        sslcert=certs.client_cert, sslkey=certs.client_key,
+    ) as conn:  # fmt: skip
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute("SELECT 1 + 1").fetchone() == (2,)
+
+
 # -- the server leg ----------------------------------------------------------------------------
 async def test_transactions_share_one_tls_handshake_per_server(
     certs: Certs, tls_pg: TempPostgres, start_pooler: StartPooler
