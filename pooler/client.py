@@ -16,6 +16,8 @@ import os
 import socket
 import ssl
 import struct
+import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, cast
 
 from . import auth, hba, params, prepared, sqlscan, tls
@@ -75,6 +77,10 @@ _STREAM_AFTER: Final = 256 * 1024
 _SMALL_LIMIT: Final = 10_000
 _SMALL_ONLY: Final = frozenset(map(ord, "CDEHSXcf"))
 _QUERY_OR_CALL: Final = frozenset(map(ord, "QF"))
+# What most clients hold, shared rather than allocated per client (10,000 idle clients
+# are 10,000 copies of each): they are only ever replaced, never changed in place.
+_NO_PINS: Final[frozenset[str]] = frozenset()
+_NO_SETTINGS: Final[Mapping[str, str]] = {}
 
 
 class _Violation(Exception):
@@ -148,12 +154,14 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, pooler: Pooler) -> None:
         self.pooler = pooler
         self.id = next(pooler.client_ids)
-        self._clock = pooler.loop.time  # bound once: read on every message
+        self._clock = pooler.clock  # bound once, shared: read on every message
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
         self.pool: Pool | None = None
         self.server: ServerConnection | None = None
-        self.params: dict[str, str] = {}
+        # The tracked parameters as this client sees them: shared by clients that see the
+        # same (Pool.shared_params), so replaced on change, never changed in place.
+        self.params: Mapping[str, str] = _NO_SETTINGS
         self.user = ""
         self.database = ""
         self.is_admin = False
@@ -173,16 +181,16 @@ class ClientConnection(asyncio.Protocol):
         self.statements: dict[str, prepared.Statement] = {}
         self.maps_statements = False  # set per link: transaction/statement mode, cache on
         # Server names bound since the last Sync (a stale plan among them gets renewed).
-        self.batch_binds: list[str] = []
+        self.batch_binds: list[str] | None = None
         # Why this client keeps its server past transaction end (sqlscan's reasons).
-        self.pins: set[str] = set()
+        self.pins = _NO_PINS
         # Startup settings other than the tracked parameters (name -> value), and whether
         # PostgreSQL has accepted them once.
-        self.startup_sets: dict[str, str] = {}
+        self.startup_sets = _NO_SETTINGS
         self._sets_checked = False
         self._pending = b""
         # A long message being received: its chunks (joined once it is whole) and its size.
-        self._held: list[bytes] = []
+        self._held: list[bytes] | None = None
         self._held_size = 0
         self._need = 0
         # Bytes of a long message still to pass straight through to the server.
@@ -198,7 +206,8 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.address = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("unix", 0)
+        # Interned: the clients of one host share its address string.
+        self.address = (sys.intern(str(peer[0])), int(peer[1])) if isinstance(peer, tuple) else ("unix", 0)
         if not self.pooler.client_connected(self):
             self.terminate(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
             return
@@ -214,12 +223,13 @@ class ClientConnection(asyncio.Protocol):
                     return
             if self._need:
                 held = self._held
+                assert held is not None
                 held.append(data)
                 self._held_size += len(data)
                 if self._held_size < self._need:
                     return  # each chunk is copied once, when the message is whole
                 data = b"".join(held)
-                held.clear()
+                self._held = None
                 self._need = self._held_size = 0
             elif self._pending:
                 data, self._pending = self._pending + data, b""
@@ -351,7 +361,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.tls and self.pooler.tls.client_mode.demands_tls and self.address[0] != "unix":
             raise ClientError(sqlstate.INVALID_AUTHORIZATION, "SSL required")
         self.state = ClientState.LOGIN
-        self.user, self.database = packet.user, packet.database
+        # Interned: the clients of one user and database share the strings.
+        self.user, self.database = sys.intern(packet.user), sys.intern(packet.database)
         config = self.pooler.config
         if self.pooler.draining and self.database != _ADMIN_DATABASE:
             raise ClientError(sqlstate.CANNOT_CONNECT_NOW, "pgfleet is shutting down")
@@ -385,9 +396,10 @@ class ClientConnection(asyncio.Protocol):
         if refused is not None:
             raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, refused)
         self.pool = pool
-        self.params = {name: value for name, value in welcome.items() if name in params.TRACKED}
+        seen = {name: value for name, value in welcome.items() if name in params.TRACKED}
         for name, value in startup_params.items():
-            self.params[name] = params.reported_value(name, value, welcome.get(name))
+            seen[name] = params.reported_value(name, value, welcome.get(name))
+        self.params = pool.shared_params(seen)
         self.cancel_key = self.pooler.register_cancel_key(self)
         out = pool.welcome_frames(self.params)
         out.append(backend.backend_key_data(*self.cancel_key))
@@ -458,6 +470,7 @@ class ClientConnection(asyncio.Protocol):
         dropped, as PgBouncer does.
         """
         tracked: dict[str, str] = {}
+        others: dict[str, str] = {}
         ignored = {name.lower() for name in self.pooler.config.ignore_startup_parameters}
         settings: list[tuple[str, str]] = []
         for name, value in startup.items():
@@ -478,7 +491,9 @@ class ClientConnection(asyncio.Protocol):
             if canonical is not None:
                 tracked[canonical] = value
             elif name.lower() not in ignored:
-                self.startup_sets[name.lower()] = value
+                others[name.lower()] = value
+        if others:
+            self.startup_sets = others
         return tracked
 
     async def _authenticate(self) -> None:
@@ -761,7 +776,7 @@ class ClientConnection(asyncio.Protocol):
                 elif msg_type == _S:
                     server.skipping_to_sync = False  # what follows the Sync is answered again
                     if server.replies or self.batch_binds:
-                        binds, self.batch_binds = self.batch_binds, []
+                        binds, self.batch_binds = self.batch_binds, None
                         reply = prepared.Reply(prepared.SYNC, binds=binds) if binds else prepared.SYNC_REPLY
                         prepared.track(server, reply, replies)
                     replies += 1
@@ -814,7 +829,7 @@ class ClientConnection(asyncio.Protocol):
             if hold > _STREAM_AFTER:
                 # A long message that must be whole (a mapped Parse): gathered in chunks.
                 rest = data[pos:]
-                self._held.append(rest)
+                self._held = [rest]
                 self._held_size = len(rest)
                 self._need = hold
             else:
@@ -908,8 +923,8 @@ class ClientConnection(asyncio.Protocol):
             return  # the server is the client's anyway, and reset at logout
         if effect.pins - self.pins:
             log.debug("%r keeps its server: %s", self, ", ".join(sorted(effect.pins - self.pins)))
-        self.pins |= effect.pins
-        self.pins -= effect.unpins
+        pins = (self.pins | effect.pins) - effect.unpins
+        self.pins = pins if pins else _NO_PINS
 
     def server_ready(self, server: ServerConnection) -> None:
         """ReadyForQuery arrived for this client: decide whether the server goes back.
@@ -954,7 +969,8 @@ class ClientConnection(asyncio.Protocol):
 
     def parameter_changed(self, name: str, value: str) -> None:
         """The server reported a new value of a tracked parameter (params.TRACKED)."""
-        self.params[name] = value
+        if self.params.get(name) != value:
+            self.params = {**self.params, name: value}  # shared with others: replaced, not changed
 
     def server_lost(self, server: ServerConnection) -> None:
         """The linked server went away mid-transaction: say so and end this client.

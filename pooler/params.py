@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 # The GUC_REPORT parameters a client can change and rely on: PostgreSQL reports each
 # change with ParameterStatus, so the proxy always knows both the client's and the
 # server's values and can SET the difference when a transaction lands on another server.
@@ -113,7 +115,7 @@ def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def sync_statement(client: dict[str, str], server: dict[str, str]) -> str | None:
+def sync_statement(client: Mapping[str, str], server: Mapping[str, str]) -> str | None:
     """SQL that makes the server's tracked parameters equal the client's, or None."""
     sets = [f'SET "{name}" = {quote_literal(value)}' for name, value in client.items() if server.get(name) != value]
     return ";".join(sets) if sets else None
@@ -159,7 +161,7 @@ def split_options(options: str) -> list[tuple[str, str]]:
     return settings
 
 
-def set_config_statement(settings: dict[str, str]) -> str:
+def set_config_statement(settings: Mapping[str, str]) -> str:
     """SQL that sets these (untracked) parameters for the session, values taken as given.
 
     set_config, not SET: a startup value is one string (`search_path=a,b` is two schemas;

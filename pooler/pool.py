@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 from . import params, tls
@@ -42,6 +43,9 @@ WAIT_NOTICE: Final = backend.notice_response(
 # a timeout, 57P03 "the database system is starting up / shutting down", 53300 no slot
 # free) is a database down or busy for now, and clients keep waiting for it.
 _REFUSED_CLASSES: Final = ("28", "3D")
+# Distinct parameter sets a pool shares among its clients before it starts over (a client
+# naming itself differently each time must not grow the table without end).
+_SHARED_PARAMS_LIMIT: Final = 256
 
 
 def login_refused(error: ServerLoginError) -> bool:
@@ -66,6 +70,8 @@ class Pool:
         self.statements = StatementRegistry()
         self.server_params: dict[str, str] | None = None
         self._welcome_cache: tuple[dict[str, str], dict[str, bytes]] | None = None
+        # The parameter sets its clients see, each held once (see shared_params).
+        self._shared_params: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self.paused = False
         # After a login that cannot succeed (login_refused) the pool answers with the
         # server's error at once, for server_login_retry, instead of hammering the server.
@@ -529,7 +535,21 @@ class Pool:
         self.full_refusals += 1
         self._retry_in(FULL_RETRY)
 
-    def welcome_frames(self, client_params: dict[str, str]) -> list[bytes]:
+    def shared_params(self, client_params: dict[str, str]) -> Mapping[str, str]:
+        """One dict for every client of this pool that sees the same parameters, in the same order.
+
+        Most clients of a pool see the same dozen values; each holding its own copy would
+        cost a dict per idle client. Clients replace theirs on a change (never change it).
+        """
+        key = tuple(client_params.items())
+        shared = self._shared_params.get(key)
+        if shared is None:
+            if len(self._shared_params) >= _SHARED_PARAMS_LIMIT:
+                self._shared_params.clear()  # clients keep theirs; the next ones share anew
+            shared = self._shared_params[key] = client_params
+        return shared
+
+    def welcome_frames(self, client_params: Mapping[str, str]) -> list[bytes]:
         """ParameterStatus messages greeting a client: the server's, with the client's own values.
 
         The frames of the server's values are built once per pool; a connection storm

@@ -54,6 +54,8 @@ class Pooler:
         self.slot = slot or WorkerSlot()
         self.config_path = config_path
         self.loop = asyncio.get_running_loop()
+        # The loop's clock, bound once and shared: every client and pool reads it per message.
+        self.clock = self.loop.time
         self.userlist: dict[str, str] = load_userlist(config.auth_file) if config.auth_file else {}
         self.tls: TlsContexts = build_contexts(config)
         self._tls_files = file_signature(config)
@@ -76,7 +78,8 @@ class Pooler:
         # SHUTDOWN WAIT_FOR_SERVERS: no client gets a server any more (pool.acquire).
         self.refusing_servers = False
         self.started_at = self.loop.time()
-        self._cancel_keys: dict[int, tuple[int, ClientConnection]] = {}
+        # Cancel process id -> its logged-in client (whose cancel_key holds the secret key).
+        self._cancel_keys: dict[int, ClientConnection] = {}
         self._cancel_tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
         self._unix_servers: list[asyncio.Server] = []  # kept open by a graceful shutdown
@@ -391,7 +394,7 @@ class Pooler:
             if pid not in self._cancel_keys:
                 break
         key = secrets.randbits(32) - (1 << 31)
-        self._cancel_keys[pid] = (key, client)
+        self._cancel_keys[pid] = client
         self.logged_in_clients += 1
         return pid, key
 
@@ -403,10 +406,10 @@ class Pooler:
             path = str(slot.cancel_socket(slot.owner_of(pid)))
             self._track(self._send_cancel(path, pid, key))
             return
-        entry = self._cancel_keys.get(pid)
-        if entry is None or entry[0] != key:
+        client = self._cancel_keys.get(pid)
+        if client is None or client.cancel_key[1] != key:
             return  # PostgreSQL too ignores cancel requests with a wrong key, silently
-        server = entry[1].server
+        server = client.server
         if server is None or not server.backend_pid:
             return
         self.cancel_query(server)

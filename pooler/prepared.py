@@ -161,7 +161,7 @@ def _room(client: ClientConnection, server: ServerConnection, untracked: int) ->
     server.to_close.clear()
     limit = server.pool.pooler.config.max_prepared_statements
     prepared = server.prepared
-    in_use = client.batch_binds
+    in_use = client.batch_binds or ()
     tries = len(prepared)
     while len(prepared) >= limit and tries > 0:
         tries -= 1
@@ -263,7 +263,10 @@ def on_bind(
     if stmt is None:
         return None  # the server answers 26000, as PostgreSQL would
     pre = ensure(client, server, stmt, untracked)
-    client.batch_binds.append(stmt.name)
+    if client.batch_binds is None:
+        client.batch_binds = [stmt.name]  # created on the first Bind: most clients never bind
+    else:
+        client.batch_binds.append(stmt.name)
     if stmt.effect is not None:
         client.apply_effect(stmt.effect)
     head = body[: portal_end + 1] + stmt.name.encode() + body[name_end:]
