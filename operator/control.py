@@ -243,7 +243,8 @@ class BudgetLoops:
 
     A PgPool's reconcile registers its fleet (`register`); the loop of its server starts
     with the first fleet and stops with the last. The observer connects with the
-    credentials of the fleet that started the loop.
+    credentials and TLS settings of one of its fleets (the first; when it leaves, the next
+    that registers), and follows them when they change.
     """
 
     def __init__(self, *, period: float, push_timeout: float, probe_timeout: float) -> None:
@@ -252,6 +253,7 @@ class BudgetLoops:
         self.probe_timeout = probe_timeout
         self._loops: dict[tuple[str, int], tuple[BudgetLoop, asyncio.Task[None]]] = {}
         self._server_of: dict[str, tuple[str, int]] = {}
+        self._observer_of: dict[tuple[str, int], str] = {}  # server -> the fleet whose target it uses
 
     def register(self, fleet: Fleet, target: DatabaseTarget) -> BudgetLoop:
         server = (target.host, target.port)
@@ -266,6 +268,8 @@ class BudgetLoops:
             )
             task = asyncio.get_running_loop().create_task(loop.run(), name=f"budget {target.host}:{target.port}")
             entry = self._loops[server] = (loop, task)
+        if self._observer_of.setdefault(server, fleet.name) == fleet.name:
+            entry[0].observer.retarget(target)
         entry[0].set_fleet(fleet)
         self._server_of[fleet.name] = server
         return entry[0]
@@ -276,6 +280,8 @@ class BudgetLoops:
             return
         loop, task = self._loops[server]
         loop.drop_fleet(name)
+        if self._observer_of.get(server) == name:
+            del self._observer_of[server]
         if not loop.fleets:
             task.cancel()
             del self._loops[server]
@@ -314,6 +320,7 @@ class BudgetLoops:
             await loop.close()
         self._loops.clear()
         self._server_of.clear()
+        self._observer_of.clear()
 
 
 _closing: set[asyncio.Task[None]] = set()

@@ -7,9 +7,12 @@ one connects with asyncpg, tests may pass another.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import ssl
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .allocate import ServerFacts
@@ -21,7 +24,14 @@ class DatabaseTarget:
     port: int
     dbname: str
     user: str
-    password: str
+    password: str = field(repr=False)
+    # The PgPool's TLS towards the database (spec.tls), so that the operator reaches a
+    # database that refuses the clear exactly as its poolers do: libpq's sslmode, the CA
+    # the server's certificate must chain to and a client certificate, as PEM text.
+    sslmode: str = "prefer"
+    ca: str | None = field(default=None, repr=False)
+    cert: str | None = field(default=None, repr=False)
+    key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +46,53 @@ class DatabaseUnreachable(Exception):
 
 class DatabaseProbe(Protocol):
     async def __call__(self, target: DatabaseTarget) -> DatabaseFacts: ...
+
+
+class TlsSettingsError(DatabaseUnreachable):
+    """The TLS settings cannot be used (a CA that is no PEM, a key that does not fit)."""
+
+
+def ssl_for(target: DatabaseTarget) -> ssl.SSLContext | str | bool:
+    """asyncpg's `ssl` argument for the target, with libpq's meaning of each sslmode.
+
+    disable: the clear. allow and prefer without a client certificate: asyncpg's own modes
+    (TLS when the server offers it, else the clear). Otherwise a context that demands TLS:
+    require checks nothing, verify-ca the chain (the CA given, else the system's), and
+    verify-full also the host name. A client certificate with allow/prefer demands TLS too:
+    a database that asks for one offers TLS.
+    """
+    mode = target.sslmode
+    if mode == "disable":
+        return False
+    has_cert = bool(target.cert and target.key)
+    if mode in ("allow", "prefer") and not has_cert:
+        return mode
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    verifies = mode in ("verify-ca", "verify-full")
+    ctx.check_hostname = mode == "verify-full"
+    try:
+        if not verifies:
+            ctx.verify_mode = ssl.CERT_NONE
+        elif target.ca:
+            ctx.load_verify_locations(cadata=target.ca)
+        else:
+            ctx.load_default_certs()
+        if has_cert:
+            _load_client_certificate(ctx, str(target.cert), str(target.key))
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        raise TlsSettingsError(f"{target.host}:{target.port}: TLS settings: {exc}") from exc
+    return ctx
+
+
+def _load_client_certificate(ctx: ssl.SSLContext, cert: str, key: str) -> None:
+    # OpenSSL reads key pairs from files only: a private directory, removed at once.
+    with tempfile.TemporaryDirectory(prefix="pgfleet-tls-") as tmp:
+        cert_path, key_path = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+        for path, text in ((cert_path, cert), (key_path, key)):
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+                out.write(text)
+        ctx.load_cert_chain(cert_path, key_path, password=lambda: "")
 
 
 _FACTS_SQL = """
@@ -60,6 +117,7 @@ class AsyncpgProbe:
                 database=target.dbname,
                 user=target.user,
                 password=target.password,
+                ssl=ssl_for(target),
                 timeout=self.timeout,
                 server_settings={"application_name": "pgfleet-operator"},
             )
@@ -156,10 +214,20 @@ class ServerObserver:
         self.target = target
         self.timeout = timeout
         self._conn: Any = None
+        self._stale = False
+
+    def retarget(self, target: DatabaseTarget) -> None:
+        """Other credentials or TLS settings: the kept connection is replaced at the next look."""
+        if target != self.target:
+            self.target = target
+            self._stale = True
 
     async def _connection(self) -> Any:
         import asyncpg
 
+        if self._stale:
+            self._stale = False
+            await self.close()
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
         kwargs: dict[str, Any] = {
@@ -174,6 +242,7 @@ class ServerObserver:
                 database=self.target.dbname,
                 user=self.target.user,
                 password=self.target.password,
+                ssl=ssl_for(self.target),
             )
         self._conn = await asyncpg.connect(self.dsn, **kwargs)
         return self._conn

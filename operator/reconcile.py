@@ -138,6 +138,11 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
                 client_userlist = parse_userlist(text, f"Secret {spec.client_auth.userlist_secret} userlist.txt")
             except ConfigError as exc:
                 raise MissingSecret(str(exc)) from None
+        server_ca = None
+        if spec.tls.server_ca_secret:
+            server_ca = (await _read_secret(ctx.client, pgpool.namespace, spec.tls.server_ca_secret, ("ca.crt",)))[
+                "ca.crt"
+            ]
     except MissingSecret as exc:
         # Without credentials nothing sensible can be rendered; leave the children as they are.
         msg = str(exc)
@@ -152,8 +157,15 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         )
 
     # -- the database ------------------------------------------------------------------------
+    # The operator reaches the database with the poolers' TLS settings (spec.tls).
     target = DatabaseTarget(
-        spec.database.host, spec.database.port, spec.database.dbname, creds["username"], creds["password"]
+        spec.database.host,
+        spec.database.port,
+        spec.database.dbname,
+        creds["username"],
+        creds["password"],
+        sslmode=spec.tls.server_sslmode.value,
+        ca=server_ca,
     )
     facts: DatabaseFacts | None = None
     key = f"{pgpool.namespace}/{pgpool.name}"

@@ -121,6 +121,30 @@ def postgres() -> Any:
         yield pg
 
 
+# hostssl only: a connection in the clear finds no pg_hba.conf entry; certuser must show a
+# client certificate whose CN is its name (pg_hba `cert`).
+TLS_HBA = [
+    "hostssl all certuser 127.0.0.1/32 cert",
+    "hostssl all all 127.0.0.1/32 scram-sha-256",
+]
+
+
+@pytest.fixture(scope="session")
+def tls_postgres(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A PostgreSQL that refuses the clear, and the run's certificates (its CA: `certs.ca_file`)."""
+    from pgfleet.devtools.certs import Certs
+    from pgfleet.devtools.tempdb import TempPostgres
+
+    certs = Certs(tmp_path_factory.mktemp("certs"))
+    pg = TempPostgres(max_connections=50, tls=certs.postgres_tls(), hba=TLS_HBA)
+    try:
+        pg.start()
+        pg.sql("CREATE ROLE certuser LOGIN")
+        yield pg, certs
+    finally:
+        pg.cleanup()
+
+
 @pytest.fixture(scope="session")
 def labdb() -> Any:
     """A PostgreSQL of the budget tests' own: max_connections 50 (47 usable), roles fleet and other."""

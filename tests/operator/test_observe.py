@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pgfleet.operator.observe import AsyncpgProbe, DatabaseTarget, DatabaseUnreachable
+from pgfleet.operator.observe import AsyncpgProbe, DatabaseTarget, DatabaseUnreachable, ServerObserver
 
 
 def target(postgres: Any, **changes: Any) -> DatabaseTarget:
@@ -94,5 +94,57 @@ async def test_a_lost_observer_connection_is_unreachable_then_reopened(postgres:
             await observer.snapshot()  # the password never reaches a message
         again = await observer.snapshot()
         assert again.observer_pid != snap.observer_pid
+    finally:
+        await observer.close()
+
+
+# -- a database that refuses the clear: the PgPool's TLS settings (spec.tls) ------------------------
+def tls_target(tls_postgres: Any, **changes: Any) -> DatabaseTarget:
+    pg, certs = tls_postgres
+    fields = {
+        "host": "localhost",  # the name PostgreSQL's certificate carries
+        "sslmode": "verify-full",
+        "ca": certs.ca.cert_pem.bytes().decode(),
+        **changes,
+    }
+    return target(pg, **fields)
+
+
+async def test_probe_and_observer_reach_a_hostssl_only_database_with_the_tls_settings(tls_postgres: Any) -> None:
+    facts = await AsyncpgProbe(timeout=5)(tls_target(tls_postgres))
+    assert facts.max_connections == 50
+    for sslmode in ("require", "verify-ca", "prefer", "allow"):
+        facts = await AsyncpgProbe(timeout=5)(tls_target(tls_postgres, host="127.0.0.1", sslmode=sslmode))
+        assert facts.max_connections == 50, sslmode
+    observer = ServerObserver(target=tls_target(tls_postgres), timeout=5)
+    try:
+        snapshot = await observer.snapshot(databases=["postgres"])
+        assert snapshot.max_connections == 50 and snapshot.observer_pid > 0
+    finally:
+        await observer.close()
+
+
+async def test_tls_settings_are_honoured_never_loosened(tls_postgres: Any) -> None:
+    """Each refusal names its reason; none falls back to a weaker mode."""
+    _, certs = tls_postgres
+    probe = AsyncpgProbe(timeout=5)
+    with pytest.raises(DatabaseUnreachable, match="no encryption"):
+        await probe(tls_target(tls_postgres, sslmode="disable"))
+    # 127.0.0.1 is not a name the certificate carries: verify-full refuses it.
+    with pytest.raises(DatabaseUnreachable, match=r"(?i)certificate verify failed|IP address mismatch"):
+        await probe(tls_target(tls_postgres, host="127.0.0.1"))
+    with pytest.raises(DatabaseUnreachable, match=r"(?i)certificate verify failed"):
+        await probe(tls_target(tls_postgres, sslmode="verify-ca", ca=certs.other_ca.cert_pem.bytes().decode()))
+    with pytest.raises(DatabaseUnreachable, match="TLS settings"):
+        await probe(tls_target(tls_postgres, ca="not a certificate"))
+
+
+async def test_the_observer_follows_new_tls_settings(tls_postgres: Any) -> None:
+    observer = ServerObserver(target=tls_target(tls_postgres, sslmode="disable"), timeout=5)
+    try:
+        with pytest.raises(DatabaseUnreachable, match="no encryption"):
+            await observer.snapshot()
+        observer.retarget(tls_target(tls_postgres))
+        assert (await observer.snapshot()).max_connections == 50
     finally:
         await observer.close()

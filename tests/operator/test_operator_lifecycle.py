@@ -178,3 +178,30 @@ async def test_workers_split_the_pool_and_roll_the_pods(api: Any, operator: Any,
     assert kids["deployment"]["spec"]["replicas"] == 0
     assert yaml.safe_load(kids["config"]["data"]["pooler.yaml"])["workers"] == 10
     assert kids["deployment"]["spec"]["template"] != template_before  # the worker count needs new pods
+
+
+async def test_the_database_is_observed_with_the_pgpools_tls_settings(
+    api: Any, operator: Any, tls_postgres: Any
+) -> None:
+    """A database that refuses the clear (hostssl-only pg_hba): the status probe and the
+    budget loop's observer connect with spec.tls, as the poolers do, and follow its changes."""
+    pg, certs = tls_postgres
+    await api.put_object(SECRETS, creds_secret() | {"stringData": {"username": "scramuser", "password": "scrampass"}})
+    ca_secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-ca", "namespace": NS}}
+    await api.put_object(SECRETS, ca_secret | {"stringData": {"ca.crt": certs.ca.cert_pem.bytes().decode()}})
+    body = pgpool(pg, tls={"serverSslmode": "disable"})
+    body["spec"]["database"]["host"] = "localhost"  # the name the database's certificate carries
+    await api.put_object(PGPOOLS, body)
+
+    def reachable(status: str, text: str) -> Any:
+        cond = condition(api.get(PGPOOLS, NS, "main"), "DatabaseReachable")
+        return cond if cond and cond["status"] == status and text in cond["message"] else None
+
+    await eventually(lambda: reachable("False", "no encryption"), what="the clear refused by pg_hba")
+    tls = {"serverSslmode": "verify-full", "serverCaSecret": "db-ca"}
+    await api.patch_object(PGPOOLS, NS, "main", {"spec": {"tls": tls}})
+    # "of others" is the budget loop's report: its kept connection reached the database too.
+    cond = await eventually(lambda: reachable("True", "of others"), what="DatabaseReachable=True through TLS")
+    assert "max_connections=50" in cond["message"]
+    config = yaml.safe_load(children(api)["config"]["data"]["pooler.yaml"])
+    assert config["server_tls_sslmode"] == "verify-full" and config["server_tls_ca_file"]

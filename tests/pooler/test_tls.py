@@ -1,9 +1,6 @@
 """TLS on both legs, against a PostgreSQL of its own with ssl = on and hostssl-only pg_hba.
 
-Certificates are made per run (trustme): one CA signs PostgreSQL's certificate (for
-"localhost" only, so that 127.0.0.1 is a wrong host name for verify-full), the pooler's
-certificate (127.0.0.1 and localhost) and a client certificate for `certuser`; a second
-CA is the unknown one.
+Certificates are made per run (pgfleet.devtools.certs).
 """
 
 from __future__ import annotations
@@ -21,8 +18,8 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-import trustme
 import yaml
+from pgfleet.devtools.certs import Certs
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.devtools.testing import client_env, run_cmd, wait_until
 from pgfleet.pooler import cli
@@ -40,31 +37,6 @@ TLS_HBA = [
 ]
 
 
-class Certs:
-    """The run's CAs and certificates, written to files the pooler and clients read."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.ca = trustme.CA()
-        self.other_ca = trustme.CA()
-        self.ca_file = self._write("ca.crt", self.ca.cert_pem.bytes())
-        self.other_ca_file = self._write("other-ca.crt", self.other_ca.cert_pem.bytes())
-        self.pg_cert = self.ca.issue_cert("localhost")
-        self.pooler_cert, self.pooler_key = self.issue("pooler", self.ca, "127.0.0.1", "localhost")
-        self.client_cert, self.client_key = self.issue("certuser", self.ca, "certuser", common_name="certuser")
-
-    def _write(self, name: str, data: bytes) -> str:
-        path = self.root / name
-        path.write_bytes(data)
-        path.chmod(0o600)
-        return str(path)
-
-    def issue(self, name: str, ca: trustme.CA, *identities: str, **kwargs: Any) -> tuple[str, str]:
-        cert = ca.issue_cert(*identities, **kwargs)
-        chain = b"".join(pem.bytes() for pem in cert.cert_chain_pems)
-        return self._write(f"{name}.crt", chain), self._write(f"{name}.key", cert.private_key_pem.bytes())
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return Certs(tmp_path_factory.mktemp("certs"))
@@ -73,10 +45,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 @pytest.fixture(scope="module")
 def tls_pg(certs: Certs) -> Iterator[TempPostgres]:
     """A PostgreSQL that speaks only TLS over TCP."""
-    chain = b"".join(pem.bytes() for pem in certs.pg_cert.cert_chain_pems)
-    server = TempPostgres(
-        max_connections=30, tls=(chain, certs.pg_cert.private_key_pem.bytes(), certs.ca.cert_pem.bytes()), hba=TLS_HBA
-    )
+    server = TempPostgres(max_connections=30, tls=certs.postgres_tls(), hba=TLS_HBA)
     server.start()
     server.sql("CREATE ROLE certuser LOGIN")
     try:
