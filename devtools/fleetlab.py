@@ -123,6 +123,18 @@ class Sample:
         return sum(self.by_role.values())
 
 
+# Backends per role; the operator's own connections (its budget loop's observer and its
+# probe, which log in with the fleet's credentials) are not the poolers': "operator".
+_SAMPLE_SQL = """
+SELECT CASE WHEN application_name IN ('pgfleet-budget', 'pgfleet-operator') THEN 'operator'
+            ELSE coalesce(usename, '') END AS role,
+       count(*) AS n
+  FROM pg_stat_activity
+ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+ GROUP BY 1
+"""
+
+
 class Sampler:
     """pg_stat_activity every `interval` seconds over its own (superuser) connection."""
 
@@ -130,6 +142,7 @@ class Sampler:
         self.pg = pg
         self.interval = interval
         self.samples: list[Sample] = []
+        self.gaps = 0  # periods without a sample (the server was down)
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
 
@@ -139,11 +152,18 @@ class Sampler:
 
     async def _run(self) -> None:
         while True:
-            rows = await self._conn.fetch(
-                "SELECT coalesce(usename, '') AS role, count(*) AS n FROM pg_stat_activity"
-                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() GROUP BY 1"
-            )
-            self.samples.append(Sample(time.monotonic(), {r["role"]: int(r["n"]) for r in rows}))
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(
+                        self.pg.dsn(), server_settings={"application_name": "sampler"}, timeout=5
+                    )
+                rows = await self._conn.fetch(_SAMPLE_SQL)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                # PostgreSQL restarting: no sample until it is back (a superuser slot is kept for us).
+                self._conn = None
+                self.gaps += 1
+            else:
+                self.samples.append(Sample(time.monotonic(), {r["role"]: int(r["n"]) for r in rows}))
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
@@ -152,7 +172,10 @@ class Sampler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._conn is not None:
-            await self._conn.close()
+            try:
+                await self._conn.close(timeout=5)
+            except Exception:  # cancelled mid-query (asyncpg: "another operation is in progress")
+                self._conn.terminate()
 
     def since(self, start: float, end: float | None = None) -> list[Sample]:
         return [s for s in self.samples if s.at >= start and (end is None or s.at <= end)]

@@ -28,12 +28,19 @@ class PushResult:
         return sum(self.clients.values()) if self.clients else None
 
 
-def running_pod_addresses(pods: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """Pod name -> IP of the pods that could hold backends (running, not being deleted)."""
+def running_pod_addresses(pods: Sequence[Mapping[str, Any]], *, terminating: bool = False) -> dict[str, str]:
+    """Pod name -> IP of the running pods, those being deleted only with `terminating`.
+
+    A pod being deleted still drains: until its containers exit it holds the servers of the
+    transactions it finishes, so the budget counts it (`terminating=True`) while its clients
+    have gone elsewhere.
+    """
     out = {}
     for pod in pods:
         meta, status = pod.get("metadata", {}), pod.get("status", {})
-        if meta.get("deletionTimestamp") or status.get("phase") != "Running" or not status.get("podIP"):
+        if meta.get("deletionTimestamp") and not terminating:
+            continue
+        if status.get("phase") != "Running" or not status.get("podIP"):
             continue
         out[str(meta["name"])] = str(status["podIP"])
     return out

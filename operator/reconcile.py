@@ -416,7 +416,9 @@ def _fleet(ctx: Context, pgpool: model.PgPool, role: str, token: str, allocation
 
     async def pods() -> dict[str, str]:
         found = await client.list(kube.collection_path("v1", "Pod", namespace), label_selector=selector)
-        return {name: fleet.pod_url(ip, port) for name, ip in fleet.running_pod_addresses(found).items()}
+        # A terminating pod still holds what it drains: it counts until its containers exit.
+        running = fleet.running_pod_addresses(found, terminating=True)
+        return {name: fleet.pod_url(ip, port) for name, ip in running.items()}
 
     return Fleet(
         name=f"{pgpool.namespace}/{pgpool.name}",

@@ -24,6 +24,8 @@ def test_only_running_pods_with_an_address() -> None:
         pod("d", "10.0.0.4", deleting=True),
     ]
     assert running_pod_addresses(pods) == {"a": "10.0.0.1"}
+    # The budget counts a terminating pod until its containers exit: it drains what it holds.
+    assert running_pod_addresses(pods, terminating=True) == {"a": "10.0.0.1", "d": "10.0.0.4"}
 
 
 async def test_push_sends_the_limits_with_the_token(unused_tcp_port: int) -> None:

@@ -10,19 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgfleet.devtools.fleetlab import FLEET_ROLE, Crowd, CrowdStats, Grabber, Sampler, start_fleet_pooler
+import asyncpg
+from pgfleet.devtools.fleetlab import (
+    FLEET_ROLE,
+    TOKEN,
+    Crowd,
+    CrowdStats,
+    Grabber,
+    LabPooler,
+    Sampler,
+    start_fleet_pooler,
+)
+from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.operator import render
+from pgfleet.operator.control import FleetReport, PeriodReport
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import eventually
 from .test_operator_lifecycle import EVENTS, NS, PGPOOLS, SECRETS, condition
 
 PODS = "/v1/pods"
+POD_PORT = int(os.environ["PGFLEET_POD_HTTP_PORT"])
+PERIOD = float(os.environ["PGFLEET_BUDGET_PERIOD"])
 
 
 def operator_metrics() -> dict[str, float]:
@@ -195,3 +211,266 @@ async def test_the_operator_follows_the_database_with_real_poolers(
         before = [total for at, total in totals if at <= sample.at][-1:]
         after = [total for at, total in totals if at > sample.at][:1]
         assert sample.count(FLEET_ROLE) <= max(before + after), (sample, before, after)
+
+
+# -- more of the invariants, through the operator ---------------------------------------------------
+
+
+@dataclass
+class Trail:
+    """Each PgPool's budget loop reports as they come (the operator runs in this process, a thread)."""
+
+    names: tuple[str, ...]
+    seen: dict[str, list[tuple[float, FleetReport]]] = field(default_factory=dict)
+    servers: list[PeriodReport] = field(default_factory=list)  # every period of their server
+
+    async def follow(self) -> None:
+        from pgfleet.operator.handlers import runtime
+
+        last: dict[str, float] = {}
+        while True:
+            for name in self.names:
+                loops = runtime.loops
+                looked = loops.report(f"{NS}/{name}") if loops is not None else None
+                if looked is not None and last.get(name) != looked[0].at:
+                    last[name] = looked[0].at
+                    self.seen.setdefault(name, []).append((time.monotonic(), looked[1]))
+                    if not self.servers or self.servers[-1].at != looked[0].at:
+                        self.servers.append(looked[0])
+            await asyncio.sleep(0.02)
+
+    def last(self, name: str) -> FleetReport | None:
+        reports = self.seen.get(name)
+        return reports[-1][1] if reports else None
+
+    def count(self, name: str) -> int:
+        return len(self.seen.get(name, ()))
+
+    def budget_at(self, name: str, at: float) -> int:
+        """The larger of the budgets in force just before and just after `at` (a push takes a moment)."""
+        reports = self.seen[name]
+        before = [r.budget.budget for t, r in reports if t <= at]
+        after = [r.budget.budget for t, r in reports if t > at]
+        return max(before[-1:] + after[:1])
+
+    async def until(self, name: str, what: Any, *, timeout: float = 60, why: str = "") -> float:
+        """Wait for a report of `name` that satisfies `what`; seconds it took."""
+        start = time.monotonic()
+        await eventually(lambda: (r := self.last(name)) is not None and what(r), timeout=timeout, what=why or name)
+        return time.monotonic() - start
+
+    async def periods(self, name: str, count: int) -> None:
+        """Wait until `count` more periods have been reported."""
+        target = self.count(name) + count
+        await eventually(lambda: self.count(name) >= target, timeout=60, what=f"{count} periods of {name}")
+
+
+async def fleet_secrets(api: Any, *pgpools: str) -> None:
+    """The fleet role's credentials, and each PgPool's control-port token (the lab poolers' TOKEN)."""
+    secret = {"apiVersion": "v1", "kind": "Secret"}
+    await api.put_object(
+        SECRETS,
+        {
+            **secret,
+            "metadata": {"name": "fleet-creds", "namespace": NS},
+            "stringData": {"username": FLEET_ROLE, "password": "unused"},
+        },
+    )
+    for name in pgpools:
+        await api.put_object(
+            SECRETS, {**secret, "metadata": {"name": f"{name}-token", "namespace": NS}, "stringData": {"token": TOKEN}}
+        )
+
+
+async def put_pgpool(api: Any, db: TempPostgres, name: str, **spec: Any) -> None:
+    database = {"host": db.host, "port": db.port, "dbname": "app", "credentialsSecret": "fleet-creds"}
+    await api.put_object(
+        PGPOOLS,
+        {
+            "apiVersion": "pgfleet.io/v1alpha1",
+            "kind": "PgPool",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"database": database, **spec},
+        },
+    )
+
+
+async def start_pod(api: Any, db: TempPostgres, tmp_path: Path, name: str, ip: str, pgpool: str = "main") -> LabPooler:
+    """A real pooler on `ip` at the operator's pod port, and a Running Pod object for it.
+
+    The Pod has a finalizer, so deleting it leaves it terminating (as a pod draining) until
+    `remove_pod`.
+    """
+    pooler = await asyncio.to_thread(start_fleet_pooler, db, tmp_path, name, http_addr=ip, http_port=POD_PORT)
+    await api.put_object(
+        PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "labels": render.selector_labels(pgpool),
+                "finalizers": ["test.pgfleet.io/drain"],
+            },
+            "spec": {"containers": [{"name": "pooler", "image": "pgfleet:test"}]},
+        },
+    )
+    await api.patch_object(PODS, NS, name, {"status": {"phase": "Running", "podIP": ip}}, status=True)
+    return pooler
+
+
+async def remove_pod(api: Any, name: str) -> None:
+    """The pod's containers are gone: the object goes."""
+    await api.patch_object(PODS, NS, name, {"metadata": {"finalizers": []}})
+    await eventually(lambda: api.get(PODS, NS, name) is None, what=f"pod {name} gone")
+
+
+async def long_transaction(port: int) -> tuple[asyncpg.Connection, Any]:
+    """A client in a transaction through the pooler on `port` (holding a server) until it commits."""
+    conn = await asyncpg.connect(host="127.0.0.1", port=port, user="app", database="app", statement_cache_size=0)
+    tx = conn.transaction()
+    await tx.start()
+    await conn.fetchval("SELECT 1")
+    return conn, tx
+
+
+def check_samples(sampler: Sampler, trail: Trail, names: tuple[str, ...]) -> tuple[int, int]:
+    """Every sample against the sum of the PgPools' budgets then; (most backends, budget then)."""
+    first = max(trail.seen[name][0][0] for name in names)
+    worst = (0, 0)
+    for sample in sampler.since(first):
+        budget = sum(trail.budget_at(name, sample.at) for name in names)
+        held = sample.count(FLEET_ROLE)
+        near = {
+            n: [(round(t - sample.at, 2), r.limits) for t, r in trail.seen[n] if abs(t - sample.at) < 2] for n in names
+        }
+        assert held <= budget, f"the fleet held {held} backends against a budget of {budget}; limits then {near}"
+        if budget and (not worst[1] or held / budget > worst[0] / worst[1]):
+            worst = (held, budget)
+    return worst
+
+
+async def test_a_rolling_update_with_surge_stays_in_budget(
+    api: Any, operator: Any, labdb: TempPostgres, tmp_path: Path
+) -> None:
+    """maxSurge 1: a new pod starts beside the old ones, then an old one drains and goes; twice."""
+    await fleet_secrets(api, "main")
+    await put_pgpool(api, labdb, "main", replicas=2, rollout={"maxSurge": 1}, budget={"maxBackends": 20})
+    sampler = Sampler(labdb)
+    stats = CrowdStats()
+    trail = Trail(("main",))
+    follower = asyncio.create_task(trail.follow())
+    poolers: dict[str, LabPooler] = {}
+    crowds: dict[str, Crowd] = {}
+
+    async def surge(name: str, ip: str) -> None:
+        poolers[name] = await start_pod(api, labdb, tmp_path, name, ip)
+        crowds[name] = Crowd(poolers[name].port, stats=stats)
+        crowds[name].add_steady(12)  # more than a pod's share: clients queue in the poolers
+
+    try:
+        await sampler.start()
+        await surge("main-a", "127.0.0.2")
+        await surge("main-b", "127.0.0.3")
+        # Room for one surge pod at the floor (1) is kept: 19 over the two pods.
+        await trail.until("main", lambda r: sorted(r.limits.values()) == [9, 10], why="two pods at 9 and 10")
+        rollout_start = time.monotonic()
+        for old, (new, ip) in (("main-a", ("main-c", "127.0.0.4")), ("main-b", ("main-d", "127.0.0.5"))):
+            await surge(new, ip)  # the new pod, at the ConfigMap's floor, beside the old ones
+            await trail.until("main", lambda r, new=new: r.limits.get(new, 0) > 1, why=f"{new} raised")
+            # The old pod is told to go while some of its clients are in the middle of long
+            # transactions: it drains them (holding their servers), then exits.
+            long = [await long_transaction(poolers[old].port) for _ in range(4)]
+            await api.delete_object(PODS, NS, old)
+            await crowds.pop(old).stop()
+            await trail.periods("main", 2)
+            for conn, tx in long:
+                await tx.commit()
+                await conn.close()
+            await asyncio.to_thread(poolers[old].stop)
+            await remove_pod(api, old)
+        settle = await trail.until(
+            "main",
+            lambda r: set(r.limits) == {"main-c", "main-d"} and sum(r.limits.values()) == 19 and not r.unconfirmed,
+            why="the new pods at the whole budget",
+        )
+        rollout = time.monotonic() - rollout_start
+    finally:
+        for crowd in crowds.values():
+            await crowd.stop()
+        await sampler.stop()
+        follower.cancel()
+        for pooler in poolers.values():
+            await asyncio.to_thread(pooler.stop)
+    most, budget = check_samples(sampler, trail, ("main",))
+    assert stats.errors == {}, stats.errors  # no 53300, no failed transaction
+    assert stats.transactions > 100
+    print(
+        f"\nrolling update (maxSurge 1, two pods replaced): fleet backends at most {most} against {budget}; "
+        f"{stats.transactions} transactions, failed {stats.failed}; rollout {rollout:.1f} s, "
+        f"settled {settle:.2f} s after the last old pod went",
+        file=sys.__stdout__,  # the operator's runner holds sys.stdout
+    )
+
+
+async def test_two_pgpools_on_one_server_share_it_through_the_operator(
+    api: Any, operator: Any, labdb: TempPostgres, tmp_path: Path
+) -> None:
+    """Both ask 80% of the server, with the same role: they share it max-min fair, each sees its own backends."""
+    await fleet_secrets(api, "a", "b")
+    for name, replicas in (("a", 2), ("b", 1)):
+        await put_pgpool(
+            api, labdb, name, replicas=replicas, rollout={"maxSurge": 0}, budget={"maxBackendsPercent": 80}
+        )
+    sampler = Sampler(labdb)
+    stats = CrowdStats()
+    trail = Trail(("a", "b"))
+    follower = asyncio.create_task(trail.follow())
+    poolers: list[LabPooler] = []
+    crowds: list[Crowd] = []
+    try:
+        await sampler.start()
+        for name, ip, pgpool in (("a-0", "127.0.0.2", "a"), ("a-1", "127.0.0.3", "a"), ("b-0", "127.0.0.4", "b")):
+            poolers.append(await start_pod(api, labdb, tmp_path, name, ip, pgpool))
+            crowds.append(Crowd(poolers[-1].port, stats=stats))
+            crowds[-1].add_steady(25)  # more than either PgPool may serve at once
+        # 47 usable - the sampler - the observer: 45 shared by two caps of 80% x 47 = 37 each.
+        await trail.until("b", lambda r: r.budget.budget == 22 and r.budget.waiting > 0, why="b's share")
+        await trail.until("a", lambda r: r.budget.budget == 23 and r.budget.waiting > 0, why="a's share")
+        # Each PgPool's status counts its own backends (by PID), not the role's.
+        statuses = await eventually(
+            lambda: (
+                (s := {n: (api.get(PGPOOLS, NS, n) or {}).get("status", {}).get("budget", {}) for n in "ab"})
+                and all((s[n].get("fleetBackends") or 0) >= 15 for n in "ab")
+                and s
+            ),
+            what="both PgPools' own backends in status",
+            timeout=30,
+        )
+        for name in "ab":
+            assert statuses[name]["fleetBackends"] <= statuses[name]["total"]
+        assert statuses["a"]["total"] + statuses["b"]["total"] <= statuses["a"]["usable"] - statuses["a"]["others"]
+        squeezed = condition(api.get(PGPOOLS, NS, "a"), "BudgetEnforced")
+        assert squeezed is not None and squeezed["reason"] == "Squeezed", squeezed
+    finally:
+        for crowd in crowds:
+            await crowd.stop()
+        await sampler.stop()
+        follower.cancel()
+        for pooler in poolers:
+            await asyncio.to_thread(pooler.stop)
+    # Every period: the two budgets within what the server leaves them, in equal shares.
+    for period in trail.servers:
+        fleets = [period.fleets[f"{NS}/{n}"] for n in "ab" if f"{NS}/{n}" in period.fleets]
+        assert period.server.usable is not None and period.server.others is not None
+        assert sum(f.budget.budget for f in fleets) <= period.server.usable - period.server.others
+        if len(fleets) == 2:
+            assert 0 <= fleets[0].budget.budget - fleets[1].budget.budget <= 1
+    most, budget = check_samples(sampler, trail, ("a", "b"))
+    assert stats.errors == {}, stats.errors  # no 53300, no failed transaction
+    print(
+        f"\ntwo PgPools at 80% each: fleet backends at most {most} against {budget} (both budgets); "
+        f"{stats.transactions} transactions, failed {stats.failed}",
+        file=sys.__stdout__,
+    )
