@@ -73,6 +73,12 @@ _QUEUED_BUFFER_LIMIT: Final = 64 * 1024
 # that long is not scanned for session state. A mapped named Parse is still held whole:
 # its statement is kept to prepare it on other servers.
 _STREAM_AFTER: Final = 256 * 1024
+# uvloop (libuv) reads a socket up to 32 times in one turn of the loop while each read
+# fills its 256 kB buffer: a client that keeps its socket full (a long message, a COPY)
+# would hold the loop for 8 MB of copying while every other client waits. After a read
+# this large the client yields its turn: reading pauses and resumes on the next turn,
+# after the loop has looked at everyone else's sockets.
+_YIELD_AFTER: Final = 64 * 1024
 # PostgreSQL refuses these message types beyond 10000 bytes (PQ_SMALL_MESSAGE_LIMIT).
 _SMALL_LIMIT: Final = 10_000
 _SMALL_ONLY: Final = frozenset(map(ord, "CDEHSXcf"))
@@ -124,6 +130,7 @@ class ClientConnection(asyncio.Protocol):
         "_skip",
         "_startup",
         "_write_paused",
+        "_yielding",
         "address",
         "batch_binds",
         "cancel_key",
@@ -197,6 +204,7 @@ class ClientConnection(asyncio.Protocol):
         self._skip = 0
         self._reading_paused = False
         self._write_paused = False
+        self._yielding = False  # reading paused until the loop's next turn (_YIELD_AFTER)
         self._startup: StartupReader | MessageReader | None = StartupReader()
         self._handshake: asyncio.Task[None] | None = None
         self._login_waiter: asyncio.Future[None] | None = None
@@ -217,6 +225,8 @@ class ClientConnection(asyncio.Protocol):
         state = self.state
         if state is ClientState.ACTIVE:
             self.last_activity = self._clock()
+            if len(data) >= _YIELD_AFTER:
+                self._yield_turn()
             if self._skip:
                 data = self._pass_through(data)
                 if not data:
@@ -994,6 +1004,23 @@ class ClientConnection(asyncio.Protocol):
         if self._reading_paused and self.transport is not None and self.state is not ClientState.CLOSED:
             self._reading_paused = False
             self.transport.resume_reading()
+
+    def _yield_turn(self) -> None:
+        """Stop reading until the loop's next turn (see _YIELD_AFTER)."""
+        if self._reading_paused or self._yielding:
+            return
+        self._yielding = True
+        self.pause_reading()
+        self.pooler.loop.call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        self._yielding = False
+        server = self.server
+        if server is not None and server.write_paused:
+            return  # back-pressure holds reading now; the server's resume_writing resumes it
+        if self.state is ClientState.WAITING and len(self._pending) > _QUEUED_BUFFER_LIMIT:
+            return  # held until a server takes it (link resumes reading)
+        self.resume_reading()
 
     def _protocol_violation(self, message: str) -> None:
         log.warning("client %s:%s: %s", *self.address, message)

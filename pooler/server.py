@@ -120,6 +120,8 @@ class ServerConnection(asyncio.Protocol):
         self._partial = b""
         self._skip = 0
         self._reading_paused = False
+        # The transport's buffer is over its high-water mark: its client is not read.
+        self.write_paused = False
         self._login_reader: MessageReader | None = MessageReader()
         self._login_queue: collections.deque[tuple[int, bytes]] = collections.deque()
         self._login_waiter: asyncio.Future[None] | None = None
@@ -163,10 +165,12 @@ class ServerConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The server does not read fast enough: stop reading from the client feeding it.
+        self.write_paused = True
         if self.client is not None:
             self.client.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.client is not None:
             self.client.resume_reading()
 

@@ -11,7 +11,9 @@ import base64
 import hashlib
 import resource
 import signal
+import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,9 @@ import pytest
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.devtools.testing import wait_until
 from pgfleet.pooler.auth import md5_response, md5_secret
+from pgfleet.pooler.config import parse_config
 from pgfleet.pooler.pool import Pool
+from pgfleet.pooler.pooler import Pooler
 from pgfleet.pooler.protocol import backend, extended, frontend
 from pgfleet.pooler.protocol.framing import frame
 from pgfleet.pooler.protocol.startup import StartupMessage, build_startup_message, parse_startup_packet
@@ -30,7 +34,7 @@ from pgfleet.pooler.server import ServerState
 from pgfleet.pooler.userlist import dump_userlist
 from scramp import ScramClient
 
-from .conftest import PoolerProcess, StartPooler
+from .conftest import PoolerProcess, StartPooler, pooler_settings
 from .rawpg import RawClient, error, rows
 
 
@@ -193,6 +197,71 @@ async def test_long_mapped_parse_is_gathered_whole(pooler_process: Callable[...,
             assert await conn.fetchval(f"SELECT length('{literal}') + $1::int", 1) == len(literal) + 1
     finally:
         await conn.close()
+
+
+def _send_long_query(port: int, size: int, reply: list[bytes]) -> None:
+    """A blocking client (its own thread) that keeps its socket full with one long Query."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+
+        def until_ready() -> bytes:
+            got = b""
+            while not got.endswith(backend.ready_for_query()):
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed")
+                got += data
+            return got
+
+        sock.sendall(build_startup_message({"user": "postgres", "database": "app"}))
+        until_ready()
+        sql = b"SELECT length('" + b"x" * size + b"')\x00"
+        sock.sendall(b"Q" + struct.pack("!i", 4 + len(sql)) + sql)
+        reply.append(until_ready())
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_a_long_message_is_read_one_buffer_per_turn_of_the_loop(
+    pg: TempPostgres, tmp_path: Path, loop_name: str
+) -> None:
+    # uvloop reads a socket up to 32 times in a turn while it stays full: 8 MB of copying
+    # during which no other client is looked at. The streaming client yields after each read.
+    size = 32 << 20
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        pooler = Pooler(parse_config(pooler_settings(pg, tmp_path, auth_type="trust", default_pool_size=2)))
+        await pooler.start()
+        try:
+            reply: list[bytes] = []
+            sender = threading.Thread(target=_send_long_query, args=(pooler.port, size, reply))
+            sender.start()
+            await wait_until(lambda: ("app", "postgres") in pooler.pools)
+            stats = pooler.pools[("app", "postgres")].stats
+            per_turn: list[int] = []
+            done = loop.create_future()
+            last = stats.bytes_received
+
+            def turn() -> None:  # runs once in each turn of the loop
+                nonlocal last
+                per_turn.append(stats.bytes_received - last)
+                last = stats.bytes_received
+                if sender.is_alive():
+                    loop.call_soon(turn)
+                else:
+                    done.set_result(None)
+
+            loop.call_soon(turn)
+            await asyncio.wait_for(done, 120)
+            sender.join()
+            assert reply and b"D" in reply[0] and str(size).encode() in reply[0]
+            return per_turn
+        finally:
+            await pooler.stop()
+
+    per_turn = uvloop.run(main()) if loop_name == "uvloop" else asyncio.run(main())
+    assert sum(per_turn) > size
+    assert max(per_turn) <= 512 << 10, f"{max(per_turn) >> 10} KiB read from one client in one turn of the loop"
 
 
 # -- a DEALLOCATE the proxy cannot see -----------------------------------------------------------
