@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from .procs import PoolerProcess, free_port, start_pgfleet
+from .procs import PoolerProcess, free_port, port_open, start_pgfleet
 from .tempdb import TempPostgres
 
 TOKEN = "fleet-lab-token"
@@ -107,6 +107,13 @@ def start_fleet_pooler(
         **settings,
     }
     process = start_pgfleet(config, directory)
+    # The PostgreSQL port is up; with workers the supervisor opens the control port after it.
+    deadline = time.monotonic() + 30
+    while not port_open(http_addr, http_port):
+        if time.monotonic() > deadline:
+            process.stop()
+            raise RuntimeError(f"{name}: the control port {http_addr}:{http_port} did not open in 30 s")
+        time.sleep(0.02)
     return LabPooler(name, process, port, http_port, http_addr)
 
 

@@ -1,8 +1,10 @@
 """The budget loop: one per PostgreSQL server, shared by every fleet on it.
 
-Each period: read every pod's /status (demand, limit in force, backend PIDs), look at
-the server over the kept connection (settings, limits, every client backend), allocate
-(allocate.py, pure), push in the safe order (fleet.py). The same loop runs in the
+Each period: read every pod's /status (demand, limit in force, backend PIDs, pause), look
+at the server over the kept connection (settings, limits, every client backend), allocate
+(allocate.py, pure), push in the safe order (fleet.py). A pod whose pause differs from its
+fleet's is told at once (PUT /pause), so one that missed a pause never serves for longer
+than a period. The same loop runs in the
 operator (pods from the Kubernetes API) and standalone (`pgfleet-operator budget`, pods
 from a list of URLs): a fleet only says how to list its pods.
 """
@@ -41,6 +43,9 @@ class Fleet:
     weight: int = 1
     workers: int = 1
     surge: int = 0
+    # spec.pooler.paused: pods that say otherwise are told each period. None: each pod's
+    # pause is left as it is (standalone, where nothing declares it).
+    paused: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,7 @@ class BudgetLoop:
         self.last: PeriodReport | None = None
         self._memory: dict[str, _Memory] = {}
         self._clients: dict[str, PodClient] = {}
+        self._pause_locks: dict[str, asyncio.Lock] = {}
 
     def set_fleet(self, fleet: Fleet) -> None:
         self.fleets[fleet.name] = fleet
@@ -107,6 +113,12 @@ class BudgetLoop:
     def drop_fleet(self, name: str) -> None:
         self.fleets.pop(name, None)
         self._memory.pop(name, None)
+        self._pause_locks.pop(name, None)
+
+    def pause_lock(self, name: str) -> asyncio.Lock:
+        """Held by whoever pushes a fleet's pause (this loop, the operator's reconcile): each
+        push sends the spec as it is once the lock is held, so the last push is the latest spec."""
+        return self._pause_locks.setdefault(name, asyncio.Lock())
 
     def _client(self, fleet: Fleet) -> PodClient:
         client = self._clients.get(fleet.name)
@@ -130,6 +142,8 @@ class BudgetLoop:
             error = str(exc)
         pods = await asyncio.gather(*(self._read_pods(fleet) for fleet in fleets))
         reports = {fleet.name: r for fleet, r in zip(fleets, pods, strict=True)}
+        # Pausing comes before the budget's work: a pod that should not serve stops first.
+        await asyncio.gather(*(self._align_pause(fleet, reports[fleet.name]) for fleet in fleets))
         pids: dict[str, set[int]] = {}
         for fleet in fleets:
             memory = self._memory.setdefault(fleet.name, _Memory())
@@ -177,6 +191,26 @@ class BudgetLoop:
             log.warning("fleet %s: cannot list pods: %s", fleet.name, exc)
             pods = {}
         return await self._client(fleet).statuses(pods)
+
+    async def _align_pause(self, fleet: Fleet, reports: dict[str, PodReport]) -> None:
+        """PUT /pause to each pod whose pause differs from the fleet's: one that started from a
+        ConfigMap the kubelet had not updated yet, or that missed the reconcile's push."""
+        async with self.pause_lock(fleet.name):
+            # The spec as it is now: a reconcile may have changed it while the pods were read.
+            current = self.fleets.get(fleet.name)
+            wanted = current.paused if current is not None else None
+            if wanted is None:
+                return
+            # A draining pod stays paused whatever it is told (it answers 409).
+            stale = sorted(n for n, r in reports.items() if r.reachable and not r.draining and r.paused != wanted)
+            client = self._client(fleet)
+            answers = await asyncio.gather(*(client.pause(reports[name].url, wanted) for name in stale))
+        for name, (now, error) in zip(stale, answers, strict=True):
+            if error:
+                log.warning("fleet %s: pod %s did not take paused=%s: %s", fleet.name, name, wanted, error)
+            elif now == wanted:
+                log.info("fleet %s: pod %s %s, as the spec says", fleet.name, name, "paused" if wanted else "resumed")
+            # else: paused by hand on its console; the operator lifts only its own pause
 
     def _spec(self, fleet: Fleet, reports: dict[str, PodReport]) -> FleetSpec:
         memory = self._memory[fleet.name]
@@ -288,6 +322,13 @@ class BudgetLoops:
             closing = asyncio.get_running_loop().create_task(loop.close())
             _closing.add(closing)
             closing.add_done_callback(_closing.discard)
+
+    def pause_lock(self, name: str) -> asyncio.Lock:
+        """The lock of the fleet's pause pushes, shared with its server's loop (BudgetLoop.pause_lock)."""
+        server = self._server_of.get(name)
+        if server is None or server not in self._loops:
+            return asyncio.Lock()  # no loop pushes this fleet's pause
+        return self._loops[server][0].pause_lock(name)
 
     def report(self, name: str) -> tuple[PeriodReport, FleetReport] | None:
         """The last period's report of the fleet's server and of the fleet, once there is one."""

@@ -102,6 +102,8 @@ class PodReport:
     pids: frozenset[int] = frozenset()
     databases: tuple[str, ...] = ()  # the databases it fronts, as PUT /limits names them
     min_pool_size: int = 0
+    paused: bool = False  # the whole pooler is PAUSEd (PUT /pause, start_paused, its console)
+    draining: bool = False  # shutting down: it stays paused whatever it is told
 
 
 def limit_in_force(limits: Mapping[str, Any]) -> int:
@@ -142,6 +144,8 @@ def parse_status(name: str, url: str, body: Mapping[str, Any]) -> PodReport:
         pids=frozenset(int(pid) for pid in body.get("backend_pids") or ()),
         databases=tuple(sorted((limits.get("databases") or {}).keys())),
         min_pool_size=int(limits.get("min_pool_size") or 0),
+        paused=bool(body.get("paused")),
+        draining=bool(body.get("draining")),
     )
 
 
@@ -156,7 +160,7 @@ def limits_body(limit: int, report: PodReport) -> dict[str, Any]:
 
 
 class PodClient:
-    """GET /status and PUT /limits on pods' control ports, over one HTTP session."""
+    """GET /status, PUT /limits and PUT /pause on pods' control ports, over one HTTP session."""
 
     def __init__(self, token: str, timeout: float = 2.0) -> None:
         self.token = token
@@ -194,6 +198,16 @@ class PodClient:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return replace(report, reachable=False, error=str(exc) or type(exc).__name__)
         return await self.status(report.name, report.url)
+
+    async def pause(self, url: str, paused: bool) -> tuple[bool | None, str]:
+        """PUT /pause: (whether the pod says it is paused now, "") or (None, why it did not answer)."""
+        try:
+            async with self._open().put(f"{url}/pause", json={"paused": paused}) as response:
+                if response.status != 200:
+                    return None, f"HTTP {response.status}: {(await response.text())[:200]}"
+                return bool((await response.json())["paused"]), ""
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, TypeError) as exc:
+            return None, str(exc) or type(exc).__name__
 
     async def close(self) -> None:
         if self._session is not None:

@@ -7,6 +7,7 @@ and the Events to post, and the handlers do both.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -352,17 +353,24 @@ async def _pod_monitor(
 
 
 async def _pause(ctx: Context, pgpool: model.PgPool, token: str) -> traffic.PauseReport:
-    """spec.pooler.paused to every running pod (see traffic.py)."""
+    """spec.pooler.paused to every running pod (see traffic.py).
+
+    Called after the ConfigMap is applied: a pod that starts from now on reads the new state
+    there; the ones listed here get it live. The budget loop's pushes of the same state share
+    the lock, so an older spec's push never lands after this one.
+    """
     pods = await ctx.client.list(
         kube.collection_path("v1", "Pod", pgpool.namespace), label_selector=render.selector_string(pgpool.name)
     )
-    return await traffic.push_pause(
-        fleet.running_pod_addresses(pods),
-        pgpool.spec.pooler.paused,
-        token,
-        port=ctx.pod_http_port,
-        timeout=ctx.push_timeout,
-    )
+    lock = ctx.loops.pause_lock(f"{pgpool.namespace}/{pgpool.name}") if ctx.loops is not None else asyncio.Lock()
+    async with lock:
+        return await traffic.push_pause(
+            fleet.running_pod_addresses(pods),
+            pgpool.spec.pooler.paused,
+            token,
+            port=ctx.pod_http_port,
+            timeout=ctx.push_timeout,
+        )
 
 
 # -- the budget loop's side ------------------------------------------------------------------------
@@ -433,6 +441,7 @@ def _fleet(ctx: Context, pgpool: model.PgPool, role: str, token: str, allocation
         weight=spec.budget.weight,
         workers=spec.pooler.workers,
         surge=spec.rollout.max_surge,
+        paused=spec.pooler.paused,
     )
 
 

@@ -3,8 +3,9 @@
 `render(pgpool, facts)` returns every object the operator keeps for one PgPool. Each
 object carries a `pgfleet.io/spec-hash` annotation over its own content, so the operator
 patches only what changed. The pod template carries `pgfleet.io/config-hash` over the
-pooler settings that need a restart; pool limits are left out of it on purpose, because
-they are pushed to running pods (PUT /limits) instead of rolling them.
+pooler settings that need a restart; pool limits and the traffic pause are left out of
+it on purpose, because they are pushed to running pods (PUT /limits, PUT /pause) instead
+of rolling them.
 """
 
 from __future__ import annotations
@@ -175,6 +176,10 @@ def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
         http_listen_addr="0.0.0.0",
         http_listen_port=HTTP_PORT,
         http_token_file=TOKEN_FILE,
+        # spec.pooler.paused for pods that start now: paused before their first client. Running
+        # pods get the change by PUT /pause (traffic.py), and the budget loop pushes it to any
+        # pod that came up with the ConfigMap's previous state (kubelet updates files lazily).
+        start_paused=pooler.paused,
         databases={
             spec.database.dbname: DatabaseConfig(
                 host=spec.database.host,
@@ -225,10 +230,11 @@ def live_limits(pgpool: model.PgPool, allocation: Allocation) -> dict[str, Any]:
     }
 
 
-def _without_limits(config: PoolerConfig) -> Obj:
-    # Limits change with replicas and observations; they reach running pods live.
+def _restart_settings(config: PoolerConfig) -> Obj:
+    # Limits change with replicas and observations, the pause with spec.pooler.paused: both
+    # reach running pods live, so neither may roll the Deployment.
     data = config.model_dump(mode="json")
-    for key in ("default_pool_size", "max_db_connections"):
+    for key in ("default_pool_size", "max_db_connections", "start_paused"):
         data.pop(key)
     for db in data["databases"].values():
         for key in ("pool_size", "max_db_connections"):
@@ -340,7 +346,7 @@ def render_deployment(pgpool: model.PgPool, facts: Facts, config: PoolerConfig) 
     spec = pgpool.spec
     pod = spec.pod
     name = pgpool.name
-    restart_hash = spec_hash({"config": _without_limits(config), "userlist": userlist(facts)})
+    restart_hash = spec_hash({"config": _restart_settings(config), "userlist": userlist(facts)})
     resources: Obj = {"requests": dict(pod.resources.requests)}
     if pod.resources.limits:
         resources["limits"] = dict(pod.resources.limits)

@@ -207,9 +207,7 @@ def lab_pods(pods_db: Any, tmp_path: Path) -> Any:
 
     port = int(os.environ["PGFLEET_POD_HTTP_PORT"])
     started = [
-        start_fleet_pooler(
-            pods_db, tmp_path, f"pod{i}", workers=workers, http_listen_addr=ip, http_listen_port=port, floor=2
-        )
+        start_fleet_pooler(pods_db, tmp_path, f"pod{i}", workers=workers, http_addr=ip, http_port=port, floor=2)
         for i, (ip, workers) in enumerate(zip(POD_IPS, (1, 2), strict=True))
     ]
     yield started

@@ -252,6 +252,18 @@ def test_pool_limits_do_not_roll_pods_but_settings_do() -> None:
     assert _template_hash(rotated) != base  # a new password needs the pods to reread the userlist
 
 
+def test_the_pause_reaches_new_pods_through_the_config_map_and_never_rolls_the_pods() -> None:
+    serving, paused = children(), children(pooler={"paused": True})
+
+    def config(kids: render.Children) -> PoolerConfig:
+        return parse_config(yaml.safe_load(kids.config_map["data"]["pooler.yaml"]), "rendered")
+
+    assert config(serving).start_paused is False and config(paused).start_paused is True
+    assert paused.config_map["metadata"]["annotations"] != serving.config_map["metadata"]["annotations"]
+    # The Deployment is the same object, so toggling the pause patches nothing that rolls pods.
+    assert paused.deployment == serving.deployment
+
+
 def test_every_child_is_owned_stamped_and_labelled() -> None:
     kids = children()
     for obj in kids.present():

@@ -1,22 +1,29 @@
 """spec.pooler.paused: the operator PAUSEs and RESUMEs real pooler pods, and says how many are paused.
 
 Pods are real pooler processes whose control ports listen on 127.0.0.2 and 127.0.0.3 (the
-Pod objects in the emulated API server carry those podIPs), one of them with two workers.
+Pod objects in the emulated API server carry those podIPs), one of them with two workers;
+a pod created during a pause is a third one on 127.0.0.4, started from the ConfigMap's
+pause state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
-from pgfleet.devtools.fleetlab import FLEET_ROLE, LabPooler
+import yaml
+from pgfleet.devtools.fleetlab import FLEET_ROLE, TOKEN, LabPooler, start_fleet_pooler
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.operator import traffic
+from pgfleet.operator.control import BudgetLoop, Fleet
+from pgfleet.operator.observe import ServerObserver
 
-from .conftest import eventually, fleet_objects
-from .test_operator_lifecycle import NS, PGPOOLS, condition
+from .conftest import eventually, fleet_objects, pod_object
+from .test_operator_lifecycle import CONFIGMAPS, NS, PGPOOLS, condition
 
 POD_PORT = int(os.environ["PGFLEET_POD_HTTP_PORT"])
 
@@ -112,3 +119,112 @@ async def test_pooler_paused_pauses_every_pod_and_false_resumes(
         assert await client.fetchval("SELECT 7") == 7
     finally:
         await client.close()
+
+
+def paused_spec(pods_db: TempPostgres) -> dict[str, Any]:
+    return {
+        "apiVersion": "pgfleet.io/v1alpha1",
+        "kind": "PgPool",
+        "metadata": {"name": "main", "namespace": NS},
+        "spec": {
+            "database": {"host": pods_db.host, "port": pods_db.port, "dbname": "app", "credentialsSecret": "db-creds"},
+            "replicas": 2,
+            "budget": {"maxBackends": 20},
+            "pooler": {"paused": True},
+        },
+    }
+
+
+async def test_a_pod_created_during_the_pause_serves_nobody_until_resume(
+    api: Any, operator: Any, pods_db: TempPostgres, lab_pods: list[LabPooler], tmp_path: Path
+) -> None:
+    await fleet_objects(api)
+    await api.put_object(PGPOOLS, paused_spec(pods_db))
+
+    def traffic_condition(reason: str, message: str = "") -> Any:
+        cond = condition(api.get(PGPOOLS, NS, "main"), "TrafficPaused")
+        return cond if cond and cond["reason"] == reason and cond["message"].startswith(message) else None
+
+    await eventually(lambda: traffic_condition("Paused", "2/2 pods paused"), what="the two pods paused")
+    config_map = api.get(CONFIGMAPS, NS, "main-config")
+    rendered = yaml.safe_load(config_map["data"]["pooler.yaml"])
+    assert rendered["start_paused"] is True
+
+    # A pod the Deployment starts now: a pooler from the ConfigMap's pause state, whose first
+    # client arrives before its Pod object exists, so before the operator could push anything.
+    new = start_fleet_pooler(
+        pods_db,
+        tmp_path,
+        "pod2",
+        http_addr="127.0.0.4",
+        http_port=POD_PORT,
+        floor=2,
+        start_paused=rendered["start_paused"],
+    )
+    try:
+
+        async def first_client() -> int:
+            conn = await asyncpg.connect(host="127.0.0.1", port=new.port, user=FLEET_ROLE, database="app", timeout=60)
+            try:
+                return int(await conn.fetchval("SELECT 42"))
+            finally:
+                await conn.close()
+
+        held = asyncio.ensure_future(first_client())
+
+        async def arrived() -> bool:
+            return bool((await pooler_status("127.0.0.4"))["clients"] == 1)
+
+        await eventually_async(arrived, what="the first client at the new pod")
+        state = await pooler_status("127.0.0.4")
+        assert state["paused"] is True and state["servers"] == 0 and not held.done()
+
+        await api.put_object("/v1/pods", pod_object("main-c", "127.0.0.4"))
+        await eventually(lambda: traffic_condition("Paused", "3/3 pods paused"), what="the new pod counted paused")
+        assert not held.done()
+
+        await api.patch_object(PGPOOLS, NS, "main", {"spec": {"pooler": {"paused": False}}})
+        assert await asyncio.wait_for(held, 30) == 42  # RESUME serves it
+        await eventually(lambda: traffic_condition("Serving", "pooler.paused is false: 3 pods"), what="Serving")
+        rendered = yaml.safe_load(api.get(CONFIGMAPS, NS, "main-config")["data"]["pooler.yaml"])
+        assert "start_paused" not in rendered  # the default, false: new pods serve
+    finally:
+        new.stop()
+
+
+async def eventually_async(check: Any, *, timeout: float = 15.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        assert loop.time() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_budget_loop_pauses_a_pod_that_missed_the_pause_within_a_period(
+    pods_db: TempPostgres, lab_pods: list[LabPooler]
+) -> None:
+    """A pod that came up serving during a pause (the kubelet had not updated its ConfigMap
+    yet) is paused by the next budget period, with no reconcile; and resumed the same way."""
+    loop = BudgetLoop(ServerObserver(pods_db.dsn(), timeout=2), period=3600)
+    urls = {pooler.name: pooler.url for pooler in lab_pods}
+
+    async def pods() -> dict[str, str]:
+        return urls
+
+    def fleet(paused: bool | None) -> Fleet:
+        return Fleet(name="shop/main", token=TOKEN, pods=pods, role=FLEET_ROLE, database="app", paused=paused)
+
+    try:
+        loop.set_fleet(fleet(None))  # nothing declared (standalone): the pods' pause is theirs
+        await loop.step()
+        assert [(await pooler_status(ip))["paused"] for ip in ("127.0.0.2", "127.0.0.3")] == [False, False]
+        loop.set_fleet(fleet(True))
+        await loop.step()  # one period: both paused (the second with two workers)
+        for ip in ("127.0.0.2", "127.0.0.3"):
+            assert (await pooler_status(ip))["paused"] is True
+        loop.set_fleet(fleet(False))
+        await loop.step()
+        for ip in ("127.0.0.2", "127.0.0.3"):
+            assert (await pooler_status(ip))["paused"] is False
+    finally:
+        await loop.close()
