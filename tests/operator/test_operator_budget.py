@@ -34,7 +34,7 @@ from pgfleet.operator.control import FleetReport, PeriodReport
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import eventually
-from .test_operator_lifecycle import EVENTS, NS, PGPOOLS, SECRETS, condition
+from .test_operator_lifecycle import DEPLOYMENTS, EVENTS, NS, PGPOOLS, SECRETS, condition
 
 PODS = "/v1/pods"
 POD_PORT = int(os.environ["PGFLEET_POD_HTTP_PORT"])
@@ -474,3 +474,48 @@ async def test_two_pgpools_on_one_server_share_it_through_the_operator(
         f"{stats.transactions} transactions, failed {stats.failed}",
         file=sys.__stdout__,
     )
+
+
+async def test_the_deployment_does_not_grow_while_a_pod_has_not_confirmed_its_limit(
+    api: Any, operator: Any, labdb: TempPostgres, tmp_path: Path
+) -> None:
+    await fleet_secrets(api, "main")
+    await put_pgpool(api, labdb, "main", replicas=1, rollout={"maxSurge": 0}, budget={"maxBackends": 12})
+    trail = Trail(("main",))
+    follower = asyncio.create_task(trail.follow())
+    pooler = await start_pod(api, labdb, tmp_path, "main-a", "127.0.0.2")
+    try:
+        await trail.until("main", lambda r: r.limits == {"main-a": 12}, why="the pod at the whole budget")
+        await eventually(lambda: (api.get(DEPLOYMENTS, NS, "main") or {}).get("spec", {}).get("replicas") == 1)
+        # The pod stops answering: it counts at the 12 it last confirmed, whatever it holds now.
+        await asyncio.to_thread(pooler.stop)
+        await eventually(
+            lambda: (c := condition(api.get(PGPOOLS, NS, "main"), "BudgetEnforced")) and c["reason"] == "Unconfirmed",
+            what="BudgetEnforced=False Unconfirmed",
+        )
+        # Scaled up meanwhile: the reconcile of the new generation holds the Deployment where it is.
+        grown = await api.patch_object(PGPOOLS, NS, "main", {"spec": {"replicas": 3}})
+        generation = grown["metadata"]["generation"]
+        await eventually(
+            lambda: (api.get(PGPOOLS, NS, "main") or {}).get("status", {}).get("observedGeneration") == generation,
+            what="the scale-up reconciled",
+        )
+        await trail.periods("main", 2)
+        observed = (api.get(PGPOOLS, NS, "main") or {})["status"]["observedGeneration"]
+        assert observed == generation
+        assert api.get(DEPLOYMENTS, NS, "main")["spec"]["replicas"] == 1
+        # It answers again (a new process at the ConfigMap's floor): confirmed, the Deployment grows.
+        pooler = await asyncio.to_thread(
+            start_fleet_pooler, labdb, tmp_path, "main-a", http_addr="127.0.0.2", http_port=POD_PORT
+        )
+        started = time.monotonic()
+        await eventually(
+            lambda: (api.get(DEPLOYMENTS, NS, "main") or {}).get("spec", {}).get("replicas") == 3,
+            what="the Deployment at 3 replicas",
+            timeout=60,
+        )
+        grew = time.monotonic() - started
+    finally:
+        follower.cancel()
+        await asyncio.to_thread(pooler.stop)
+    print(f"\nthe Deployment grew {grew:.2f} s after the pod answered again", file=sys.__stdout__)
