@@ -131,9 +131,9 @@ class ClientConnection(asyncio.Protocol):
         "_startup",
         "_write_paused",
         "_yielding",
-        "address",
         "batch_binds",
-        "cancel_key",
+        "cancel_pid",
+        "cancel_secret",
         "close_at_boundary",
         "connect_time",
         "database",
@@ -142,6 +142,8 @@ class ClientConnection(asyncio.Protocol):
         "last_activity",
         "maps_statements",
         "params",
+        "peer_host",
+        "peer_port",
         "pins",
         "pool",
         "pooler",
@@ -172,8 +174,13 @@ class ClientConnection(asyncio.Protocol):
         self.user = ""
         self.database = ""
         self.is_admin = False
-        self.cancel_key = (0, 0)
-        self.address: tuple[str, int] = ("", 0)
+        # BackendKeyData's two numbers, and the peer's address: fields rather than tuples
+        # (the compiled build keeps the numbers unboxed), as the `cancel_key` and `address`
+        # properties give them.
+        self.cancel_pid = 0
+        self.cancel_secret = 0
+        self.peer_host = ""
+        self.peer_port = 0
         self.tls = ""  # "TLSv1.3/<cipher>" once upgraded (SHOW CLIENTS)
         now = pooler.loop.time()
         self.connect_time = now
@@ -185,7 +192,7 @@ class ClientConnection(asyncio.Protocol):
         self.unsynced = False
         self.close_at_boundary = False
         # Named prepared statements: client name -> shared server-side statement.
-        self.statements: dict[str, prepared.Statement] = {}
+        self.statements = prepared.NO_STATEMENTS  # shared until its first (prepared.on_parse)
         self.maps_statements = False  # set per link: transaction/statement mode, cache on
         # Server names bound since the last Sync (a stale plan among them gets renewed).
         self.batch_binds: list[str] | None = None
@@ -209,13 +216,30 @@ class ClientConnection(asyncio.Protocol):
         self._handshake: asyncio.Task[None] | None = None
         self._login_waiter: asyncio.Future[None] | None = None
 
+    @property
+    def cancel_key(self) -> tuple[int, int]:
+        """(process id, secret key) of BackendKeyData; (0, 0) until logged in."""
+        return self.cancel_pid, self.cancel_secret
+
+    @cancel_key.setter
+    def cancel_key(self, key: tuple[int, int]) -> None:
+        self.cancel_pid, self.cancel_secret = key
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the peer; ("unix", 0) over a unix socket."""
+        return self.peer_host, self.peer_port
+
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        # Interned: the clients of one host share its address string.
-        self.address = (sys.intern(str(peer[0])), int(peer[1])) if isinstance(peer, tuple) else ("unix", 0)
+        if isinstance(peer, tuple):
+            self.peer_host = sys.intern(str(peer[0]))  # the clients of one host share the string
+            self.peer_port = int(peer[1])
+        else:
+            self.peer_host = "unix"
         if not self.pooler.client_connected(self):
             self.terminate(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
             return
@@ -368,7 +392,7 @@ class ClientConnection(asyncio.Protocol):
         if packet.needs_negotiation:
             # As PostgreSQL: go on with 3.0, naming the protocol options not taken.
             self.transport.write(backend.negotiate_protocol_version(0, packet.protocol_options))
-        if not self.tls and self.pooler.tls.client_mode.demands_tls and self.address[0] != "unix":
+        if not self.tls and self.pooler.tls.client_mode.demands_tls and self.peer_host != "unix":
             raise ClientError(sqlstate.INVALID_AUTHORIZATION, "SSL required")
         self.state = ClientState.LOGIN
         # Interned: the clients of one user and database share the strings.
@@ -551,13 +575,13 @@ class ClientConnection(asyncio.Protocol):
     def _hba_method(self) -> AuthType:
         """auth_type hba: this connection's method, from the first auth_hba_file rule that matches."""
         tls_in_use = bool(self.tls)
-        found = hba.method_for(self.pooler.hba, self.database, self.user, self.address[0], tls_in_use)
+        found = hba.method_for(self.pooler.hba, self.database, self.user, self.peer_host, tls_in_use)
         if found is None or found == "reject":
             encryption = "SSL encryption" if tls_in_use else "no encryption"
             what = "no auth_hba_file entry" if found is None else "auth_hba_file rejects connection"
             raise ClientError(
                 sqlstate.INVALID_AUTHORIZATION,
-                f'{what} for host "{self.address[0]}", user "{self.user}", database "{self.database}", {encryption}',
+                f'{what} for host "{self.peer_host}", user "{self.user}", database "{self.database}", {encryption}',
             )
         if found == "cert":
             # The client certificate (checked against client_tls_ca_file) names the user.

@@ -64,7 +64,9 @@ class Pool:
         self.active: set[ServerConnection] = set()
         self.connecting = 0
         self.waiting: collections.deque[ClientConnection] = collections.deque()
-        self.clients: set[ClientConnection] = set()
+        # Its logged-in clients, in login order (a dict: at 10,000 entries about half the
+        # memory of a set).
+        self.clients: dict[ClientConnection, None] = {}
         self.stats = PoolStats()
         # Server-side names of the named statements its clients prepare (see prepared.py).
         self.statements = StatementRegistry()
@@ -174,13 +176,13 @@ class Pool:
 
     # -- serving clients --------------------------------------------------------------------
     def client_logged_in(self, client: ClientConnection) -> None:
-        self.clients.add(client)
+        self.clients[client] = None
         self.pooler.database_clients[client.database] += 1
         self.pooler.user_clients[client.user] += 1
 
     def client_gone(self, client: ClientConnection) -> None:
         if client in self.clients:
-            self.clients.discard(client)
+            del self.clients[client]
             self.pooler.database_clients[client.database] -= 1
             self.pooler.user_clients[client.user] -= 1
         # Waiting clients that left are skipped when their turn comes (O(1) here).

@@ -49,6 +49,10 @@ _VOID_PARSE = extended.parse(VOID, "")
 _VOID_CLOSE = extended.close(extended.STATEMENT, VOID)
 
 SYNC_TYPE: Final = ord("S")
+# What a client that never named a statement holds, shared by all of them: a name is only
+# ever added by on_parse, which gives the client its own dict first. Everything else
+# removes or renames names it found, which an empty dict has none of.
+NO_STATEMENTS: Final[dict[str, Statement]] = {}
 DESCRIBE_TYPE: Final = ord("D")
 PORTAL_KIND: Final = ord("P")
 PARSE: Final = ord("1")
@@ -232,6 +236,8 @@ def on_parse(client: ClientConnection, server: ServerConnection, body: bytes, un
         track(server, PARSE_REPLY, untracked)
         return pre + extended.parse_renamed(old.name, key)
     stmt = server.pool.statements.get(key)
+    if statements is NO_STATEMENTS:
+        statements = client.statements = {}  # its own from its first named statement on
     statements[name] = stmt
 
     def forget() -> None:
