@@ -67,11 +67,13 @@ def _structural(node: dict[str, Any], *, defaults: bool) -> dict[str, Any]:
         if node.get("default", ...) is None:
             del node["default"]
     if "properties" in node:
+        # Optional[X] objects (default None) mean "off" when absent: they get no `default: {}`.
+        optional = {name for name, prop in node["properties"].items() if {"type": "null"} in prop.get("anyOf", ())}
         node["properties"] = {name: _structural(prop, defaults=defaults) for name, prop in node["properties"].items()}
         node.pop("additionalProperties", None)
         if defaults:
             for name, prop in node["properties"].items():
-                if name in node.get("required", ()):
+                if name in node.get("required", ()) or name in optional:
                     continue
                 if "properties" in prop and not prop.get("required") and "default" not in prop:
                     prop["default"] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any
 
-from pgfleet.pooler.config import PoolMode, SslMode  # the pooler's own modes: one definition
+from pgfleet.pooler.config import PoolerConfig, PoolMode, SslMode  # the pooler's own modes: one definition
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -75,6 +75,27 @@ class DatabaseSpec(_Model):
     )
 
 
+class AuthQuerySpec(_Model):
+    """PgBouncer's auth_query: users are looked up in the database, no password Secret per user."""
+
+    query: str = Field(
+        default=str(PoolerConfig.model_fields["auth_query"].default),
+        min_length=1,
+        description=(
+            "Query returning (user name, password hash or SCRAM verifier) for $1, the user name (auth_query). "
+            "The default reads pg_shadow, which only a superuser may; for another role, a SECURITY DEFINER "
+            "function over pg_shadow, e.g. `SELECT * FROM pgfleet.lookup($1)`."
+        ),
+    )
+    user_secret: str | None = Field(
+        default=None,
+        description=(
+            "Secret (same namespace) with keys `username` and `password`: the role the lookup logs in as "
+            "(auth_user). Unset: the credentialsSecret role."
+        ),
+    )
+
+
 class ClientAuthSpec(_Model):
     """How applications authenticate to the poolers."""
 
@@ -86,6 +107,14 @@ class ClientAuthSpec(_Model):
         description=(
             "Secret (same namespace) with key `userlist.txt` in PgBouncer's auth_file format "
             '(`"user" "password"` lines). Unset: clients log in as the credentialsSecret user.'
+        ),
+    )
+    auth_query: AuthQuerySpec | None = Field(
+        default=None,
+        description=(
+            "Look users missing from the userlist up in the database (auth_user/auth_query/auth_dbname). Set: "
+            "each client logs in to PostgreSQL as its own role (SCRAM pass-through or the md5 hash found), "
+            "one pool per role, all within the fleet's budget; unset: every client uses the credentialsSecret role."
         ),
     )
 

@@ -139,6 +139,11 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
                 client_userlist = parse_userlist(text, f"Secret {spec.client_auth.userlist_secret} userlist.txt")
             except ConfigError as exc:
                 raise MissingSecret(str(exc)) from None
+        auth_user = None
+        lookup = spec.client_auth.auth_query
+        if lookup is not None and lookup.user_secret:
+            found = await _read_secret(ctx.client, pgpool.namespace, lookup.user_secret, ("username", "password"))
+            auth_user = (found["username"], found["password"])
         server_ca = None
         if spec.tls.server_ca_secret:
             server_ca = (await _read_secret(ctx.client, pgpool.namespace, spec.tls.server_ca_secret, ("ca.crt",)))[
@@ -249,6 +254,7 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
             allocation=allocation,
             token=token,
             client_userlist=client_userlist,
+            auth_user=auth_user,
             start_limit=start_limit,
             replicas_cap=replicas_cap,
         ),

@@ -54,6 +54,8 @@ class Facts:
     allocation: Allocation
     token: str  # bearer token of the pooler's HTTP control port
     client_userlist: dict[str, str] | None = None  # from clientAuth.userlistSecret
+    # (username, password) from clientAuth.authQuery.userSecret: the role auth_query runs as.
+    auth_user: tuple[str, str] | None = None
     # The pool a pod starts with, when a budget loop moves it from there (the floor);
     # None: the allocation's even split.
     start_limit: int | None = None
@@ -172,6 +174,7 @@ def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
         server_connect_timeout=pooler.server_connect_timeout,
         shutdown_timeout=pooler.shutdown_timeout,
         ignore_startup_parameters=list(pooler.ignore_startup_parameters),
+        **auth_query_settings(spec, facts),
         **tls_settings(spec.tls),
         http_listen_addr="0.0.0.0",
         http_listen_port=HTTP_PORT,
@@ -185,12 +188,27 @@ def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
                 host=spec.database.host,
                 port=spec.database.port,
                 dbname=spec.database.dbname,
-                user=facts.username,
+                # With auth_query each client logs in as its own role (one pool per role);
+                # max_db_connections still caps the database's backends per pod.
+                user=None if spec.client_auth.auth_query else facts.username,
                 pool_size=per_pod,
                 max_db_connections=per_pod,
             )
         },
     )
+
+
+def auth_query_settings(spec: model.PgPoolSpec, facts: Facts) -> dict[str, Any]:
+    """auth_user/auth_query/auth_dbname for clientAuth.authQuery (nothing when unset)."""
+    lookup = spec.client_auth.auth_query
+    if lookup is None:
+        return {}
+    return {
+        "auth_user": facts.auth_user[0] if facts.auth_user else facts.username,
+        "auth_query": lookup.query,
+        # The one database the poolers front: a client of any other is refused anyway.
+        "auth_dbname": spec.database.dbname,
+    }
 
 
 def tls_settings(tls: model.TlsSpec) -> dict[str, Any]:
@@ -245,6 +263,8 @@ def _restart_settings(config: PoolerConfig) -> Obj:
 def userlist(facts: Facts) -> str:
     """PgBouncer auth_file text: the server role first, then the client users."""
     users = {facts.username: facts.password}
+    if facts.auth_user is not None:
+        users.setdefault(*facts.auth_user)  # auth_query logs in with it
     for user, secret in (facts.client_userlist or {}).items():
         users.setdefault(user, secret)  # the server role's real password must win
     return dump_userlist(users)

@@ -163,6 +163,7 @@ REJECTED = [
     ("negative timeout", {"pooler": {"queryWaitTimeout": -1}}, "-1"),
     ("no workers", {"pooler": {"workers": 0}}, "0 is less than the minimum of 1"),
     ("too many workers", {"pooler": {"workers": 65}}, "65 is greater than the maximum of 64"),
+    ("empty auth query", {"clientAuth": {"authQuery": {"query": ""}}}, "query"),
     (
         "fewer clients than workers",
         {"pooler": {"workers": 8, "maxClientConn": 7}},
@@ -209,3 +210,15 @@ def test_workers_above_max_client_conn_refused_by_the_model_too() -> None:
     spec = _with({"pooler": {"workers": 8, "maxClientConn": 7}})["spec"]
     with pytest.raises(ValueError, match=r"pooler\.maxClientConn must be at least pooler\.workers"):
         model.PgPoolSpec.model_validate(spec)
+
+
+def test_auth_query_is_admitted_with_the_models_default_query() -> None:
+    # Absent, it stays absent (off): no `default: {}` that would turn it on.
+    stored, errors = admit(minimal())
+    assert errors == [] and "authQuery" not in stored["spec"]["clientAuth"]
+    stored, errors = admit(_with({"clientAuth": {"authQuery": {"userSecret": "lookup"}}}))
+    assert errors == []
+    spec = model.PgPoolSpec.model_validate(stored["spec"])
+    assert spec.client_auth.auth_query is not None
+    assert stored["spec"]["clientAuth"]["authQuery"]["query"] == spec.client_auth.auth_query.query
+    assert "pg_shadow" in spec.client_auth.auth_query.query and spec.client_auth.auth_query.user_secret == "lookup"

@@ -205,3 +205,26 @@ async def test_the_database_is_observed_with_the_pgpools_tls_settings(
     assert "max_connections=50" in cond["message"]
     config = yaml.safe_load(children(api)["config"]["data"]["pooler.yaml"])
     assert config["server_tls_sslmode"] == "verify-full" and config["server_tls_ca_file"]
+
+
+async def test_auth_query_reads_its_lookup_role_secret(api: Any, operator: Any, postgres: Any) -> None:
+    await api.put_object(SECRETS, creds_secret())
+    auth = {"authQuery": {"userSecret": "lookup-creds"}}
+    await api.put_object(PGPOOLS, pgpool(postgres, clientAuth=auth))
+
+    def missing() -> Any:
+        cond = condition(api.get(PGPOOLS, NS, "main"), "Ready")
+        return cond if cond and cond["reason"] == "SecretMissing" else None
+
+    cond = await eventually(missing, what="Ready=False until the lookup role's Secret exists")
+    assert "lookup-creds" in cond["message"]
+    lookup = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "lookup-creds", "namespace": NS}}
+    await api.put_object(SECRETS, lookup | {"stringData": {"username": "lookup", "password": "l00k"}})
+    config_map = await eventually(lambda: api.get(CONFIGMAPS, NS, "main-config"), what="the rendered config")
+    config = yaml.safe_load(config_map["data"]["pooler.yaml"])
+    assert (config["auth_user"], config["auth_dbname"]) == ("lookup", "postgres")
+    assert config["databases"]["postgres"].get("user") is None
+    await eventually(
+        lambda: (s := api.get(SECRETS, NS, "main-auth")) and '"lookup" "l00k"' in s["stringData"]["userlist.txt"],
+        what="the lookup role in the rendered userlist",
+    )

@@ -392,3 +392,30 @@ def test_without_tls_the_server_leg_prefers_it_and_clients_need_none() -> None:
     config = rendered_config(children())
     assert (config.client_tls_sslmode.value, config.server_tls_sslmode.value) == ("disable", "prefer")
     assert "sslmode" not in children().app_secret["stringData"]
+
+
+def test_auth_query_looks_clients_up_and_lets_each_log_in_as_itself() -> None:
+    """clientAuth.authQuery: auth_user/auth_query/auth_dbname, and no forced server user."""
+    kids = children(clientAuth={"authQuery": {}})
+    config = rendered_config(kids)
+    assert (config.auth_user, config.auth_dbname) == ("app", "app")  # the credentialsSecret role, the database
+    assert config.auth_query == PoolerConfig.model_fields["auth_query"].default
+    assert config.databases["app"].user is None  # each client's own role, one pool per role
+    assert config.databases["app"].max_db_connections == 9  # the budget still caps the database per pod
+    assert parse_userlist(kids.auth_secret["stringData"]["userlist.txt"]) == {"app": "s3cret"}  # no client's
+
+
+def test_auth_query_with_a_lookup_role_of_its_own() -> None:
+    query = "SELECT usename, passwd FROM pgfleet.lookup($1)"
+    p = pool(clientAuth={"authQuery": {"query": query, "userSecret": "lookup-creds"}})
+    kids = render.render(p, facts_for(p, auth_user=("lookup", "l00k")))
+    config = rendered_config(kids)
+    assert (config.auth_user, config.auth_query) == ("lookup", query)
+    # The lookup role logs in with its password from the rendered userlist.
+    assert parse_userlist(kids.auth_secret["stringData"]["userlist.txt"]) == {"app": "s3cret", "lookup": "l00k"}
+
+
+def test_without_auth_query_every_client_is_the_credentials_role() -> None:
+    config = rendered_config(children())
+    assert config.auth_user is None and config.auth_dbname is None
+    assert config.databases["app"].user == "app"
