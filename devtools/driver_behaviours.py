@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import select
@@ -52,6 +53,26 @@ def err(exc: BaseException) -> str:
 def behaviour(fn: Callable[[str], Any]) -> Callable[[str], Any]:
     BEHAVIOURS[fn.__name__] = lambda dsn, port: fn(dsn)
     return fn
+
+
+def rolled_back(fn: Callable[[psycopg.Connection[Any]], Any]) -> Callable[[str], Any]:
+    """A behaviour on one connection, psycopg's defaults: what `fn` saw inside its transaction,
+    which is rolled back before the connection closes (so nothing it made outlives it)."""
+
+    @functools.wraps(fn)
+    def run(dsn: str) -> Any:
+        with psycopg.connect(dsn) as c:
+            result = fn(c)
+            c.rollback()
+            return result
+
+    return behaviour(run)
+
+
+def recovered(c: psycopg.Connection[Any]) -> Any:
+    """ROLLBACK of a failed transaction, then whether the connection serves again."""
+    c.rollback()
+    return c.execute("select 1").fetchone()
 
 
 @behaviour
@@ -130,29 +151,25 @@ def enum_after_rollback(dsn: str) -> Any:
     return out
 
 
-@behaviour
-def register_enum_roundtrip(dsn: str) -> Any:
-    with psycopg.connect(dsn) as c:
-        c.execute("create type mood as enum ('sad', 'ok', 'happy')")
-        info = EnumInfo.fetch(c, "mood")
-        assert info is not None
-        register_enum(info, c)
-        r: Any = c.execute("select 'ok'::mood, %s::mood[]", [["sad", "happy"]]).fetchone()
-        c.rollback()
-        return [str(r[0]), [str(x) for x in r[1]]]
+@rolled_back
+def register_enum_roundtrip(c: psycopg.Connection[Any]) -> Any:
+    c.execute("create type mood as enum ('sad', 'ok', 'happy')")
+    info = EnumInfo.fetch(c, "mood")
+    assert info is not None
+    register_enum(info, c)
+    r: Any = c.execute("select 'ok'::mood, %s::mood[]", [["sad", "happy"]]).fetchone()
+    return [str(r[0]), [str(x) for x in r[1]]]
 
 
-@behaviour
-def composite_roundtrip(dsn: str) -> Any:
-    with psycopg.connect(dsn) as c:
-        c.execute("create type pair as (a int, b text)")
-        composite = CompositeInfo.fetch(c, "pair")
-        assert composite is not None
-        register_composite(composite, c)
-        r: Any = c.execute("select (1, 'x')::pair").fetchone()
-        r = r[0]
-        c.rollback()
-        return [r.a, r.b]
+@rolled_back
+def composite_roundtrip(c: psycopg.Connection[Any]) -> Any:
+    c.execute("create type pair as (a int, b text)")
+    composite = CompositeInfo.fetch(c, "pair")
+    assert composite is not None
+    register_composite(composite, c)
+    r: Any = c.execute("select (1, 'x')::pair").fetchone()
+    r = r[0]
+    return [r.a, r.b]
 
 
 @behaviour
@@ -284,17 +301,15 @@ def server_cursor_and_hold(dsn: str) -> Any:
         return [a, b]
 
 
-@behaviour
-def copy_roundtrip(dsn: str) -> Any:
-    with psycopg.connect(dsn) as c:
-        c.execute("create temp table t (a int, b text)")
-        with c.cursor().copy("copy t from stdin") as copy:
-            for i in range(100):
-                copy.write_row((i, f"r{i}"))
-        with c.cursor().copy("copy (select * from t order by a) to stdout") as copy:
-            rows = list(copy.rows())
-        c.rollback()
-        return [len(rows), rows[0], rows[-1]]
+@rolled_back
+def copy_roundtrip(c: psycopg.Connection[Any]) -> Any:
+    c.execute("create temp table t (a int, b text)")
+    with c.cursor().copy("copy t from stdin") as copy:
+        for i in range(100):
+            copy.write_row((i, f"r{i}"))
+    with c.cursor().copy("copy (select * from t order by a) to stdout") as copy:
+        rows = list(copy.rows())
+    return [len(rows), rows[0], rows[-1]]
 
 
 @behaviour
@@ -306,8 +321,7 @@ def copy_error(dsn: str) -> Any:
                 copy.write_row(("notanint",))
         except psycopg.Error as e:
             out: list[Any] = [err(e)]
-        c.rollback()
-        out.append(c.execute("select 1").fetchone())
+        out.append(recovered(c))
         return out
 
 
@@ -343,26 +357,22 @@ def error_diag(dsn: str) -> Any:
             c.execute("select 1")
         except psycopg.Error as e:
             out.append(err(e))
-        c.rollback()
-        out.append(c.execute("select 1").fetchone())
+        out.append(recovered(c))
         return out
 
 
-@behaviour
-def savepoints(dsn: str) -> Any:
-    with psycopg.connect(dsn) as c:
-        c.execute("create temp table s (x int)")
-        with c.transaction():
-            c.execute("insert into s values (1)")
-            try:
-                with c.transaction():
-                    c.execute("insert into s values (2)")
-                    raise RuntimeError
-            except RuntimeError:
-                pass
-        r = c.execute("select array_agg(x) from s").fetchone()
-        c.rollback()
-        return r
+@rolled_back
+def savepoints(c: psycopg.Connection[Any]) -> Any:
+    c.execute("create temp table s (x int)")
+    with c.transaction():
+        c.execute("insert into s values (1)")
+        try:
+            with c.transaction():
+                c.execute("insert into s values (2)")
+                raise RuntimeError
+        except RuntimeError:
+            pass
+    return c.execute("select array_agg(x) from s").fetchone()
 
 
 @behaviour
@@ -379,19 +389,17 @@ def autocommit_toggle(dsn: str) -> Any:
         return [r, c.info.transaction_status.name]
 
 
-@behaviour
-def executemany_returning(dsn: str) -> Any:
-    with psycopg.connect(dsn) as c:
-        c.execute("create temp table em (x int)")
-        cur = c.cursor()
-        cur.executemany("insert into em values (%s) returning x * 2", [(i,) for i in range(20)], returning=True)
-        out: list[Any] = []
-        while True:
-            out.append(cur.fetchone())
-            if not cur.nextset():
-                break
-        c.rollback()
-        return out
+@rolled_back
+def executemany_returning(c: psycopg.Connection[Any]) -> Any:
+    c.execute("create temp table em (x int)")
+    cur = c.cursor()
+    cur.executemany("insert into em values (%s) returning x * 2", [(i,) for i in range(20)], returning=True)
+    out: list[Any] = []
+    while True:
+        out.append(cur.fetchone())
+        if not cur.nextset():
+            break
+    return out
 
 
 @behaviour
@@ -460,8 +468,7 @@ def cancel(dsn: str) -> Any:
         except psycopg.Error as e:
             r = err(e)
         t.join()
-        c.rollback()
-        return [r, c.execute("select 1").fetchone()]
+        return [r, recovered(c)]
 
 
 @behaviour

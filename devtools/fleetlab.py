@@ -17,6 +17,7 @@ import contextlib
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,45 +222,44 @@ class Crowd:
         self.stats.connects += 1
         return conn
 
-    async def _steady(self) -> None:
-        conn = None
-        while True:
-            try:
-                if conn is None:
-                    conn = await self._connect()
+    async def _visit(
+        self, conn: asyncpg.Connection | None, count: Callable[[], int], *, leave: bool
+    ) -> asyncpg.Connection | None:
+        """Connect unless `conn` is open, run `count()` transactions (each counted), close if
+        `leave`. The connection to go on with; None once closed, or after a failure (counted
+        by SQLSTATE, the connection terminated)."""
+        try:
+            if conn is None:
+                conn = await self._connect()
+            for _ in range(count()):
                 async with conn.transaction():
                     await conn.execute(self.query)
                 self.stats.transactions += 1
-            except asyncio.CancelledError:
-                if conn is not None:
-                    conn.terminate()
-                raise
-            except Exception as exc:
-                self._error(exc)
-                if conn is not None:
-                    conn.terminate()
-                conn = None
+            if leave:
+                await conn.close()
+                return None
+            return conn
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.terminate()
+            raise
+        except Exception as exc:
+            self._error(exc)
+            if conn is not None:
+                conn.terminate()
+            return None
+
+    async def _steady(self) -> None:
+        conn = None
+        while True:
+            conn = await self._visit(conn, lambda: 1, leave=False)
+            if conn is None:
                 await asyncio.sleep(0.1)
 
     async def _serverless(self, rng: random.Random, pause: float) -> None:
         me = asyncio.current_task()
         while me not in self._stopping:
-            conn = None
-            try:
-                conn = await self._connect()
-                for _ in range(rng.randint(1, 2)):
-                    async with conn.transaction():
-                        await conn.execute(self.query)
-                    self.stats.transactions += 1
-                await conn.close()
-            except asyncio.CancelledError:
-                if conn is not None:
-                    conn.terminate()
-                raise
-            except Exception as exc:
-                self._error(exc)
-                if conn is not None:
-                    conn.terminate()
+            await self._visit(None, lambda: rng.randint(1, 2), leave=True)
             await asyncio.sleep(rng.uniform(0, pause))
 
     def add_steady(self, count: int) -> None:

@@ -282,24 +282,8 @@ def allocate_server(server: ServerFacts | None, fleets: Sequence[FleetSpec], *, 
     out = {}
     for fleet in fleets:
         budget = shares[fleet.name]
-        limits, floor, surge = split(budget, fleet, hysteresis=hysteresis)
-        reasons = []
-        if budget < wanted[fleet.name]:
-            reasons.append(Reason.SQUEEZED)
-        held = sum(p.held for p in fleet.pods)
-        if held > budget:
-            reasons.append(Reason.OVERCOMMITTED)
-        out[fleet.name] = FleetBudget(
-            name=fleet.name,
-            budget=budget,
-            wanted=wanted[fleet.name],
-            limits=limits,
-            floor=floor,
-            surge_room=surge,
-            held=held,
-            waiting=sum(p.waiting for p in fleet.pods),
-            reasons=tuple(reasons),
-        )
+        squeezed = [Reason.SQUEEZED] if budget < wanted[fleet.name] else []
+        out[fleet.name] = _fleet_budget(fleet, budget, wanted[fleet.name], squeezed, hysteresis=hysteresis)
     return ServerBudget(usable=usable, others=server.others, headroom=headroom, fleets=out)
 
 
@@ -308,18 +292,26 @@ def _unobserved(fleets: Sequence[FleetSpec], hysteresis: int) -> ServerBudget:
     for fleet in fleets:
         in_force = sum(p.limit or 0 for p in fleet.pods)
         budget = fleet.budget if fleet.budget is not None else in_force
-        limits, floor, surge = split(budget, fleet, hysteresis=hysteresis, grow=False)
-        held = sum(p.held for p in fleet.pods)
-        reasons = [Reason.UNOBSERVED] + ([Reason.OVERCOMMITTED] if held > budget else [])
-        out[fleet.name] = FleetBudget(
-            name=fleet.name,
-            budget=budget,
-            wanted=budget,
-            limits=limits,
-            floor=floor,
-            surge_room=surge,
-            held=held,
-            waiting=sum(p.waiting for p in fleet.pods),
-            reasons=tuple(reasons),
-        )
+        out[fleet.name] = _fleet_budget(fleet, budget, budget, [Reason.UNOBSERVED], hysteresis=hysteresis, grow=False)
     return ServerBudget(usable=None, others=None, headroom=None, fleets=out)
+
+
+def _fleet_budget(
+    fleet: FleetSpec, budget: int, wanted: int, reasons: list[Reason], *, hysteresis: int, grow: bool = True
+) -> FleetBudget:
+    """The fleet's budget split over its pods; OVERCOMMITTED joins `reasons` when it holds more."""
+    limits, floor, surge = split(budget, fleet, hysteresis=hysteresis, grow=grow)
+    held = sum(p.held for p in fleet.pods)
+    if held > budget:
+        reasons = [*reasons, Reason.OVERCOMMITTED]
+    return FleetBudget(
+        name=fleet.name,
+        budget=budget,
+        wanted=wanted,
+        limits=limits,
+        floor=floor,
+        surge_room=surge,
+        held=held,
+        waiting=sum(p.waiting for p in fleet.pods),
+        reasons=tuple(reasons),
+    )

@@ -235,3 +235,25 @@ async def fleet_objects(api: Any, namespace: str = "shop") -> None:
     for name, data in (("db-creds", {"username": FLEET_ROLE, "password": "unused"}), ("main-token", {"token": TOKEN})):
         secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}}
         await api.put_object("/v1/secrets", {**secret, "stringData": data})
+
+
+def lab_pgpool(pods_db: Any, **spec: Any) -> dict[str, Any]:
+    """PgPool `main` (namespace shop) for the lab pods: `app` on `pods_db` with the credentials
+    fleet_objects writes, 2 replicas, 20 backends; `spec` adds or replaces top-level fields."""
+    database = {"host": pods_db.host, "port": pods_db.port, "dbname": "app", "credentialsSecret": "db-creds"}
+    return {
+        "apiVersion": "pgfleet.io/v1alpha1",
+        "kind": "PgPool",
+        "metadata": {"name": "main", "namespace": "shop"},
+        "spec": {"database": database, "replicas": 2, "budget": {"maxBackends": 20}, **spec},
+    }
+
+
+def condition_now(api: Any, type_: str, reason: str, message: str = "") -> dict[str, Any] | None:
+    """PgPool `main`'s condition `type_` if its reason is `reason` and its message starts with
+    `message`, else None (for `eventually`)."""
+    obj = api.get("pgfleet.io/v1alpha1/pgpools", "shop", "main") or {}
+    for cond in obj.get("status", {}).get("conditions", []):
+        if cond["type"] == type_ and cond["reason"] == reason and cond["message"].startswith(message):
+            return dict(cond)
+    return None

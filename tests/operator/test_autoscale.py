@@ -11,9 +11,9 @@ from pgfleet.devtools.fleetlab import FLEET_ROLE, Crowd, LabPooler, Sample, Samp
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.operator.autoscale import Bounds, Recommendation, budget_replicas, decide
 
-from .conftest import eventually, fleet_objects
+from .conftest import condition_now, eventually, fleet_objects, lab_pgpool
 from .crdcheck import admit
-from .test_operator_lifecycle import DEPLOYMENTS, NS, PGPOOLS, condition
+from .test_operator_lifecycle import DEPLOYMENTS, NS, PGPOOLS
 
 
 class PodBackends(Sampler):
@@ -133,7 +133,6 @@ async def test_a_crowd_grows_the_fleet_within_bounds_and_budget_then_it_shrinks_
     window = 3
     budget = 5  # with maxSurge 1 and one worker per pod: at most 4 replicas get their floor
     spec = {
-        "database": {"host": pods_db.host, "port": pods_db.port, "dbname": "app", "credentialsSecret": "db-creds"},
         "replicas": 1,
         "budget": {"maxBackends": budget},
         "autoscaling": {
@@ -160,19 +159,10 @@ async def test_a_crowd_grows_the_fleet_within_bounds_and_budget_then_it_shrinks_
     watcher = asyncio.create_task(watch())
     crowds = [Crowd(pod.port) for pod in lab_pods]
     try:
-        await api.put_object(
-            PGPOOLS,
-            {
-                "apiVersion": "pgfleet.io/v1alpha1",
-                "kind": "PgPool",
-                "metadata": {"name": "main", "namespace": NS},
-                "spec": spec,
-            },
-        )
+        await api.put_object(PGPOOLS, lab_pgpool(pods_db, **spec))
 
         def scaling(reason: str) -> Any:
-            cond = condition(api.get(PGPOOLS, NS, "main"), "ScalingLimited")
-            return cond if cond and cond["reason"] == reason else None
+            return condition_now(api, "ScalingLimited", reason)
 
         # No clients: minReplicas.
         await eventually(lambda: scaling("TooFewReplicas"), what="ScalingLimited=TooFewReplicas with no clients")

@@ -22,8 +22,8 @@ from pgfleet.operator import traffic
 from pgfleet.operator.control import BudgetLoop, Fleet
 from pgfleet.operator.observe import ServerObserver
 
-from .conftest import eventually, fleet_objects, pod_object
-from .test_operator_lifecycle import CONFIGMAPS, NS, PGPOOLS, condition
+from .conftest import condition_now, eventually, fleet_objects, lab_pgpool, pod_object
+from .test_operator_lifecycle import CONFIGMAPS, NS, PGPOOLS
 
 POD_PORT = int(os.environ["PGFLEET_POD_HTTP_PORT"])
 
@@ -60,6 +60,10 @@ def test_the_condition_counts_pods_without_servers() -> None:
 # -- the operator against real poolers -----------------------------------------------------------------
 
 
+def traffic_condition(api: Any, reason: str, message: str = "") -> Any:
+    return condition_now(api, "TrafficPaused", reason, message)
+
+
 async def pooler_status(ip: str) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http, http.get(f"http://{ip}:{POD_PORT}/status") as response:
         return dict(await response.json())
@@ -77,33 +81,14 @@ async def test_pooler_paused_pauses_every_pod_and_false_resumes(
         tx = client.transaction()
         await tx.start()
         await client.fetchval("SELECT 1")
-        spec = {
-            "database": {"host": pods_db.host, "port": pods_db.port, "dbname": "app", "credentialsSecret": "db-creds"},
-            "replicas": 2,
-            "budget": {"maxBackends": 20},
-            "pooler": {"paused": True},
-        }
-        await api.put_object(
-            PGPOOLS,
-            {
-                "apiVersion": "pgfleet.io/v1alpha1",
-                "kind": "PgPool",
-                "metadata": {"name": "main", "namespace": NS},
-                "spec": spec,
-            },
-        )
-
-        def traffic_condition(reason: str) -> Any:
-            cond = condition(api.get(PGPOOLS, NS, "main"), "TrafficPaused")
-            return cond if cond and cond["reason"] == reason else None
-
-        pausing = await eventually(lambda: traffic_condition("Pausing"), what="TrafficPaused=False, Pausing")
+        await api.put_object(PGPOOLS, lab_pgpool(pods_db, pooler={"paused": True}))
+        pausing = await eventually(lambda: traffic_condition(api, "Pausing"), what="TrafficPaused=False, Pausing")
         assert pausing["status"] == "False" and pausing["message"].startswith("1/2 pods paused")
         assert "main-a (1 open)" in pausing["message"]
         assert (await pooler_status("127.0.0.2"))["paused"] is True
         await tx.commit()  # the transaction ends; its server closes
 
-        paused = await eventually(lambda: traffic_condition("Paused"), what="TrafficPaused=True")
+        paused = await eventually(lambda: traffic_condition(api, "Paused"), what="TrafficPaused=True")
         assert paused["status"] == "True" and paused["message"].startswith("2/2 pods paused")
         assert api.get(PGPOOLS, NS, "main")["status"]["pausedPods"] == 2
         for ip in ("127.0.0.2", "127.0.0.3"):
@@ -111,7 +96,7 @@ async def test_pooler_paused_pauses_every_pod_and_false_resumes(
             assert status["paused"] is True and status["servers"] == 0
 
         await api.patch_object(PGPOOLS, NS, "main", {"spec": {"pooler": {"paused": False}}})
-        serving = await eventually(lambda: traffic_condition("Serving"), what="TrafficPaused=False, Serving")
+        serving = await eventually(lambda: traffic_condition(api, "Serving"), what="TrafficPaused=False, Serving")
         assert serving["message"] == "pooler.paused is false: 2 pods serve"
         assert api.get(PGPOOLS, NS, "main")["status"]["pausedPods"] == 0
         for ip in ("127.0.0.2", "127.0.0.3"):
@@ -121,31 +106,12 @@ async def test_pooler_paused_pauses_every_pod_and_false_resumes(
         await client.close()
 
 
-def paused_spec(pods_db: TempPostgres) -> dict[str, Any]:
-    return {
-        "apiVersion": "pgfleet.io/v1alpha1",
-        "kind": "PgPool",
-        "metadata": {"name": "main", "namespace": NS},
-        "spec": {
-            "database": {"host": pods_db.host, "port": pods_db.port, "dbname": "app", "credentialsSecret": "db-creds"},
-            "replicas": 2,
-            "budget": {"maxBackends": 20},
-            "pooler": {"paused": True},
-        },
-    }
-
-
 async def test_a_pod_created_during_the_pause_serves_nobody_until_resume(
     api: Any, operator: Any, pods_db: TempPostgres, lab_pods: list[LabPooler], tmp_path: Path
 ) -> None:
     await fleet_objects(api)
-    await api.put_object(PGPOOLS, paused_spec(pods_db))
-
-    def traffic_condition(reason: str, message: str = "") -> Any:
-        cond = condition(api.get(PGPOOLS, NS, "main"), "TrafficPaused")
-        return cond if cond and cond["reason"] == reason and cond["message"].startswith(message) else None
-
-    await eventually(lambda: traffic_condition("Paused", "2/2 pods paused"), what="the two pods paused")
+    await api.put_object(PGPOOLS, lab_pgpool(pods_db, pooler={"paused": True}))
+    await eventually(lambda: traffic_condition(api, "Paused", "2/2 pods paused"), what="the two pods paused")
     config_map = api.get(CONFIGMAPS, NS, "main-config")
     rendered = yaml.safe_load(config_map["data"]["pooler.yaml"])
     assert rendered["start_paused"] is True
@@ -180,12 +146,12 @@ async def test_a_pod_created_during_the_pause_serves_nobody_until_resume(
         assert state["paused"] is True and state["servers"] == 0 and not held.done()
 
         await api.put_object("/v1/pods", pod_object("main-c", "127.0.0.4"))
-        await eventually(lambda: traffic_condition("Paused", "3/3 pods paused"), what="the new pod counted paused")
+        await eventually(lambda: traffic_condition(api, "Paused", "3/3 pods paused"), what="the new pod counted paused")
         assert not held.done()
 
         await api.patch_object(PGPOOLS, NS, "main", {"spec": {"pooler": {"paused": False}}})
         assert await asyncio.wait_for(held, 30) == 42  # RESUME serves it
-        await eventually(lambda: traffic_condition("Serving", "pooler.paused is false: 3 pods"), what="Serving")
+        await eventually(lambda: traffic_condition(api, "Serving", "pooler.paused is false: 3 pods"), what="Serving")
         rendered = yaml.safe_load(api.get(CONFIGMAPS, NS, "main-config")["data"]["pooler.yaml"])
         assert "start_paused" not in rendered  # the default, false: new pods serve
     finally:
