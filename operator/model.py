@@ -119,12 +119,20 @@ class ClientAuthSpec(_Model):
     )
 
 
+# A client certificate is shown in a TLS handshake: without TLS it would be silently unused.
+_CERT_NEEDS_TLS = "tls.serverCertSecret needs a tls.serverSslmode other than disable"
+
+
 class TlsSpec(_Model):
     """TLS of the poolers, towards applications and towards the database.
 
     Secrets are mounted read-only; a rotated Secret reaches running pods without a restart
     (the pooler reads the files again when they change).
     """
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(("!has(self.serverCertSecret) || self.serverSslmode != 'disable'", _CERT_NEEDS_TLS))
+    )
 
     client_cert_secret: str | None = Field(
         default=None,
@@ -145,6 +153,21 @@ class TlsSpec(_Model):
             "verify-full (also checks database.host against the certificate)."
         ),
     )
+    server_cert_secret: str | None = Field(
+        default=None,
+        description=(
+            "Secret (same namespace) with `tls.crt` and `tls.key` (the kubernetes.io/tls layout): the client "
+            "certificate the poolers and the operator show the database (server_tls_cert_file/key_file), for "
+            "pg_hba `cert` or clientcert=verify-full."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _cert_needs_tls(self) -> TlsSpec:
+        # The CEL rule above says the same at admission; this keeps the operator in agreement.
+        if self.server_cert_secret and self.server_sslmode is SslMode.DISABLE:
+            raise ValueError(_CERT_NEEDS_TLS)
+        return self
 
 
 class RolloutSpec(_Model):

@@ -149,6 +149,11 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
             server_ca = (await _read_secret(ctx.client, pgpool.namespace, spec.tls.server_ca_secret, ("ca.crt",)))[
                 "ca.crt"
             ]
+        server_cert: dict[str, str] = {}
+        if spec.tls.server_cert_secret:
+            server_cert = await _read_secret(
+                ctx.client, pgpool.namespace, spec.tls.server_cert_secret, ("tls.crt", "tls.key")
+            )
     except MissingSecret as exc:
         # Without credentials nothing sensible can be rendered; leave the children as they are.
         msg = str(exc)
@@ -172,6 +177,8 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         creds["password"],
         sslmode=spec.tls.server_sslmode.value,
         ca=server_ca,
+        cert=server_cert.get("tls.crt"),
+        key=server_cert.get("tls.key"),
     )
     facts: DatabaseFacts | None = None
     key = f"{pgpool.namespace}/{pgpool.name}"

@@ -38,6 +38,8 @@ TOKEN_FILE = f"{CONFIG_DIR}/token"
 CLIENT_CERT_FILE = f"{CONFIG_DIR}/tls/client.crt"
 CLIENT_KEY_FILE = f"{CONFIG_DIR}/tls/client.key"
 SERVER_CA_FILE = f"{CONFIG_DIR}/tls/server-ca.crt"
+SERVER_CERT_FILE = f"{CONFIG_DIR}/tls/server-client.crt"  # the poolers' certificate towards the database
+SERVER_KEY_FILE = f"{CONFIG_DIR}/tls/server-client.key"
 # The image's user (see Dockerfile); numeric so the kubelet can check runAsNonRoot.
 POOLER_UID = 10001
 # Time past the pooler's own drain for the process to exit before SIGKILL.
@@ -222,6 +224,8 @@ def tls_settings(tls: model.TlsSpec) -> dict[str, Any]:
         )
     if tls.server_ca_secret:
         settings["server_tls_ca_file"] = SERVER_CA_FILE
+    if tls.server_cert_secret:
+        settings.update(server_tls_cert_file=SERVER_CERT_FILE, server_tls_key_file=SERVER_KEY_FILE)
     return settings
 
 
@@ -235,6 +239,12 @@ def _tls_sources(tls: model.TlsSpec) -> list[Obj]:
         sources.append(
             {"secret": {"name": tls.server_ca_secret, "items": [{"key": "ca.crt", "path": "tls/server-ca.crt"}]}}
         )
+    if tls.server_cert_secret:
+        items = [
+            {"key": "tls.crt", "path": "tls/server-client.crt"},
+            {"key": "tls.key", "path": "tls/server-client.key"},
+        ]
+        sources.append({"secret": {"name": tls.server_cert_secret, "items": items}})
     return sources
 
 

@@ -165,6 +165,11 @@ REJECTED = [
     ("too many workers", {"pooler": {"workers": 65}}, "65 is greater than the maximum of 64"),
     ("empty auth query", {"clientAuth": {"authQuery": {"query": ""}}}, "query"),
     (
+        "client certificate without TLS",
+        {"tls": {"serverCertSecret": "db-client", "serverSslmode": "disable"}},
+        "tls.serverCertSecret needs a tls.serverSslmode other than disable",
+    ),
+    (
         "fewer clients than workers",
         {"pooler": {"workers": 8, "maxClientConn": 7}},
         "pooler.maxClientConn must be at least pooler.workers",
@@ -222,3 +227,11 @@ def test_auth_query_is_admitted_with_the_models_default_query() -> None:
     assert spec.client_auth.auth_query is not None
     assert stored["spec"]["clientAuth"]["authQuery"]["query"] == spec.client_auth.auth_query.query
     assert "pg_shadow" in spec.client_auth.auth_query.query and spec.client_auth.auth_query.user_secret == "lookup"
+
+
+def test_client_certificate_without_tls_refused_by_the_model_too() -> None:
+    spec = _with({"tls": {"serverCertSecret": "db-client", "serverSslmode": "disable"}})["spec"]
+    with pytest.raises(ValueError, match=r"tls\.serverCertSecret needs"):
+        model.PgPoolSpec.model_validate(spec)
+    _, errors = admit(_with({"tls": {"serverCertSecret": "db-client"}}))  # the default prefer
+    assert errors == []

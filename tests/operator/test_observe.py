@@ -148,3 +148,21 @@ async def test_the_observer_follows_new_tls_settings(tls_postgres: Any) -> None:
         assert (await observer.snapshot()).max_connections == 50
     finally:
         await observer.close()
+
+
+async def test_a_client_certificate_logs_the_probe_in_where_pg_hba_says_cert(tls_postgres: Any) -> None:
+    """pg_hba `cert` for certuser: the certificate's CN is the user, no password is asked."""
+    _, certs = tls_postgres
+    cert = certs.ca.issue_cert("certuser", common_name="certuser")
+    with_cert = tls_target(
+        tls_postgres, user="certuser", password="", cert=b"".join(p.bytes() for p in cert.cert_chain_pems).decode(),
+        key=cert.private_key_pem.bytes().decode(),
+    )  # fmt: skip
+    assert (await AsyncpgProbe(timeout=5)(with_cert)).max_connections == 50
+    observer = ServerObserver(target=with_cert, timeout=5)
+    try:
+        assert (await observer.snapshot()).max_connections == 50
+    finally:
+        await observer.close()
+    with pytest.raises(DatabaseUnreachable, match="certificate"):
+        await AsyncpgProbe(timeout=5)(tls_target(tls_postgres, user="certuser", password=""))

@@ -228,3 +228,38 @@ async def test_auth_query_reads_its_lookup_role_secret(api: Any, operator: Any, 
         lambda: (s := api.get(SECRETS, NS, "main-auth")) and '"lookup" "l00k"' in s["stringData"]["userlist.txt"],
         what="the lookup role in the rendered userlist",
     )
+
+
+async def test_the_database_is_observed_with_the_pgpools_client_certificate(
+    api: Any, operator: Any, tls_postgres: Any
+) -> None:
+    """tls.serverCertSecret: the operator, too, logs in where pg_hba says `cert`."""
+    pg, certs = tls_postgres
+    cert = certs.ca.issue_cert("certuser", common_name="certuser")
+    await api.put_object(SECRETS, creds_secret() | {"stringData": {"username": "certuser", "password": "unused"}})
+    for name, data in (
+        ("db-ca", {"ca.crt": certs.ca.cert_pem.bytes().decode()}),
+        (
+            "db-client",
+            {
+                "tls.crt": b"".join(pem.bytes() for pem in cert.cert_chain_pems).decode(),
+                "tls.key": cert.private_key_pem.bytes().decode(),
+            },
+        ),
+    ):
+        meta = {"name": name, "namespace": NS}
+        await api.put_object(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "stringData": data})
+    tls = {"serverSslmode": "verify-full", "serverCaSecret": "db-ca", "serverCertSecret": "db-client"}
+    body = pgpool(pg, tls=tls)
+    body["spec"]["database"]["host"] = "localhost"
+    await api.put_object(PGPOOLS, body)
+    cond = await eventually(
+        lambda: (
+            (c := condition(api.get(PGPOOLS, NS, "main"), "DatabaseReachable"))
+            and c["status"] == "True"
+            and "of others" in c["message"]
+            and c
+        ),
+        what="DatabaseReachable=True with the client certificate",
+    )
+    assert "max_connections=50" in cond["message"]

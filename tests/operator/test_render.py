@@ -419,3 +419,26 @@ def test_without_auth_query_every_client_is_the_credentials_role() -> None:
     config = rendered_config(children())
     assert config.auth_user is None and config.auth_dbname is None
     assert config.databases["app"].user == "app"
+
+
+def test_a_client_certificate_towards_the_database_is_mounted_and_named() -> None:
+    kids = children(tls={"serverCertSecret": "db-client", "serverSslmode": "verify-full", "serverCaSecret": "db-ca"})
+    config = rendered_config(kids)
+    assert (config.server_tls_cert_file, config.server_tls_key_file) == (
+        render.SERVER_CERT_FILE,
+        render.SERVER_KEY_FILE,
+    )
+    spec = pod_spec(kids)
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    paths = {
+        f"{render.CONFIG_DIR}/{item['path']}": (src["name"], item["key"])
+        for source in volume["projected"]["sources"]
+        for src in source.values()
+        for item in src["items"]
+    }
+    assert paths[render.SERVER_CERT_FILE] == ("db-client", "tls.crt")
+    assert paths[render.SERVER_KEY_FILE] == ("db-client", "tls.key")
+    assert paths[render.SERVER_CA_FILE] == ("db-ca", "ca.crt")
+    # Applications still talk to the poolers in the clear: this is the database leg only.
+    assert config.client_tls_sslmode.value == "disable"
+    assert rendered_config(children()).server_tls_cert_file is None

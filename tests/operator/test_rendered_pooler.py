@@ -120,3 +120,29 @@ async def test_auth_query_clients_log_in_as_themselves_without_a_userlist(
     port = (await run_rendered(plain)).config.listen_port
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         await login(port, *users[0])
+
+
+async def test_a_client_certificate_from_a_secret_logs_the_pooler_in_where_pg_hba_says_cert(
+    tls_postgres: Any, run_rendered: Run
+) -> None:
+    """tls.serverCertSecret against a PostgreSQL that refuses the clear and wants certuser's
+    certificate (pg_hba `cert`, i.e. clientcert=verify-full): no database password at all."""
+    pg, certs = tls_postgres
+    cert = certs.ca.issue_cert("certuser", common_name="certuser")
+    client_secret = {
+        "tls.crt": b"".join(pem.bytes() for pem in cert.cert_chain_pems).decode(),
+        "tls.key": cert.private_key_pem.bytes().decode(),
+    }
+    ca_secret = {"ca.crt": certs.ca.cert_pem.bytes().decode()}
+    tls = {"serverSslmode": "verify-full", "serverCaSecret": "db-ca", "serverCertSecret": "db-client"}
+    # The password is the one applications give the pooler; PostgreSQL asks for none.
+    _, kids = render_for(pg, "certuser", "apppass", tls=tls, database={"host": "localhost"})
+    port = (await run_rendered(kids, {"db-ca": ca_secret, "db-client": client_secret})).config.listen_port
+    assert await login(port, "certuser", "apppass") == "certuser"
+    # The same PgPool without the certificate Secret is refused by the database.
+    _, without = render_for(
+        pg, "certuser", "apppass", tls={**tls, "serverCertSecret": None}, database={"host": "localhost"}
+    )
+    port = (await run_rendered(without, {"db-ca": ca_secret})).config.listen_port
+    with pytest.raises(psycopg.OperationalError, match="certificate"):
+        await login(port, "certuser", "apppass")
