@@ -301,6 +301,11 @@ class ClientConnection(asyncio.Protocol):
             self.pool.release(server, self.unsynced)
         self.pooler.client_disconnected(self, previous)
 
+    @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is over its high-water mark: its server is not read."""
+        return self._write_paused
+
     def pause_writing(self) -> None:
         # The client reads slower than its server answers: stop reading the server.
         self._write_paused = True

@@ -42,6 +42,9 @@ _IDLE: Final = IDLE
 # Server messages the forwarding scan must look at (ParseComplete and CloseComplete:
 # some answer the proxy's own Parse/Close and go no further, see prepared.py).
 _WATCHED: Final = frozenset((_Z, _S, _E, statements.PARSE, statements.CLOSE))
+# A server sending a long result is read one buffer per turn of the loop, as a client
+# sending a long message is (client._YIELD_AFTER says why).
+_YIELD_AFTER: Final = 64 * 1024
 _CACHE_WIPED = frozenset((b"DISCARD ALL\x00", b"DEALLOCATE ALL\x00"))
 
 
@@ -120,13 +123,16 @@ class ServerConnection(asyncio.Protocol):
         self._partial = b""
         self._skip = 0
         self._reading_paused = False
+        self._yielding = False  # reading paused until the loop's next turn (_YIELD_AFTER)
         # The transport's buffer is over its high-water mark: its client is not read.
         self.write_paused = False
         self._login_reader: MessageReader | None = MessageReader()
         self._login_queue: collections.deque[tuple[int, bytes]] = collections.deque()
         self._login_waiter: asyncio.Future[None] | None = None
         self._lost: Exception | None = None
-        self._closed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._closed = loop.create_future()
+        self._call_soon = loop.call_soon
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -147,6 +153,8 @@ class ServerConnection(asyncio.Protocol):
                 return
             self._wake()
             return
+        if len(data) >= _YIELD_AFTER:
+            self._yield_turn()
         self._forward(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -484,6 +492,21 @@ class ServerConnection(asyncio.Protocol):
         if self._reading_paused and self.transport is not None and self.state is not ServerState.CLOSED:
             self._reading_paused = False
             self.transport.resume_reading()
+
+    def _yield_turn(self) -> None:
+        """Stop reading until the loop's next turn (see _YIELD_AFTER)."""
+        if self._reading_paused or self._yielding:
+            return
+        self._yielding = True
+        self.pause_reading()
+        self._call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        self._yielding = False
+        client = self.client
+        if client is not None and client.write_paused:
+            return  # back-pressure holds reading now; the client's resume_writing resumes it
+        self.resume_reading()
 
     def close(self, reason: str = "") -> None:
         """Terminate politely; the pool hears about it through connection_lost."""
