@@ -1,12 +1,22 @@
 """Large messages through pgfleet vs PostgreSQL direct, and what they cost everyone else.
 
-One client sends a long simple Query (`SELECT length('xxx…')`, 100 MB by default) and a
-long Bind (a 64 MB text parameter of a prepared statement); a second client meanwhile
-runs `SELECT 1` in a loop. The table gives the long request's time, the second client's
-latency while it runs (p50, p99, max) and the pooler's peak memory (VmHWM) growth.
+One client sends a long simple Query (`SELECT length('xxx…')`, 100 MB by default), a long
+Bind (a 64 MB text parameter of a prepared statement) and asks for a long result (a
+100 MB DataRow); a second client meanwhile runs `SELECT 1` in a loop on a connection of
+its own. The table gives the long request's time, the second client's latency while it
+runs (p50, p99, max) and the pooler's peak memory (VmHWM) growth.
 
-    .venv/bin/python benchmarks/large.py [--query-mb 100] [--bind-mb 64] [--rounds 3]
-        [--compiled build/compiled] [--out benchmarks/results/NAME.md]
+Targets take turns in each round, so that the machine's drift hits all of them alike:
+`direct` (both clients straight to PostgreSQL); `pgfleet` (both through one pooler
+process from the sources) and, with --compiled, `pgfleet compiled` (the image's build);
+and `hop only`: the long request straight to PostgreSQL while the second client goes
+through the pooler, which then streams nothing. The second client's latency through
+the pooler is read against `hop only`, which carries the same extra hop: what the
+streaming costs others is the difference, what the hop costs on this machine is `hop
+only` against `direct`.
+
+    .venv/bin/python benchmarks/large.py [--query-mb 100] [--bind-mb 64] [--result-mb 100]
+        [--rounds 3] [--compiled build/compiled] [--out benchmarks/results/NAME.md]
 """
 
 from __future__ import annotations
@@ -17,9 +27,11 @@ import datetime as dt
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
@@ -27,6 +39,7 @@ from pgfleet.devtools.procs import PoolerProcess, free_port, start_pgfleet, tran
 from pgfleet.devtools.tempdb import TempPostgres
 
 DB = "postgres"
+Request = Callable[[asyncpg.Connection], Awaitable[object]]
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -55,12 +68,12 @@ async def sample_latency(port: int, stop: asyncio.Event, first: asyncio.Event, o
         await conn.close()
 
 
-async def one_case(port: int, request: Callable[[asyncpg.Connection], Awaitable[object]]) -> tuple[float, list[float]]:
-    """Time one long request while another client samples its latency."""
+async def one_case(port: int, request: Request, other_port: int | None = None) -> tuple[float, list[float]]:
+    """Time one long request while another client samples its latency (through `other_port`)."""
     conn = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database=DB)
     stop, first = asyncio.Event(), asyncio.Event()
     latencies: list[float] = []
-    sampler = asyncio.create_task(sample_latency(port, stop, first, latencies))
+    sampler = asyncio.create_task(sample_latency(other_port or port, stop, first, latencies))
     try:
         await first.wait()  # the sampler is connected and served before the request starts
         started = time.perf_counter()
@@ -73,7 +86,7 @@ async def one_case(port: int, request: Callable[[asyncpg.Connection], Awaitable[
     return elapsed, latencies
 
 
-def requests(query_mb: int, bind_mb: int) -> dict[str, Callable[[asyncpg.Connection], Awaitable[object]]]:
+def requests(query_mb: int, bind_mb: int, result_mb: int = 0) -> dict[str, Request]:
     literal = "x" * (query_mb << 20)
     value = "y" * (bind_mb << 20)
 
@@ -83,63 +96,98 @@ def requests(query_mb: int, bind_mb: int) -> dict[str, Callable[[asyncpg.Connect
     async def bind(conn: asyncpg.Connection) -> object:
         return await conn.fetchval("SELECT length($1::text)", value)  # Parse, Bind (named)
 
-    return {f"{query_mb} MB Query": query, f"{bind_mb} MB Bind": bind}
+    async def result(conn: asyncpg.Connection) -> object:
+        return await conn.fetchval(f"SELECT repeat('z', {result_mb << 20})")
+
+    out: dict[str, Request] = {f"{query_mb} MB Query": query, f"{bind_mb} MB Bind": bind}
+    if result_mb:
+        out[f"{result_mb} MB result"] = result
+    return out
+
+
+@dataclass
+class Runs:
+    """One request against one target, over the rounds."""
+
+    times: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # every sample of every round
+    p99s: list[float] = field(default_factory=list)  # per round
+    grown: float = 0.0
+
+
+def pooler_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run(args: argparse.Namespace) -> list[str]:
-    rows: list[list[str]] = []
+    builds = {"pgfleet": ""} | ({"pgfleet compiled": args.compiled} if args.compiled else {})
+    results: dict[tuple[str, str], Runs] = {}
     with TempPostgres() as pg, tempfile.TemporaryDirectory() as work:
-        env = dict(os.environ)
-        if args.compiled:
-            env["PYTHONPATH"] = args.compiled
-        config = transaction_pool_config(pg.host, pg.port, DB, listen_port=free_port(), pool_size=4, max_clients=100)
-        config["workers"] = 1
-        workdir = Path(work) / "pgfleet"
-        workdir.mkdir()
-        pooler: PoolerProcess = start_pgfleet(config, workdir, env=env)
-        pooler.wait_ready()
+        poolers: dict[str, tuple[PoolerProcess, int]] = {}
         try:
-            targets = {"direct": pg.port, "pgfleet": int(config["listen_port"])}
-            for name, request in requests(args.query_mb, args.bind_mb).items():
-                times: dict[str, list[float]] = {target: [] for target in targets}
-                lat: dict[str, list[float]] = {target: [] for target in targets}
-                grown = 0.0
+            for name, pythonpath in builds.items():
+                env = dict(os.environ)
+                if pythonpath:
+                    env["PYTHONPATH"] = pythonpath
+                config = transaction_pool_config(
+                    pg.host, pg.port, DB, listen_port=free_port(), pool_size=4, max_clients=100
+                )
+                config["workers"] = 1
+                workdir = Path(work) / name.replace(" ", "-")
+                workdir.mkdir()
+                pooler = start_pgfleet(config, workdir, env=env)
+                pooler.wait_ready()
+                poolers[name] = (pooler, int(config["listen_port"]))
+            first_port = next(iter(poolers.values()))[1]
+            # target -> (the long request's port, the second client's port, the pooler streaming it)
+            targets: dict[str, tuple[int, int, PoolerProcess | None]] = {"direct": (pg.port, pg.port, None)}
+            targets["hop only"] = (pg.port, first_port, None)
+            targets |= {name: (port, port, pooler) for name, (pooler, port) in poolers.items()}
+            for name, request in requests(args.query_mb, args.bind_mb, args.result_mb).items():
                 for _ in range(args.rounds):
-                    for target, port in targets.items():
-                        before = peak_rss_mib(pooler.pid)
-                        elapsed, latencies = await one_case(port, request)
-                        times[target].append(elapsed)
-                        lat[target].extend(latencies)
-                        if target == "pgfleet":
-                            grown = max(grown, peak_rss_mib(pooler.pid) - before)
-                for target in targets:
-                    t = statistics.median(times[target])
-                    ms = [x * 1000 for x in lat[target]]
-                    ratio = f"{t / statistics.median(times['direct']):.2f}x"
-                    rows.append(
-                        [
-                            name,
-                            target,
-                            f"{t:.2f} s",
-                            ratio,
-                            f"{quantile(ms, 0.5):.1f}",
-                            f"{quantile(ms, 0.99):.1f}",
-                            f"{max(ms):.1f}",
-                            str(len(ms)),
-                            f"{grown:.0f} MiB" if target == "pgfleet" else "",
-                        ]
-                    )
+                    for target, (port, other_port, pooler) in targets.items():
+                        runs = results.setdefault((name, target), Runs())
+                        before = peak_rss_mib(pooler.pid) if pooler else 0.0
+                        elapsed, latencies = await one_case(port, request, other_port)
+                        if pooler:
+                            runs.grown = max(runs.grown, peak_rss_mib(pooler.pid) - before)
+                        runs.times.append(elapsed)
+                        runs.latencies.extend(latencies)
+                        runs.p99s.append(quantile(latencies, 0.99) * 1000)
         finally:
-            pooler.stop()
-    header = ["request", "target", "time (median)", "vs direct", "other p50 ms", "other p99 ms", "other max ms"]
-    header += ["samples", "pooler peak RSS growth"]
+            for pooler, _ in poolers.values():
+                pooler.stop()
+    rows: list[list[str]] = []
+    for (name, target), runs in results.items():
+        t = statistics.median(runs.times)
+        direct = statistics.median(results[(name, "direct")].times)
+        ms = [x * 1000 for x in runs.latencies]
+        rows.append(
+            [
+                name,
+                target,
+                f"{t:.2f} s ({min(runs.times):.2f}-{max(runs.times):.2f})",
+                f"{t / direct:.2f}x" if target != "hop only" else "(direct)",
+                f"{quantile(ms, 0.5):.1f}",
+                f"{quantile(ms, 0.99):.1f}",
+                f"{min(runs.p99s):.1f}-{max(runs.p99s):.1f}",
+                f"{max(ms):.1f}",
+                str(len(ms)),
+                f"{runs.grown:.0f} MiB" if target.startswith("pgfleet") else "",
+            ]
+        )
+    header = ["request", "target", "time: median (range)", "vs direct", "other p50 ms", "other p99 ms"]
+    header += ["other p99 per round", "other max ms", "samples", "pooler peak RSS growth"]
     lines = [
         f"# Large messages, {dt.date.today().isoformat()}",
         "",
-        f"`benchmarks/large.py --query-mb {args.query_mb} --bind-mb {args.bind_mb} --rounds {args.rounds}`"
-        f"{' --compiled ' + args.compiled if args.compiled else ''}; {platform.machine()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}. pgfleet: one process, transaction mode.",
-        "'other': a second client's `SELECT 1` latency sampled while the long request runs.",
+        f"`benchmarks/large.py --query-mb {args.query_mb} --bind-mb {args.bind_mb} --result-mb {args.result_mb}"
+        f" --rounds {args.rounds}{' --compiled' if args.compiled else ''}` at {args.commit or '?'}; {platform.machine()}, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}. "
+        "pgfleet: one process, transaction mode, uvloop.",
+        "'other': a second client's `SELECT 1` latency sampled (every 5 ms) while the long request runs; "
+        "'hop only': the long request straight to PostgreSQL, the second client through pgfleet.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -152,12 +200,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--query-mb", type=int, default=100)
     parser.add_argument("--bind-mb", type=int, default=64)
+    parser.add_argument("--result-mb", type=int, default=100, help="a long result (0: none)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compiled", default="", help="directory of the compiled build (make compiled)")
+    parser.add_argument("--compiled", default="", help="directory of the compiled build (make compiled), run beside")
     parser.add_argument("--out", default="", help="also write the table to this file")
     args = parser.parse_args()
     if args.compiled:
         args.compiled = str(Path(args.compiled).resolve())
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    args.commit = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     lines = asyncio.run(run(args))
     text = "\n".join(lines) + "\n"
     print(text)
