@@ -11,18 +11,23 @@ import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .compiled import BUILD
 from .config import ConfigError, PoolerConfig, load_config
 from .hba import rules_for
-from .pooler import Pooler
 from .shares import WorkerSlot
 from .tls import build_contexts
+
+if TYPE_CHECKING:
+    # Imported where a pooler runs (serve), not here: the supervisor of `workers` > 1
+    # never handles a client, and importing the client path would cost it several MB.
+    from .pooler import Pooler
 
 log = logging.getLogger("pgfleet")
 
 # Extra start-up steps (the HTTP control port) register here, so the core never imports them.
-Startup = Callable[[Pooler], Awaitable[None]]
+Startup = Callable[["Pooler"], Awaitable[None]]
 STARTUP_HOOKS: list[Startup] = []
 
 
@@ -43,6 +48,8 @@ def _raise_fd_limit(config: PoolerConfig) -> None:
 
 
 async def serve(config: PoolerConfig, config_path: str | None, slot: WorkerSlot | None = None) -> int:
+    from .pooler import Pooler
+
     pooler = Pooler(config, config_path, slot)
     limits_file = pooler.slot.limits_file
     if limits_file is not None and limits_file.exists():
@@ -137,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"[worker {slot.index + 1}/{slot.count}] " if slot is not None else ""
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
     _raise_fd_limit(config)
-    _load_extensions()
     if slot is None and config.workers > 1:
         from .supervisor import supervise
 
         main_coro = supervise(config, path, _worker_command(args))
     else:
+        _load_extensions()  # the workers' (and a single pooler's) HTTP port
         main_coro = serve(config, path, slot)
     try:
         if not args.no_uvloop:

@@ -382,6 +382,23 @@ def test_a_limit_below_the_worker_count_is_refused(tmp_path: Path, setting: str,
     assert result.returncode == 0, result.stderr
 
 
+def test_the_supervisor_loads_none_of_the_client_path() -> None:
+    """The supervisor handles no client: the pooler's modules would cost it memory for nothing.
+
+    What `pgfleet-pooler` loads before it runs the supervisor (cli, then supervisor), in a
+    fresh interpreter: none of the client, server or pool modules, nor the admin console.
+    """
+    code = (
+        "import sys, pgfleet.pooler.cli, pgfleet.pooler.supervisor; "
+        "print(' '.join(m for m in sys.modules if m.startswith('pgfleet.')))"
+    )
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(result.stdout.split())
+    assert "pgfleet.pooler.supervisor" in loaded
+    for module in ("client", "server", "pool", "pooler", "admin", "prepared", "http"):
+        assert f"pgfleet.pooler.{module}" not in loaded, f"the supervisor loads pgfleet.pooler.{module}"
+
+
 # -- cancel requests --------------------------------------------------------------------------------------
 
 
