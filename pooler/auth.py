@@ -58,7 +58,9 @@ class ScramVerifier:
     iterations: int
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_scram_secret(secret: str) -> ScramVerifier:
+    # Cached: a storm logs the same users in again and again (the verifier is immutable).
     try:
         _, iter_salt, keys = secret.split("$")
         iterations, salt = iter_salt.split(":")
@@ -86,6 +88,11 @@ def scram_verifier(secret: str) -> ScramVerifier:
     if is_md5(secret):
         raise AuthFailed("SCRAM authentication needs a plaintext or SCRAM secret, auth_file has md5")
     return _verifier_for_password(secret)
+
+
+def xor(a: bytes, b: bytes) -> bytes:
+    """Byte-wise XOR of two strings of the same length."""
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 class ScramServerExchange:
@@ -149,14 +156,15 @@ class ScramServerExchange:
             raise AuthFailed("SCRAM nonce or channel binding mismatch")
         verifier = self._verifier
         auth_message = (self._auth_prefix + without_proof).encode()
-        client_signature = hmac.new(verifier.stored_key, auth_message, hashlib.sha256).digest()
+        # hmac.digest: OpenSSL's one-shot HMAC, without the hmac.HMAC object per call.
+        client_signature = hmac.digest(verifier.stored_key, auth_message, "sha256")
         if len(proof) != len(client_signature):
             raise AuthFailed("SCRAM proof has the wrong length")
-        client_key = bytes(a ^ b for a, b in zip(proof, client_signature, strict=True))
+        client_key = xor(proof, client_signature)
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), verifier.stored_key):
             raise AuthFailed("SCRAM proof did not match")
         self.client_key = client_key
-        server_signature = hmac.new(verifier.server_key, auth_message, hashlib.sha256).digest()
+        server_signature = hmac.digest(verifier.server_key, auth_message, "sha256")
         return ("v=" + base64.b64encode(server_signature).decode()).encode()
 
 

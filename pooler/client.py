@@ -28,7 +28,14 @@ from .protocol.backend import IDLE
 from .protocol.errors import ProtocolError, StartupLengthError
 from .protocol.extended import STATEMENT
 from .protocol.framing import MAX_MESSAGE_LENGTH, MessageReader, StartupReader
-from .protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, parse_startup_packet
+from .protocol.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    StartupPacket,
+    parse_startup_packet,
+)
 from .server import ServerConnection, ServerLoginError
 
 if TYPE_CHECKING:
@@ -63,6 +70,10 @@ _HBA_METHODS = {
     "scram-sha-256": AuthType.SCRAM_SHA_256,
 }
 _NO_MORE_CONNECTIONS = "no more connections allowed (max_client_conn)"
+# Built once: every login sends them.
+_AUTH_OK: Final = backend.authentication_ok()
+_READY_IDLE: Final = backend.ready_for_query(IDLE)
+_TRACKED: Final = params.TRACKED
 # A queued client keeps being read until it has sent this much: pausing and resuming the
 # socket for every queued transaction would cost two syscalls each, and a client that
 # waits for its answer rarely sends more than one message meanwhile.
@@ -122,6 +133,7 @@ class ClientConnection(asyncio.Protocol):
         "_handshake",
         "_held",
         "_held_size",
+        "_login_timer",
         "_login_waiter",
         "_need",
         "_pending",
@@ -213,7 +225,10 @@ class ClientConnection(asyncio.Protocol):
         self._write_paused = False
         self._yielding = False  # reading paused until the loop's next turn (_YIELD_AFTER)
         self._startup: StartupReader | MessageReader | None = StartupReader()
+        # The login's task, once it has to wait for something (see _login_inline); until
+        # then client_login_timeout is this timer.
         self._handshake: asyncio.Task[None] | None = None
+        self._login_timer: asyncio.TimerHandle | None = None
         self._login_waiter: asyncio.Future[None] | None = None
 
     @property
@@ -243,7 +258,12 @@ class ClientConnection(asyncio.Protocol):
         if not self.pooler.client_connected(self):
             self.terminate(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
             return
-        self._handshake = self.pooler.loop.create_task(self._run_handshake())
+        timeout = self.pooler.config.client_login_timeout
+        if self.pooler.tls.client is not None:
+            # TLS may open the connection (PostgreSQL 17's direct negotiation): a task at once.
+            self._handshake = self.pooler.loop.create_task(self._run_handshake(None, None, None, timeout or None))
+        elif timeout:
+            self._login_timer = self.pooler.loop.call_later(timeout, self._login_timed_out)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -279,6 +299,9 @@ class ClientConnection(asyncio.Protocol):
                 self.pause_reading()
         elif state is not ClientState.CLOSED:
             self._pending += data
+            if self._handshake is None and state is ClientState.STARTUP:
+                self._login_inline()
+                return
             waiter = self._login_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
@@ -288,6 +311,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.CLOSED
         if self._handshake is not None and not self._handshake.done():
             self._handshake.cancel()
+        self._login_over()
         waiter = self._login_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -318,28 +342,113 @@ class ClientConnection(asyncio.Protocol):
             self.server.resume_reading()
 
     # -- login ---------------------------------------------------------------------------
-    async def _run_handshake(self) -> None:
-        timeout = self.pooler.config.client_login_timeout or None
+    def _login_inline(self) -> None:
+        """The login as far as it goes without waiting, run from data_received.
+
+        A storm's login (startup packet, trust, a pool that has its server's parameters)
+        completes here: no task, no future, no timeout context. What has to wait (a TLS
+        handshake, a password, auth_query, the pool's first server, the admin console)
+        goes on in a task from where this stopped.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        reader = self._startup
+        assert isinstance(reader, StartupReader)
+        try:
+            while True:
+                data, self._pending = self._pending, b""
+                got = reader.feed(data)
+                if got is None:
+                    return
+                body, self._pending = got
+                packet = parse_startup_packet(body)
+                if isinstance(packet, SSLRequest) and self.pooler.tls.client is not None and not self.tls:
+                    self._hand_off(packet, None, None)
+                    return
+                if isinstance(packet, SSLRequest | GSSENCRequest):
+                    transport.write(b"N")  # go on in the clear (or give up)
+                    continue
+                break
+            if isinstance(packet, CancelRequest):
+                self._login_over()
+                self.pooler.forward_cancel(packet.process_id, packet.secret_key)
+                transport.close()
+                return
+            assert isinstance(packet, StartupMessage)
+            startup_params = self._begin_login(packet)
+            if self.database == _ADMIN_DATABASE:
+                self._hand_off(None, startup_params, None)
+                return
+            greeting = self._authenticate_inline()
+            if greeting is None:
+                self._hand_off(None, startup_params, None)
+                return
+            pool = self._login_pool(greeting)
+            welcome = pool.server_params
+            if welcome is None:
+                self._hand_off(None, startup_params, greeting)
+                return
+            self._welcome(pool, welcome, startup_params, greeting)
+        except Exception as exc:
+            self._login_failed(exc)
+
+    def _hand_off(
+        self, packet: StartupPacket | None, startup_params: dict[str, str] | None, greeting: bytes | None
+    ) -> None:
+        """Go on with the login in a task, within what is left of client_login_timeout."""
+        timer, self._login_timer = self._login_timer, None
+        remaining = None
+        if timer is not None:
+            timer.cancel()
+            limit = self.pooler.config.client_login_timeout
+            remaining = max(0.0, limit - (self._clock() - self.connect_time))
+        self._handshake = self.pooler.loop.create_task(self._run_handshake(packet, startup_params, greeting, remaining))
+
+    def _login_timed_out(self) -> None:
+        self._login_timer = None
+        self.terminate(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout (server down or wrong password?)")
+
+    def _login_over(self) -> None:
+        timer, self._login_timer = self._login_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _login_failed(self, exc: Exception) -> None:
+        if isinstance(exc, ClientError):
+            self.terminate(exc.code, str(exc), exc.detail)
+        elif isinstance(exc, StartupLengthError):
+            log.info("client %s:%s: %s", *self.address, exc)
+            self.close()  # as PostgreSQL: no ErrorResponse to what is not a startup packet
+        elif isinstance(exc, ProtocolError):
+            self.terminate(exc.code, str(exc))
+        elif isinstance(exc, ServerLoginError):
+            self.fatal_fields(exc.fields)
+        else:
+            log.error("unexpected error during login of client %s", self.address, exc_info=exc)
+            self.terminate(sqlstate.INTERNAL_ERROR, "pgfleet: internal error during login")
+
+    async def _run_handshake(
+        self,
+        packet: StartupPacket | None,
+        startup_params: dict[str, str] | None,
+        greeting: bytes | None,
+        timeout: float | None,
+    ) -> None:
         try:
             async with asyncio.timeout(timeout):
-                await self._login()
-        # One name per clause: compiled (mypyc), a name is one typed variable.
-        except ClientError as refused:
-            self.terminate(refused.code, str(refused), refused.detail)
-        except StartupLengthError as garbage:
-            log.info("client %s:%s: %s", *self.address, garbage)
-            self.close()  # as PostgreSQL: no ErrorResponse to what is not a startup packet
-        except ProtocolError as malformed:
-            self.terminate(malformed.code, str(malformed))
-        except ServerLoginError as failed:
-            self.fatal_fields(failed.fields)
+                if startup_params is None:
+                    await self._login(packet)
+                elif greeting is None:
+                    await self._login_rest(startup_params)
+                else:
+                    await self._login_after_auth(startup_params, greeting)
         except TimeoutError:
             self.terminate(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout (server down or wrong password?)")
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("unexpected error during login of client %s", self.address)
-            self.terminate(sqlstate.INTERNAL_ERROR, "pgfleet: internal error during login")
+        except Exception as exc:
+            self._login_failed(exc)
         finally:
             self._handshake = None
 
@@ -356,7 +465,8 @@ class ClientConnection(asyncio.Protocol):
 
     async def _read_message(self) -> tuple[int, bytes]:
         reader = self._startup
-        assert isinstance(reader, MessageReader)
+        if not isinstance(reader, MessageReader):
+            reader = self._startup = MessageReader(max_length=10_000)
         while True:
             reader.feed(self._pending)
             self._pending = b""
@@ -375,18 +485,22 @@ class ClientConnection(asyncio.Protocol):
         if self.state is ClientState.CLOSED:  # before, or while this coroutine waited
             raise asyncio.CancelledError
 
-    async def _login(self) -> None:
+    async def _login(self, packet: StartupPacket | None) -> None:
+        """The login from its startup packets on (`packet`: the first, already read)."""
         assert self.transport is not None
-        if self.pooler.tls.client is not None:
+        if packet is None and self.pooler.tls.client is not None:
             await self._direct_tls(self.pooler.tls.client)
         while True:
-            packet = parse_startup_packet(await self._read_startup_packet())
+            if packet is None:
+                packet = parse_startup_packet(await self._read_startup_packet())
             if isinstance(packet, SSLRequest) and self.pooler.tls.client is not None and not self.tls:
                 await self._start_tls(self.pooler.tls.client)
+                packet = None
                 continue
             if isinstance(packet, SSLRequest | GSSENCRequest):
                 # 'N' tells the client to go on in the clear (or give up).
                 self.transport.write(b"N")
+                packet = None
                 continue
             break
         if isinstance(packet, CancelRequest):
@@ -394,6 +508,11 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         assert isinstance(packet, StartupMessage)
+        await self._login_rest(self._begin_login(packet))
+
+    def _begin_login(self, packet: StartupMessage) -> dict[str, str]:
+        """Checks on the startup packet before authentication; returns its tracked parameters."""
+        assert self.transport is not None
         if packet.needs_negotiation:
             # As PostgreSQL: go on with 3.0, naming the protocol options not taken.
             self.transport.write(backend.negotiate_protocol_version(0, packet.protocol_options))
@@ -402,7 +521,6 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.LOGIN
         # Interned: the clients of one user and database share the strings.
         self.user, self.database = sys.intern(packet.user), sys.intern(packet.database)
-        config = self.pooler.config
         if self.pooler.draining and self.database != _ADMIN_DATABASE:
             raise ClientError(sqlstate.CANNOT_CONNECT_NOW, "pgfleet is shutting down")
         if self.database != _ADMIN_DATABASE and self.pooler.over_client_limit():
@@ -410,44 +528,74 @@ class ClientConnection(asyncio.Protocol):
             # disconnect_client() default, 08P01): clients and alerts written for it match.
             self.pooler.client_limit_hit()
             raise ClientError(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
-        startup_params = self._check_startup_params(packet.params)
-        self._startup = MessageReader(max_length=10_000)
+        return self._check_startup_params(packet.params)
+
+    async def _login_rest(self, startup_params: dict[str, str]) -> None:
+        """Authentication and the welcome (or the admin console)."""
+        assert self.transport is not None
         if self.database == _ADMIN_DATABASE:
             if self.user == _ADMIN_DATABASE and self._peer_is_this_os_user():
                 # PgBouncer's peer rule: user pgbouncer over the unix socket, from the OS user
                 # running the pooler, is an admin without a password or admin_users.
                 self.is_admin = True
-                self.transport.write(backend.authentication_ok())
+                self.transport.write(_AUTH_OK)
             else:
-                await self._authenticate()
+                self.transport.write(await self._authenticate())
             await self.pooler.admin_login(self)
             return
         # Authenticated first: an unknown database must not be told apart before the password.
-        await self._authenticate()
-        db_config = config.database(self.database)
-        if db_config is None:
-            raise ClientError(sqlstate.INVALID_CATALOG_NAME, f'no such database: "{self.database}"')
-        if self.database in self.pooler.disabled_databases:
-            raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"database does not allow connections: {self.database}")
-        pool = self.pooler.get_pool(self.database, self.user)
-        welcome = await pool.welcome_params()
+        await self._login_after_auth(startup_params, await self._authenticate())
+
+    async def _login_after_auth(self, startup_params: dict[str, str], greeting: bytes) -> None:
+        """`greeting`: AuthenticationOk (after SCRAM, with SASLFinal), not sent yet."""
+        assert self.transport is not None
+        pool = self._login_pool(greeting)
+        welcome = pool.server_params
+        if welcome is None:
+            self.transport.write(greeting)  # the client hears it is in while the pool connects
+            greeting = b""
+            welcome = await pool.welcome_params()
+        self._welcome(pool, welcome, startup_params, greeting)
+
+    def _login_pool(self, greeting: bytes) -> Pool:
+        """The pool of an authenticated client's database and user (ClientError: none for it)."""
+        assert self.transport is not None
+        try:
+            if self.pooler.config.database(self.database) is None:
+                raise ClientError(sqlstate.INVALID_CATALOG_NAME, f'no such database: "{self.database}"')
+            if self.database in self.pooler.disabled_databases:
+                raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"database does not allow connections: {self.database}")
+        except ClientError:
+            self.transport.write(greeting)  # as PostgreSQL: authenticated, then refused
+            raise
+        return self.pooler.get_pool(self.database, self.user)
+
+    def _welcome(self, pool: Pool, welcome: dict[str, str], startup_params: dict[str, str], greeting: bytes) -> None:
+        """Logged in: AuthenticationOk (unless sent), ParameterStatus, BackendKeyData and
+        ReadyForQuery in one write, as PostgreSQL flushes them."""
+        transport = self.transport
+        assert transport is not None
         refused = self.pooler.client_refused(self.database, self.user)
         if refused is not None:
+            transport.write(greeting)
             raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, refused)
+        self._login_over()
         self.pool = pool
-        seen = {name: value for name, value in welcome.items() if name in params.TRACKED}
+        seen = {name: value for name, value in welcome.items() if name in _TRACKED}
         for name, value in startup_params.items():
             seen[name] = params.reported_value(name, value, welcome.get(name))
         self.params = pool.shared_params(seen)
         self.cancel_key = self.pooler.register_cancel_key(self)
         out = pool.welcome_frames(self.params)
         out.append(backend.backend_key_data(*self.cancel_key))
-        out.append(backend.ready_for_query(IDLE))
-        self.transport.write(b"".join(out))
+        out.append(_READY_IDLE)
+        if greeting:
+            out.insert(0, greeting)
+        transport.write(b"".join(out))
         self._startup = None
         self.state = ClientState.IDLE
         pool.client_logged_in(self)
-        if config.log_connections:
+        if self.pooler.config.log_connections:
             log.info("login: %s@%s from %s:%s", self.user, self.database, *self.address)
         if self._pending:
             self._need_server()
@@ -535,7 +683,28 @@ class ClientConnection(asyncio.Protocol):
             self.startup_sets = others
         return tracked
 
-    async def _authenticate(self) -> None:
+    def _authenticate_inline(self) -> bytes | None:
+        """AuthenticationOk when this login needs neither a password nor a lookup (trust);
+        None when it has to wait for one (then _authenticate decides)."""
+        config = self.pooler.config
+        method = config.auth_type
+        if method is AuthType.HBA:
+            method = self._hba_method()
+        if method is AuthType.ANY:
+            return _AUTH_OK
+        if method is not AuthType.TRUST:
+            return None
+        secret = self.pooler.userlist.get(self.user)
+        if secret is None:
+            if config.auth_user:
+                return None  # auth_query may know the user
+            if config.auth_file:
+                raise ClientError(sqlstate.INVALID_AUTHORIZATION, f'no such user: "{self.user}"')
+        return _AUTH_OK
+
+    async def _authenticate(self) -> bytes:
+        """Check the client; returns AuthenticationOk (after SCRAM with SASLFinal) to send
+        with the welcome, as PostgreSQL flushes them together."""
         assert self.transport is not None
         config = self.pooler.config
         method = config.auth_type
@@ -574,8 +743,8 @@ class ClientConnection(asyncio.Protocol):
                 if known is None or not auth.check_md5_password(user, known, salt, given):
                     raise self._auth_failed()
             else:
-                await self._authenticate_scram(known)
-        self.transport.write(backend.authentication_ok())
+                return await self._authenticate_scram(known) + _AUTH_OK
+        return _AUTH_OK
 
     def _hba_method(self) -> AuthType:
         """auth_type hba: this connection's method, from the first auth_hba_file rule that matches."""
@@ -608,8 +777,10 @@ class ClientConnection(asyncio.Protocol):
             raise ProtocolError(f"expected password message, got {chr(msg_type)!r}")
         return body
 
-    async def _authenticate_scram(self, secret: str | None) -> None:
-        """SCRAM-SHA-256; without a secret, a mock exchange that fails at its end."""
+    async def _authenticate_scram(self, secret: str | None) -> bytes:
+        """SCRAM-SHA-256; without a secret, a mock exchange that fails at its end.
+
+        Returns AuthenticationSASLFinal, not sent yet."""
         assert self.transport is not None
         try:
             exchange = (
@@ -639,9 +810,9 @@ class ClientConnection(asyncio.Protocol):
         except auth.AuthFailed as exc:
             log.info("SCRAM authentication of %s failed: %s", self.user, exc.__cause__ or exc)
             raise self._auth_failed() from None
-        self.transport.write(backend.authentication_sasl_final(server_final))
         if secret is not None:  # (a mock exchange never gets this far)
             self.pooler.credentials.learned(self.user, secret, exchange.client_key)  # SCRAM pass-through
+        return backend.authentication_sasl_final(server_final)
 
     # -- hot path ---------------------------------------------------------------------------
     def _need_server(self) -> None:

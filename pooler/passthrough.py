@@ -17,7 +17,7 @@ import hmac
 import secrets
 from dataclasses import dataclass, field
 
-from .auth import AuthFailed, ScramVerifier
+from .auth import AuthFailed, ScramVerifier, xor
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +78,9 @@ class ScramKeysExchange:
         without_proof = f"c={_b64(b'n,,')},r={nonce}"
         auth_message = f"{self._first_bare},{text},{without_proof}".encode()
         stored_key = hashlib.sha256(keys.client_key).digest()
-        signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
-        proof = bytes(a ^ b for a, b in zip(keys.client_key, signature, strict=True))
-        self._server_signature = hmac.new(keys.server_key, auth_message, hashlib.sha256).digest()
+        signature = hmac.digest(stored_key, auth_message, "sha256")
+        proof = xor(keys.client_key, signature)
+        self._server_signature = hmac.digest(keys.server_key, auth_message, "sha256")
         return f"{without_proof},p={_b64(proof)}".encode()
 
     def verify(self, server_final: bytes) -> None:

@@ -160,6 +160,40 @@ async def test_ssl_and_gss_requests_are_answered_N(start_pooler: StartPooler) ->
     writer.close()
 
 
+async def test_client_login_timeout_before_the_startup_packet(start_pooler: StartPooler) -> None:
+    """Half a startup packet, then silence: closed at client_login_timeout, as one that
+    waits for a password (the login runs inline until it has to wait, under a timer)."""
+    pooler = await start_pooler(client_login_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+    writer.write(build_startup_message({"user": "postgres", "database": "app"})[:6])
+    data = await read_until_closed(reader)
+    assert b"client_login_timeout" in data
+    writer.close()
+
+
+async def test_trust_login_in_pieces_is_greeted_once_whole(start_pooler: StartPooler) -> None:
+    """A startup packet that arrives a few bytes at a time logs in; the greeting is
+    AuthenticationOk, ParameterStatus..., BackendKeyData, ReadyForQuery, in that order."""
+    pooler = await start_pooler(auth_type="trust")
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+    packet = build_ssl_request() + build_startup_message({"user": "postgres", "database": "app"})
+    for start in range(0, len(packet), 7):
+        writer.write(packet[start : start + 7])
+        await writer.drain()
+        await asyncio.sleep(0)
+    async with asyncio.timeout(10):
+        assert await reader.readexactly(1) == b"N"
+        data = await reader.readuntil(b"Z\x00\x00\x00\x05I")
+    kinds = []
+    pos = 0
+    while pos < len(data):
+        kinds.append(chr(data[pos]))
+        pos += 1 + struct.unpack_from("!i", data, pos + 1)[0]
+    assert kinds[0] == "R" and data[5:9] == b"\x00\x00\x00\x00"  # AuthenticationOk
+    assert set(kinds[1:-2]) == {"S"} and kinds[-2:] == ["K", "Z"]
+    writer.close()
+
+
 async def test_client_login_timeout(start_pooler: StartPooler) -> None:
     pooler = await start_pooler(client_login_timeout=0.3)
     reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
