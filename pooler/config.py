@@ -320,10 +320,11 @@ class PoolerConfig(_Strict):
 
     def client_limits_for(self, database: str, user: str) -> tuple[int, int]:
         """(max_db_client_connections, max_user_client_connections) for a client; 0: unlimited."""
-        db = self.database(database) or DatabaseConfig()
-        entry = self.users.get(user) or UserConfig()
-        per_db = db.max_db_client_connections
-        per_user = entry.max_user_client_connections
+        # Read at every login: no default entry is built for an unlisted user or database.
+        db = self.database(database)
+        entry = self.users.get(user)
+        per_db = db.max_db_client_connections if db is not None else None
+        per_user = entry.max_user_client_connections if entry is not None else None
         return (
             per_db if per_db is not None else self.max_db_client_connections,
             per_user if per_user is not None else self.max_user_client_connections,
