@@ -19,8 +19,24 @@ from pathlib import Path
 from setuptools import setup
 
 # Per transaction: client and server state machines, the pool, statement tracking, the
-# SQL scan, statistics. Nothing outside this list is compiled.
-HOT_MODULES = ("client", "server", "pool", "prepared", "sqlscan", "stats")
+# SQL scan, statistics. Per login (a serverless crowd logs in for every transaction or
+# two): password checks, parameters, hba rules, the worker's cancel keys and the
+# startup and backend messages. Nothing outside this list is compiled.
+HOT_MODULES = (
+    "client",
+    "server",
+    "pool",
+    "prepared",
+    "sqlscan",
+    "stats",
+    "auth",
+    "params",
+    "hba",
+    "shares",
+    "protocol/startup",
+    "protocol/backend",
+    "protocol/framing",
+)
 
 
 def _compiled_extensions() -> list[object]:
