@@ -51,8 +51,9 @@ from pgfleet.devtools.procs import (
     time_wait_sockets,
     transaction_pool_config,
 )
-from pgfleet.devtools.tempdb import TempPostgres
+from pgfleet.devtools.tempdb import PASSWORDS, TempPostgres
 from pgfleet.pooler.compiled import COMPILED_LABEL, SOURCES_LABEL
+from pgfleet.pooler.userlist import dump_userlist
 
 ROOT = Path(__file__).resolve().parent.parent
 DB = "bench"
@@ -68,14 +69,21 @@ TIME_WAIT_CALM = 2_000
 # -- what runs -----------------------------------------------------------------------------
 
 
+# The SCRAM storm's user: the throwaway PostgreSQL's, which it asks for SCRAM (tempdb).
+SCRAM_USER = "scramuser"
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
     args: PgbenchArgs
+    auth: str = "trust"  # scram: as SCRAM_USER, against poolers started with SCRAM client auth
 
 
-def build_cases(modes: list[str], clients: list[int], storm_clients: int, duration: float) -> list[Case]:
-    """`-S` in each query mode at each client count, then a `-C` storm in simple mode."""
+def build_cases(
+    modes: list[str], clients: list[int], storm_clients: int, duration: float, storm_auths: tuple[str, ...] = ("trust",)
+) -> list[Case]:
+    """`-S` in each query mode at each client count, then a `-C` storm in simple mode per client auth."""
     cases = [
         Case(f"-S -M {mode}, {n} clients", PgbenchArgs(clients=n, jobs=2, duration=duration, mode=mode))
         for mode in modes
@@ -83,7 +91,9 @@ def build_cases(modes: list[str], clients: list[int], storm_clients: int, durati
     ]
     if storm_clients:
         storm = PgbenchArgs(clients=storm_clients, jobs=2, duration=duration, mode="simple", connect=True)
-        cases.append(Case(f"-S -C (connection per txn), {storm_clients} clients", storm))
+        for auth in storm_auths:
+            suffix = ", SCRAM" if auth == "scram" else ""
+            cases.append(Case(f"-S -C (connection per txn), {storm_clients} clients{suffix}", storm, auth))
     return cases
 
 
@@ -217,15 +227,18 @@ def shorten(text: str, limit: int = 80) -> str:
 # -- running -------------------------------------------------------------------------------
 
 
-def measure(target: Target, args: PgbenchArgs, notes: list[str]) -> tuple[PgbenchResult, float]:
-    """One pgbench run against `target`; returns the result and the pooler's CPU seconds during it."""
+def measure(
+    target: Target, args: PgbenchArgs, notes: list[str], login: tuple[str, str | None] = ("postgres", None)
+) -> tuple[PgbenchResult, float]:
+    """One pgbench run against `target` as `login` (user, password); returns the result and
+    the pooler's CPU seconds during it."""
     try:
         target.ensure_running(notes)
     except ProcessFailed as exc:
         return PgbenchResult(ok=False, returncode=-1, error=f"{target.name} does not start: {exc}".splitlines()[0]), 0.0
     pid = target.proc.pid if target.proc else None
     before = tree_cpu_seconds(pid) if pid else 0.0
-    result = run_pgbench(target.host, target.port, DB, args)
+    result = run_pgbench(target.host, target.port, DB, args, user=login[0], password=login[1])
     after = tree_cpu_seconds(pid) if pid else 0.0
     if target.proc is not None and not target.proc.alive():
         notes.append(f"{target.name} exited during `{' '.join(args.argv())}`.")
@@ -276,10 +289,20 @@ def settle_time_wait(max_wait: float, below: int = TIME_WAIT_CALM) -> int:
 
 
 def run_cases(
-    targets: list[Target], cases: list[Case], rounds: int, notes: list[str], labels: Mapping[str, str]
+    targets: list[Target],
+    cases: list[Case],
+    rounds: int,
+    notes: list[str],
+    labels: Mapping[str, str],
+    scram_targets: list[Target] | None = None,
 ) -> dict[str, dict[str, Outcome]]:
+    """Each case on each target, round after round. A SCRAM case runs on `scram_targets`
+    (the same poolers started with SCRAM client auth, PostgreSQL itself for direct)."""
     results: dict[str, dict[str, Outcome]] = {}
+    all_targets = targets
     for index, case in enumerate(cases):
+        targets = scram_targets if case.auth == "scram" and scram_targets is not None else all_targets
+        login = (SCRAM_USER, PASSWORDS[SCRAM_USER]) if case.auth == "scram" else ("postgres", None)
         outcomes = {t.name: Outcome() for t in targets}
         for rnd in range(rounds):
             shift = (index + rnd) % len(targets)
@@ -287,7 +310,7 @@ def run_cases(
                 if case.args.connect:
                     outcomes[target.name].time_wait.append(settle_time_wait(max(10.0, min(60.0, case.args.duration))))
                 pg_before = postgres_cpu_seconds()
-                result, cpu = measure(target, case.args, notes)
+                result, cpu = measure(target, case.args, notes, login)
                 outcomes[target.name].runs.append(result)
                 outcomes[target.name].cpu += cpu
                 time.sleep(0.3)  # backends of closed connections exit and get reaped into cutime
@@ -431,8 +454,13 @@ def starter(
     workers: int,
     compiled: Path | None,
     tls: Mapping[str, str] | None = None,
+    scram_secret: str | None = None,
 ) -> Callable[[], PoolerProcess]:
     """A function that starts a fresh pooler of `kind` on a new port in its own directory.
+
+    With `scram_secret` (SCRAM_USER's verifier, as pg_authid holds it), the pooler asks
+    its clients for SCRAM (auth_type scram-sha-256, the verifier in its auth_file) and
+    logs in to PostgreSQL as that user by SCRAM pass-through, for the SCRAM storm.
 
     `workers` goes into pgfleet's config (1 for pgfleet-1 and pgfleet-py), never into
     PgBouncer's. pgfleet and pgfleet-1 import the package from `compiled` (an install of
@@ -446,9 +474,14 @@ def starter(
     build = COMPILED_LABEL if runs_compiled else SOURCES_LABEL  # as the ready line says it
 
     def start() -> PoolerProcess:
-        workdir = workroot / f"{kind}-{next(counter)}"
+        workdir = workroot / f"{kind}{'-scram' if scram_secret is not None else ''}-{next(counter)}"
         workdir.mkdir(mode=0o755)
         config = pooler_config(pg, free_port(), pool_size, max_clients, tls)
+        if scram_secret is not None:
+            auth_file = workdir / "userlist.txt"
+            auth_file.write_text(dump_userlist({SCRAM_USER: scram_secret}))
+            config["auth_type"] = "scram-sha-256"
+            config["auth_file"] = str(auth_file)
         if kind == PGBOUNCER:
             return start_pgbouncer(config, workdir)
         config["workers"] = workers if kind == PGFLEET else 1
@@ -545,6 +578,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default="simple,extended", help="query modes, comma-separated (add: prepared)")
     parser.add_argument("--clients", default="10,50,200", help="client counts, comma-separated")
     parser.add_argument("--storm-clients", type=int, default=50, help="clients of the -C case; 0 skips it")
+    parser.add_argument(
+        "--storm-auth",
+        default="trust,scram",
+        help="client auth of the -C case, comma-separated: trust, scram (SCRAM-SHA-256 as scramuser, "
+        "its verifier in each pooler's auth_file, SCRAM pass-through to PostgreSQL)",
+    )
     parser.add_argument("--idle-clients", type=int, default=10_000, help="idle clients of the memory case; 0 skips it")
     parser.add_argument("--pool-size", type=int, default=20, help="default_pool_size of every pooler (in total)")
     parser.add_argument("--scale", type=int, default=5, help="pgbench -i scale factor")
@@ -581,6 +620,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [t.strip() for t in opts.targets.split(",") if t.strip() and t.strip() not in TARGETS]
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    opts.storm_auths = tuple(a.strip() for a in opts.storm_auth.split(",") if a.strip())
+    if set(opts.storm_auths) - {"trust", "scram"}:
+        parser.error("--storm-auth takes trust, scram")
     opts.duration = opts.duration or (3.0 if opts.quick else 15.0)
     opts.rounds = opts.rounds or (1 if opts.quick else 2)
     if opts.out is None:
@@ -594,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [t.strip() for t in opts.targets.split(",") if t.strip()]
     modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
     clients = [int(c) for c in opts.clients.split(",") if c.strip()]
-    cases = build_cases(modes, clients, opts.storm_clients, opts.duration)
+    cases = build_cases(modes, clients, opts.storm_clients, opts.duration, opts.storm_auths)
     notes: list[str] = []
 
     try:
@@ -633,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     workroot.chmod(0o755)  # PgBouncer runs as `postgres` when we are root
     pg: TempPostgres | None = None
     targets: list[Target] = []
+    scram_targets: list[Target] = []
     try:
         with sigterm_as_interrupt():
             print(f"starting PostgreSQL and pgbench -i -s {opts.scale} ...", flush=True)
@@ -653,12 +696,30 @@ def main(argv: list[str] | None = None) -> int:
                 target.ensure_running(notes)
                 targets.append(target)
                 check_processes(target, opts.workers, notes)
+            if any(case.auth == "scram" for case in cases):
+                # Started when the SCRAM storm comes (ensure_running), stopped after it.
+                secret = pg.sql(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{SCRAM_USER}'").strip()
+                for name in wanted:
+                    start = None
+                    if name in POOLERS:
+                        start = starter(
+                            name,
+                            pg,
+                            workroot,
+                            opts.pool_size,
+                            max_clients,
+                            opts.workers,
+                            compiled,
+                            tls_settings,
+                            secret,
+                        )
+                    scram_targets.append(Target(name, pg.host, pg.port, start))
             print("targets: " + ", ".join(f"{labels.get(t.name, t.name)} on :{t.port}" for t in targets), flush=True)
             for target in targets:  # fill the pools and warm the caches before anything is timed
                 measure(target, PgbenchArgs(clients=max(clients), duration=1), notes)
 
-            results = run_cases(targets, cases, opts.rounds, notes, labels)
-            for target in targets:
+            results = run_cases(targets, cases, opts.rounds, notes, labels, scram_targets)
+            for target in targets + scram_targets:
                 if target.proc is not None:
                     target.proc.stop()
             memory = []
@@ -669,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                     memory.append(measure_memory(name, start, opts.idle_clients, notes))
                     print("  " + "\n  ".join(memory_table(memory[-1:], opts.idle_clients, labels)), flush=True)
 
-            for target in targets:
+            for target in targets + scram_targets:
                 if target.proc is not None and target.name in PGFLEETS:
                     scan_log(target.proc, notes, f"the throughput cases ({target.name})")
             report = render_report(opts, cases, results, memory, notes, time.monotonic() - started)
@@ -681,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbenchmark failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        for target in targets:
+        for target in targets + scram_targets:
             if target.proc is not None:
                 target.proc.stop()
         if pg is not None:
@@ -740,6 +801,12 @@ def render_report(
         f"scale {opts.scale}; every pooler in transaction mode, default_pool_size {opts.pool_size} in total, "
         f"trust auth, 127.0.0.1; run took {elapsed / 60:.1f} min"
     )
+    if any(case.auth == "scram" for case in cases):
+        lines.append(
+            f"- the SCRAM storm: pgbench as {SCRAM_USER}, every pooler with auth_type scram-sha-256 and that user's "
+            "SCRAM verifier (from pg_authid) in its auth_file, logging in to PostgreSQL by SCRAM pass-through; "
+            "direct: PostgreSQL's own SCRAM; under -C every transaction is a login, so pooler CPU µs/txn is per login"
+        )
     one_too = any(PGFLEET_1 in outcomes for outcomes in results.values()) or any(m.target == PGFLEET_1 for m in memory)
     lines.append(f"- pgfleet: {pgfleet_processes(opts.workers, one_too)}")
     if opts.tls:
