@@ -250,12 +250,23 @@ def flat_profile(collapsed: Path, top: int = 30) -> list[str]:
             phase_sys[phase] += count
     if not samples:
         return ["no busy samples"]
-    lines = [f"{samples} busy samples ({idle} idle in epoll_wait left out)", ""]
-    lines += ["| phase | % of busy samples | of which in syscalls |", "|---|---|---|"]
-    for phase, count in phases.most_common():
-        lines.append(f"| {phase} | {100 * count / samples:.1f} | {100 * phase_sys[phase] / samples:.1f} |")
     in_sys = sum(phase_sys.values())
-    lines.append(f"| (all) | 100 | {100 * in_sys / samples:.1f} |")
+    outside = samples - in_sys
+    lines = [f"{samples} busy samples ({idle} idle in epoll_wait left out, {in_sys} in system calls)", ""]
+    lines.append(
+        "py-spy samples wall time: a sample in a system call counts the call's whole duration, "
+        "preemption included, so the last column (samples outside system calls) is the better "
+        "picture of the user CPU."
+    )
+    lines += ["", "| phase | % of busy samples | of which in syscalls | % of samples outside syscalls |"]
+    lines.append("|---|---|---|---|")
+    for phase, count in phases.most_common():
+        user = count - phase_sys[phase]
+        lines.append(
+            f"| {phase} | {100 * count / samples:.1f} | {100 * phase_sys[phase] / samples:.1f} | "
+            f"{100 * user / outside if outside else 0:.1f} |"
+        )
+    lines.append(f"| (all) | 100 | {100 * in_sys / samples:.1f} | 100 |")
     lines += ["", "| function (by self) | self % |", "|---|---|"]
     for name, count in self_count.most_common(top):
         lines.append(f"| `{name}` | {100 * count / samples:.1f} |")

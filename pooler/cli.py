@@ -143,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if config.verbose else logging.INFO
     prefix = f"[worker {slot.index + 1}/{slot.count}] " if slot is not None else ""
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    # The format names no source line, thread or process: records need not look them up
+    # (logging's documented switches). log_connections logs twice per login, on by default.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     _raise_fd_limit(config)
     if slot is None and config.workers > 1:
         from .supervisor import supervise
