@@ -166,8 +166,11 @@ class Sampler:
                         self.pg.dsn(), server_settings={"application_name": "sampler"}, timeout=5
                     )
                 rows = await self._conn.fetch(_SAMPLE_SQL)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                # PostgreSQL restarting: no sample until it is back (a superuser slot is kept for us).
+            except Exception:
+                # PostgreSQL restarting (or the connection left mid-operation by it): no sample
+                # until it is back on a new connection (a superuser slot is kept for us).
+                if self._conn is not None:
+                    self._conn.terminate()
                 self._conn = None
                 self.gaps += 1
             else:

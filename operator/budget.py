@@ -1,10 +1,11 @@
-"""The backend budget: how many PostgreSQL backends a fleet may hold, and each pod's share.
+"""Whether a PgPool's budget can feed its pods at all: the check made before rendering.
 
-The invariant this module exists for: the backends a fleet holds never exceed its budget,
-also while a rollout surges extra pods. Each pod's pool is capped at `per_pod`, and at
-most `replicas + maxSurge` pods run at once, so `pods * per_pod <= total` is enough.
-A pooler with several workers splits its pool among them and refuses a nonzero pool
-below its worker count, so `per_pod` is either 0 or at least `workers`.
+The budget itself (what a fleet may hold now, each pod's limit) is the budget loop's, from
+one observation of the server at a time (allocate.py). What is left here is the question
+no observation changes: can the spec's budget (`allocate.spec_cap`, the same formula the
+loop uses) give every pod that may run at once (replicas + maxSurge) its floor, one backend
+per worker? When it cannot, the Deployment is held at 0 pods and new pods start with a pool
+of 0: a pod that cannot serve is worse than none, since its clients would only queue.
 Pure arithmetic: no Kubernetes, no database.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+
+from .allocate import FleetSpec, spec_cap
 
 
 class Shortfall(str, Enum):
@@ -22,75 +25,61 @@ class Shortfall(str, Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Allocation:
-    total: int  # backends the fleet may hold, reserve already taken off
-    pods: int  # most pooler pods that can exist at once
-    per_pod: int  # pool size of each pod: 0, or at least `workers`
+class Floors:
+    """The spec's budget against the floors of the pods that may run at once."""
+
+    wanted: int | None  # the spec's budget (reserve taken off); None: a share of a server not yet measured
+    pods: int  # replicas + maxSurge
+    workers: int  # each pod's floor
     shortfall: Shortfall | None = None
-    workers: int = 1  # pooler processes per pod, each needing a backend of the pod's pool
 
     @property
-    def used_at_most(self) -> int:
-        return self.pods * self.per_pod
+    def start_limit(self) -> int:
+        """The pool a new pod starts with (the ConfigMap's): its floor, or 0 when pods cannot be fed."""
+        return 0 if self.shortfall else self.workers
 
     def explain(self) -> str:
         if self.shortfall is Shortfall.CAPACITY_UNKNOWN:
-            return "the budget is a share of max_connections, which has not been measured yet; pools stay at 0"
+            return "the budget is a share of the server's usable backends, which have not been measured yet; no pods"
+        per = f"one backend per worker ({self.workers})" if self.workers > 1 else "one backend"
         if self.shortfall is Shortfall.BUDGET_TOO_SMALL:
-            if self.workers > 1:
-                return (
-                    f"a budget of {self.total} backends cannot give each of {self.pods} pods "
-                    f"(replicas + rollout.maxSurge) one backend per worker ({self.workers}); pools stay at 0"
-                )
             return (
-                f"a budget of {self.total} backends cannot give each of {self.pods} pods "
-                "(replicas + rollout.maxSurge) one backend; pools stay at 0"
+                f"a budget of {self.wanted} backends cannot give each of {self.pods} pods "
+                f"(replicas + rollout.maxSurge) {per}; no pods"
             )
-        return f"{self.pods} pods x {self.per_pod} backends <= budget {self.total}"
+        return f"a budget of {self.wanted} backends gives each of {self.pods} pods at least {per}"
 
 
-def fleet_budget(
-    max_backends: int | None, max_backends_percent: int | None, reserve: int, max_connections: int | None
+def spec_budget(
+    max_backends: int | None, max_backends_percent: int | None, reserve: int, usable: int | None
 ) -> int | None:
-    """Backends the whole fleet may hold, or None while a percentage cannot be resolved."""
-    limits = []
-    if max_backends is not None:
-        limits.append(max_backends)
-    if max_backends_percent is not None:
-        if max_connections is None:
+    """The most the spec lets the fleet hold (reserve taken off); None while a share cannot be resolved."""
+    if usable is None:
+        if max_backends_percent is not None or max_backends is None:
             # The smaller form wins, so an absolute budget alone is not safe to use either:
             # the share could be smaller once measured.
             return None
-        limits.append(max_connections * max_backends_percent // 100)
-    if not limits:
-        return None
-    return max(0, min(limits) - reserve)
+        usable = max_backends  # not measured yet: only the spec's own number bounds it
+    fleet = FleetSpec(name="", max_backends=max_backends, max_backends_percent=max_backends_percent, reserve=reserve)
+    return spec_cap(fleet, usable)
 
 
-def most_pods(replicas: int, max_surge: int) -> int:
-    """Pods a Deployment may run at once during a rolling update."""
-    return replicas + max_surge
-
-
-def allocate(
+def check_floors(
     *,
     replicas: int,
     max_surge: int,
     max_backends: int | None,
     max_backends_percent: int | None = None,
     reserve: int = 0,
-    max_connections: int | None = None,
+    usable: int | None = None,
     workers: int = 1,
-) -> Allocation:
-    pods = most_pods(replicas, max_surge)
-    total = fleet_budget(max_backends, max_backends_percent, reserve, max_connections)
-    if total is None:
-        return Allocation(total=0, pods=pods, per_pod=0, shortfall=Shortfall.CAPACITY_UNKNOWN, workers=workers)
-    if pods == 0:
-        # No pod runs, so none holds anything; the ConfigMap still gets a pool the pooler accepts.
-        return Allocation(total=total, pods=0, per_pod=total if total >= workers else 0, workers=workers)
-    per_pod = total // pods
-    if per_pod < workers:
-        # Each worker gets a share of the pod's pool: one below `workers` would leave a worker none.
-        return Allocation(total=total, pods=pods, per_pod=0, shortfall=Shortfall.BUDGET_TOO_SMALL, workers=workers)
-    return Allocation(total=total, pods=pods, per_pod=per_pod, workers=workers)
+) -> Floors:
+    """`usable`: the server's usable backends as last measured (None: never)."""
+    pods = replicas + max_surge
+    floor = max(1, workers)
+    wanted = spec_budget(max_backends, max_backends_percent, reserve, usable)
+    if wanted is None:
+        return Floors(wanted=None, pods=pods, workers=floor, shortfall=Shortfall.CAPACITY_UNKNOWN)
+    if pods and wanted < pods * floor:
+        return Floors(wanted=wanted, pods=pods, workers=floor, shortfall=Shortfall.BUDGET_TOO_SMALL)
+    return Floors(wanted=wanted, pods=pods, workers=floor)

@@ -518,14 +518,15 @@ class AutoscalingStatus(_Model):
 
 
 class BudgetStatus(_Model):
-    """Budget facts: the allocation now, and what observation has measured."""
+    """The budget as the budget loop last computed it, and what observation has measured."""
 
-    total: int | None = Field(default=None, description="Backends the fleet may hold (after the reserve).")
-    per_pod: int | None = Field(
-        default=None,
-        description="The budget split evenly over replicas + maxSurge pods (each pod's share when demand is even).",
+    # Written by the operator alone; fields of older versions (perPod, pods: the even split
+    # the loop replaced) are ignored rather than refused.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    total: int | None = Field(
+        default=None, description="Backends the fleet may hold now (the budget loop's; reserve taken off)."
     )
-    pods: int | None = Field(default=None, description="Most pods that can exist at once (replicas + maxSurge).")
     max_connections: int | None = Field(default=None, description="The database's max_connections, last measured.")
     backends_in_use: int | None = Field(default=None, description="Backends of the pooler role on the database.")
     clients: int | None = Field(default=None, description="Client connections across the fleet.")

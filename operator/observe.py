@@ -38,6 +38,7 @@ class DatabaseTarget:
 class DatabaseFacts:
     max_connections: int
     backends_in_use: int  # client backends of the target's role on the target's database
+    usable: int | None = None  # max_connections - superuser_reserved_connections - reserved_connections
 
 
 class DatabaseUnreachable(Exception):
@@ -97,6 +98,8 @@ def _load_client_certificate(ctx: ssl.SSLContext, cert: str, key: str) -> None:
 
 _FACTS_SQL = """
 SELECT current_setting('max_connections')::int AS max_connections,
+       current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
+         - coalesce(current_setting('reserved_connections', true), '0')::int AS usable,
        (SELECT count(*) FROM pg_stat_activity
          WHERE usename = current_user AND datname = current_database()
            AND backend_type = 'client backend' AND pid <> pg_backend_pid())::int AS in_use
@@ -130,7 +133,9 @@ class AsyncpgProbe:
         finally:
             await conn.close(timeout=self.timeout)
         assert row is not None  # one row by construction of the query
-        return DatabaseFacts(max_connections=int(row["max_connections"]), backends_in_use=int(row["in_use"]))
+        return DatabaseFacts(
+            max_connections=int(row["max_connections"]), backends_in_use=int(row["in_use"]), usable=int(row["usable"])
+        )
 
 
 # -- the budget loop's observer: one kept connection per server -------------------------------------

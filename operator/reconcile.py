@@ -47,8 +47,8 @@ class Context:
     probe: DatabaseProbe
     pooler_image: str
     push_timeout: float = 5.0
-    # The budget loops (one per database server); None: limits are pushed by each reconcile
-    # as a static even split (no observation of others, no demand).
+    # One budget loop per database server: the budget and every pod's limit. The operator
+    # starts them before any reconcile; only a paused PgPool is reconciled without.
     loops: BudgetLoops | None = None
     pod_http_port: int = render.HTTP_PORT  # where the operator reaches each pod's control port
 
@@ -182,13 +182,18 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
     )
     facts: DatabaseFacts | None = None
     key = f"{pgpool.namespace}/{pgpool.name}"
-    looked = ctx.loops.report(key) if ctx.loops is not None else None
+    loops = ctx.loops
+    if loops is None:
+        raise RuntimeError("the budget loops are not running: the operator's startup makes them")
+    looked = loops.report(key)
     seen_max = looked[0].max_connections if looked is not None and looked[0].observed else None
     if looked is not None and seen_max is not None:
         # The budget loop's kept connection sees the database even when it is full, where
         # a new connection of the probe's would be refused.
         period, mine = looked
-        facts = DatabaseFacts(max_connections=seen_max, backends_in_use=mine.fleet_backends or 0)
+        facts = DatabaseFacts(
+            max_connections=seen_max, backends_in_use=mine.fleet_backends or 0, usable=period.server.usable
+        )
         reachable = condition(
             conditions.DATABASE_REACHABLE,
             True,
@@ -209,6 +214,7 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
             reachable = condition(conditions.DATABASE_REACHABLE, False, "Unreachable", str(exc))
     # While the database cannot be measured, the last measurement still bounds the budget.
     max_connections = facts.max_connections if facts else pgpool.status.budget.max_connections
+    usable = facts.usable if facts and facts.usable is not None else pgpool.status.budget.usable
 
     # -- autoscaling: spec.replicas from the clients the pods report (scaling.py) ----------------
     scaled: scaling.Scaled | None = None
@@ -216,7 +222,7 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         scaled = await scaling.autoscale_step(
             ctx.client,
             pgpool,
-            max_connections=max_connections,
+            usable=usable,
             port=ctx.pod_http_port,
             timeout=ctx.push_timeout,
             condition=condition,
@@ -228,58 +234,43 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
         status["autoscaling"] = None  # autoscaling turned off: its record goes
 
     # -- budget and rendering ---------------------------------------------------------------------
-    allocation = budget.allocate(
+    # The budget is the loop's (allocate.py, one observation at a time); here only whether the
+    # spec can feed every pod that may run at once, and what a new pod starts with.
+    floors = budget.check_floors(
         replicas=spec.replicas,
         max_surge=spec.rollout.max_surge,
         max_backends=spec.budget.max_backends,
         max_backends_percent=spec.budget.max_backends_percent,
         reserve=spec.budget.reserve,
-        max_connections=max_connections,
+        usable=usable,
         workers=spec.pooler.workers,
     )
     token = await _token(ctx.client, pgpool)
-    seen: tuple[PeriodReport, FleetReport] | None = None
-    if ctx.loops is not None:
-        ctx.loops.register(_fleet(ctx, pgpool, creds["username"], token, allocation), target)
-        seen = ctx.loops.report(key)
-    # With the loop, a pod starts at the floor and the loop raises it as the database allows;
-    # a Deployment does not grow while a running pod's limit is unconfirmed.
-    start_limit = None
+    loops.register(_fleet(ctx, pgpool, creds["username"], token, floors), target)
+    seen = loops.report(key)
+    # A pod starts at its floor and the loop raises it as the database allows; no pods while
+    # the budget cannot feed them; the Deployment does not grow while a running pod's limit
+    # is unconfirmed (it could hold more than the loop counts it for).
     replicas_cap = None
-    if ctx.loops is not None:
-        start_limit = 0 if allocation.shortfall else spec.pooler.workers
-        if seen is not None and seen[1].unconfirmed:
-            live = await ctx.client.get(kube.object_path("apps/v1", "Deployment", pgpool.namespace, pgpool.name))
-            if live is not None:
-                replicas_cap = int((live.get("spec") or {}).get("replicas") or 0)
+    if floors.shortfall:
+        replicas_cap = 0
+    elif seen is not None and seen[1].unconfirmed:
+        live = await ctx.client.get(kube.object_path("apps/v1", "Deployment", pgpool.namespace, pgpool.name))
+        if live is not None:
+            replicas_cap = int((live.get("spec") or {}).get("replicas") or 0)
     children = render.render(
         pgpool,
         render.Facts(
             image=ctx.pooler_image,
             username=creds["username"],
             password=creds["password"],
-            allocation=allocation,
             token=token,
+            start_limit=floors.start_limit,
             client_userlist=client_userlist,
             auth_user=auth_user,
-            start_limit=start_limit,
             replicas_cap=replicas_cap,
         ),
     )
-
-    push = fleet.PushResult()
-    if ctx.loops is None:
-        # Running pods learn a smaller pool before the Deployment may add pods.
-        pods = await ctx.client.list(
-            kube.collection_path("v1", "Pod", pgpool.namespace), label_selector=render.selector_string(pgpool.name)
-        )
-        push = await fleet.push_limits(
-            fleet.running_pod_addresses(pods),
-            render.live_limits(pgpool, allocation),
-            token,
-            port=ctx.pod_http_port,
-            timeout=ctx.push_timeout,
-        )
 
     for obj in children.present():
         await apply(ctx.client, obj)
@@ -290,20 +281,14 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
     status["pausedPods"] = len(paused.fully_paused) if pgpool.spec.pooler.paused else 0
 
     # -- status ------------------------------------------------------------------------------------
-    if allocation.shortfall is not None:
-        enforced = condition(conditions.BUDGET_ENFORCED, False, allocation.shortfall.value, allocation.explain())
+    if floors.shortfall is not None:
+        enforced = condition(conditions.BUDGET_ENFORCED, False, floors.shortfall.value, floors.explain())
     elif seen is not None:
         enforced = _enforced(condition, seen[0], seen[1])
-    elif push.failed:
-        detail = "; ".join(f"{pod}: {why}" for pod, why in sorted(push.failed.items()))
-        enforced = condition(
-            conditions.BUDGET_ENFORCED,
-            False,
-            "LimitsNotPushed",
-            f"pods still on their old pool size until they take the new one: {detail}",
-        )
     else:
-        enforced = condition(conditions.BUDGET_ENFORCED, True, "Allocated", allocation.explain())
+        enforced = condition(
+            conditions.BUDGET_ENFORCED, None, "NotObserved", "the budget loop has not looked at the database yet"
+        )
 
     deployment = await ctx.client.get(kube.path_of(children.deployment)) or {}
     dep_status = deployment.get("status") or {}
@@ -312,18 +297,14 @@ async def reconcile(ctx: Context, body: Obj) -> Outcome:
     status["replicas"] = int(dep_status.get("replicas") or 0)
     status["readyReplicas"] = ready_replicas
     status["budget"] = {
-        "total": allocation.total,
-        "perPod": allocation.per_pod,
-        "pods": allocation.pods,
         "maxConnections": max_connections,
         "backendsInUse": facts.backends_in_use if facts else None,
-        "clients": push.total_clients,
     }
     if seen is not None:
         status["budget"].update(_budget_status(seen[0], seen[1]))
         _budget_change_event(pgpool, status["budget"]["total"], events)
-    if allocation.shortfall is not None:
-        ready = condition(conditions.READY, False, allocation.shortfall.value, allocation.explain())
+    if floors.shortfall is not None:
+        ready = condition(conditions.READY, False, floors.shortfall.value, floors.explain())
     else:
         pods_ready = ready_replicas >= desired
         ready = condition(
@@ -402,8 +383,6 @@ def budget_report(loops: BudgetLoops, body: Obj) -> Outcome | None:
     if looked is None:
         return None
     period, report = looked
-    if pgpool.status.budget.per_pod is None:
-        return None  # the first full reconcile has not written the spec's figures yet
     budget_now = _budget_status(period, report)
     condition = functools.partial(
         conditions.condition, generation=pgpool.status.observed_generation, at=conditions.now()
@@ -425,7 +404,7 @@ def budget_report(loops: BudgetLoops, body: Obj) -> Outcome | None:
     return _finish(pgpool, {"budget": budget_now}, [enforced], events)
 
 
-def _fleet(ctx: Context, pgpool: model.PgPool, role: str, token: str, allocation: budget.Allocation) -> Fleet:
+def _fleet(ctx: Context, pgpool: model.PgPool, role: str, token: str, floors: budget.Floors) -> Fleet:
     """The PgPool as its server's budget loop sees it: spec, and how to find its pods."""
     spec = pgpool.spec
     client, namespace, selector, port = (
@@ -448,7 +427,7 @@ def _fleet(ctx: Context, pgpool: model.PgPool, role: str, token: str, allocation
         role=role,
         database=spec.database.dbname,
         # A budget too small to feed every pod's workers gives nothing (the Deployment is at 0).
-        max_backends=0 if allocation.shortfall else spec.budget.max_backends,
+        max_backends=0 if floors.shortfall else spec.budget.max_backends,
         max_backends_percent=spec.budget.max_backends_percent,
         reserve=spec.budget.reserve,
         weight=spec.budget.weight,

@@ -21,7 +21,6 @@ from pgfleet.pooler.config import AuthType, DatabaseConfig, PoolerConfig, SslMod
 from pgfleet.pooler.userlist import dump_userlist
 
 from . import model, templates
-from .budget import Allocation
 
 Obj = dict[str, Any]
 
@@ -53,15 +52,16 @@ class Facts:
     image: str
     username: str  # role the poolers log in to PostgreSQL as
     password: str
-    allocation: Allocation
     token: str  # bearer token of the pooler's HTTP control port
+    # The pool a pod starts with (its floor, one backend per worker; 0 when the budget cannot
+    # feed every pod): the budget loop moves each running pod from there.
+    start_limit: int
     client_userlist: dict[str, str] | None = None  # from clientAuth.userlistSecret
     # (username, password) from clientAuth.authQuery.userSecret: the role auth_query runs as.
     auth_user: tuple[str, str] | None = None
-    # The pool a pod starts with, when a budget loop moves it from there (the floor);
-    # None: the allocation's even split.
-    start_limit: int | None = None
-    replicas_cap: int | None = None  # the Deployment may not grow past this (a pod's limit is unconfirmed)
+    # The Deployment may not grow past this: 0 while the budget cannot feed the pods, the
+    # replicas it has while a running pod's limit is unconfirmed; None: spec.replicas.
+    replicas_cap: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +148,10 @@ def _stamped(obj: Obj) -> Obj:
 # -- the pooler's configuration ---------------------------------------------------------
 def pooler_config(pgpool: model.PgPool, facts: Facts) -> PoolerConfig:
     # PoolerConfig refuses a nonzero limit below `workers`; none is rendered: the model keeps
-    # maxClientConn >= workers, and the allocation (made with the same workers) gives each
-    # pod a pool of 0 or at least `workers`.
+    # maxClientConn >= workers, and the start limit is 0 or the worker count (budget.Floors).
     spec = pgpool.spec
     pooler = spec.pooler
-    per_pod = facts.allocation.per_pod if facts.start_limit is None else facts.start_limit
+    per_pod = facts.start_limit
     return PoolerConfig(
         listen_addr="0.0.0.0",
         listen_port=POSTGRES_PORT,
@@ -246,16 +245,6 @@ def _tls_sources(tls: model.TlsSpec) -> list[Obj]:
         ]
         sources.append({"secret": {"name": tls.server_cert_secret, "items": items}})
     return sources
-
-
-def live_limits(pgpool: model.PgPool, allocation: Allocation) -> dict[str, Any]:
-    """Body of the pooler's PUT /limits that brings a running pod to this allocation."""
-    per_pod = allocation.per_pod
-    return {
-        "default_pool_size": per_pod,
-        "max_db_connections": per_pod,
-        "databases": {pgpool.spec.database.dbname: {"pool_size": per_pod, "max_db_connections": per_pod}},
-    }
 
 
 def _restart_settings(config: PoolerConfig) -> Obj:
@@ -455,8 +444,7 @@ def render_deployment(pgpool: model.PgPool, facts: Facts, config: PoolerConfig) 
         pod_spec["nodeSelector"] = pod.node_selector
     if pod.priority_class_name:
         pod_spec["priorityClassName"] = pod.priority_class_name
-    # No pods while the budget cannot give each one a backend: zero pods hold zero backends.
-    replicas = 0 if facts.allocation.shortfall else spec.replicas
+    replicas = spec.replicas
     if facts.replicas_cap is not None:
         replicas = min(replicas, facts.replicas_cap)
     return _stamped(

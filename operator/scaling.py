@@ -93,7 +93,7 @@ async def autoscale_step(
     client: kube.KubeClient,
     pgpool: model.PgPool,
     *,
-    max_connections: int | None,
+    usable: int | None,
     port: int,
     timeout: float,
     condition: Callable[..., conditions.Condition],
@@ -110,9 +110,7 @@ async def autoscale_step(
     scale_path = kube.object_path(f"{model.GROUP}/{model.VERSION}", "PgPool", pgpool.namespace, pgpool.name) + "/scale"
     scale = await client.get(scale_path) or {}
     current = int((scale.get("spec") or {}).get("replicas", spec.replicas))
-    total = budget.fleet_budget(
-        spec.budget.max_backends, spec.budget.max_backends_percent, spec.budget.reserve, max_connections
-    )
+    total = budget.spec_budget(spec.budget.max_backends, spec.budget.max_backends_percent, spec.budget.reserve, usable)
     decision = autoscale.decide(
         current=current,
         clients=clients,

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from aiohttp import web
-from pgfleet.operator.fleet import push_limits, running_pod_addresses
+from pgfleet.operator.fleet import PodClient, pod_url, running_pod_addresses
 
 
 def pod(name: str, ip: str | None, phase: str = "Running", deleting: bool = False) -> dict[str, Any]:
@@ -28,17 +28,23 @@ def test_only_running_pods_with_an_address() -> None:
     assert running_pod_addresses(pods, terminating=True) == {"a": "10.0.0.1", "d": "10.0.0.4"}
 
 
-async def test_push_sends_the_limits_with_the_token(unused_tcp_port: int) -> None:
-    received: list[tuple[str | None, Any]] = []
+async def test_a_push_sends_every_limit_with_the_token_and_reads_the_pod_back(unused_tcp_port: int) -> None:
+    received: list[Any] = []
+    in_force = {"default_pool_size": 2, "max_db_connections": 2, "databases": {"app": {"pool_size": 2}}}
 
     async def limits(request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != "Bearer tok":
             return web.Response(status=401, text="bad token")
-        received.append((request.headers.get("Authorization"), json.loads(await request.text())))
+        body = json.loads(await request.text())
+        received.append(body)
+        in_force.update(default_pool_size=body["default_pool_size"], max_db_connections=body["max_db_connections"])
+        in_force["databases"] = body["databases"]
         return web.json_response({"ok": True})
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response({"clients": 7, "servers": 2})
+        if request.headers.get("Authorization") != "Bearer tok":
+            return web.Response(status=401, text="bad token")
+        return web.json_response({"clients": 7, "servers": 2, "backend_pids": [11, 12], "limits": in_force})
 
     app = web.Application()
     app.router.add_put("/limits", limits)
@@ -46,20 +52,35 @@ async def test_push_sends_the_limits_with_the_token(unused_tcp_port: int) -> Non
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    url = pod_url("127.0.0.1", unused_tcp_port)
+    client = PodClient("tok", timeout=2)
     try:
-        body = {"default_pool_size": 5, "databases": {"app": {"pool_size": 5}}}
-        result = await push_limits({"p1": "127.0.0.1"}, body, "tok", port=unused_tcp_port)
-        assert result.pushed == ["p1"] and result.failed == {}
-        assert received == [("Bearer tok", body)]
-        assert result.clients == {"p1": 7} and result.total_clients == 7
-
-        refused = await push_limits({"p1": "127.0.0.1"}, body, "wrong", port=unused_tcp_port)
-        assert refused.failed == {"p1": "HTTP 401: bad token"}
+        before = await client.status("p1", url)
+        assert (before.reachable, before.limit, before.clients, before.held) == (True, 2, 7, 2)
+        assert before.pids == {11, 12} and before.databases == ("app",)
+        after = await client.push(before, 5)
+        # Every limit the ConfigMap sets, max_db_connections included (the pod's hard cap).
+        assert received == [
+            {
+                "default_pool_size": 5,
+                "max_db_connections": 5,
+                "databases": {"app": {"pool_size": 5, "max_db_connections": 5}},
+            }
+        ]
+        assert after.reachable and after.limit == 5  # confirmed: in force, as /status says
+        stranger = PodClient("wrong", timeout=2)
+        refused = await stranger.status("p1", url)
+        await stranger.close()
+        assert not refused.reachable and refused.error == "HTTP 401"
     finally:
+        await client.close()
         await runner.cleanup()
 
 
-async def test_unreachable_pod_is_reported(unused_tcp_port: int) -> None:
-    result = await push_limits({"gone": "127.0.0.1"}, {"default_pool_size": 1}, "t", port=unused_tcp_port, timeout=1)
-    assert list(result.failed) == ["gone"] and result.pushed == []
-    assert result.total_clients is None  # unknown, not zero
+async def test_an_unreachable_pod_is_reported(unused_tcp_port: int) -> None:
+    client = PodClient("t", timeout=1)
+    try:
+        report = await client.status("gone", pod_url("127.0.0.1", unused_tcp_port))
+    finally:
+        await client.close()
+    assert not report.reachable and report.error and report.limit is None  # unknown, not zero

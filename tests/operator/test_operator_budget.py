@@ -98,23 +98,11 @@ async def test_the_operator_follows_the_database_with_real_poolers(
     stats = CrowdStats()
     crowds = [Crowd(p.port, stats=stats) for p in poolers]
     grabber = Grabber(labdb)
-    totals: list[tuple[float, int]] = []
+    trail = Trail(("main",))
+    follower = asyncio.create_task(trail.follow())
 
     def status() -> dict[str, Any]:
         return api.get(PGPOOLS, NS, "main") or {}
-
-    async def record_budgets() -> None:
-        # The operator runs in this process (a thread): read its loop's budget as it moves.
-        from pgfleet.operator.handlers import runtime
-
-        while True:
-            loops = runtime.loops
-            seen = loops.report(f"{NS}/main") if loops is not None else None
-            if seen is not None and (not totals or totals[-1][1] != seen[1].budget.budget):
-                totals.append((time.monotonic(), seen[1].budget.budget))
-            await asyncio.sleep(0.02)
-
-    recorder = asyncio.create_task(record_budgets())
 
     try:
         for i, pooler in enumerate(poolers):
@@ -134,22 +122,26 @@ async def test_the_operator_follows_the_database_with_real_poolers(
         for crowd in crowds:
             crowd.add_steady(4)
         # 47 usable - the sampler - the observer - reserve 2 leaves 43: the spec's 40 - 2 holds.
+        # The limits follow demand (busy servers, waiting clients) between periods; 38 over three
+        # pods gives the smallest at most 12 and the largest at least 13.
         obj = await eventually(
-            lambda: (o := status())["status"]["budget"].get("perPodMin") == 12 and o,
+            lambda: (
+                (o := status())["status"]["budget"].get("total") == 38 and o["status"]["budget"].get("perPodMin") and o
+            ),
             what="the loop's budget in status",
             timeout=60,
         )
         budget = obj["status"]["budget"]
-        assert budget["total"] == 38 and budget["usable"] == 47 and budget["perPodMax"] == 13
+        assert budget["usable"] == 47 and 1 <= budget["perPodMin"] <= 12 and budget["perPodMax"] >= 13
         assert condition(obj, "BudgetEnforced")["status"] == "True"  # type: ignore[index]
         # The operator exports the same budget for the dashboard.
         seen = await eventually(
-            lambda: (m := operator_metrics()).get("pgfleet_operator_pod_limit_min") == 12 and m,
+            lambda: (m := operator_metrics()).get("pgfleet_operator_budget_backends") == 38 and m,
             what="the budget in the operator's /metrics",
             timeout=30,
         )
-        assert seen["pgfleet_operator_budget_backends"] == 38 and seen["pgfleet_operator_usable_backends"] == 47
-        assert seen["pgfleet_operator_pod_limit_min"] == 12 and seen["pgfleet_operator_pod_limit_max"] == 13
+        assert seen["pgfleet_operator_usable_backends"] == 47
+        assert 1 <= seen["pgfleet_operator_pod_limit_min"] <= 12 and seen["pgfleet_operator_pod_limit_max"] >= 13
 
         # Another application takes 30 backends: squeezed, with a Warning naming others' backends.
         assert await grabber.grab(30, time.monotonic() + 60) == 30  # generous: a loaded machine
@@ -199,18 +191,13 @@ async def test_the_operator_follows_the_database_with_real_poolers(
             await crowd.stop()
         await grabber.release()
         await sampler.stop()
-        recorder.cancel()
+        follower.cancel()
         for pooler in poolers:
             await asyncio.to_thread(pooler.stop)
     assert stats.errors == {}, stats.errors  # no 53300, no failed transaction
     assert stats.transactions > 100
-    # Every sample against the loop's budget in force then (the larger of the one before
-    # and the one after: a change takes a push to reach the pods).
-    first = totals[0][0]
-    for sample in sampler.since(first):
-        before = [total for at, total in totals if at <= sample.at][-1:]
-        after = [total for at, total in totals if at > sample.at][:1]
-        assert sample.count(FLEET_ROLE) <= max(before + after), (sample, before, after)
+    most, budget = check_samples(sampler, trail, ("main",))
+    print(f"\nfollowing the database: fleet backends at most {most} against {budget}", file=sys.__stdout__)
 
 
 # -- more of the invariants, through the operator ---------------------------------------------------
@@ -345,6 +332,21 @@ def check_samples(sampler: Sampler, trail: Trail, names: tuple[str, ...]) -> tup
         near = {
             n: [(round(t - sample.at, 2), r.limits) for t, r in trail.seen[n] if abs(t - sample.at) < 2] for n in names
         }
+        if held > budget:
+            with open("/tmp/w10dump.txt", "a") as dump:
+                print("=== violation", held, budget, file=dump)
+                for period in trail.servers:
+                    t = [t for t, r in trail.seen[names[0]] if r is period.fleets.get(f"{NS}/{names[0]}")]
+                    if not t or abs(t[0] - sample.at) > 3:
+                        continue
+                    for n in names:
+                        r = period.fleets[f"{NS}/{n}"]
+                        print(
+                            f"{t[0] - sample.at:+.2f} others {period.server.others} budget {r.budget.budget} limits {r.limits} held {dict((k, v.held) for k, v in r.push.reports.items())} fb {r.fleet_backends} lowered {r.push.lowered} raised {r.push.raised}",
+                            file=dump,
+                        )
+                for s2 in sampler.since(sample.at - 3, sample.at + 1):
+                    print(f"{s2.at - sample.at:+.2f} sample {s2.by_role}", file=dump)
         assert held <= budget, f"the fleet held {held} backends against a budget of {budget}; limits then {near}"
         if budget and (not worst[1] or held / budget > worst[0] / worst[1]):
             worst = (held, budget)

@@ -76,7 +76,12 @@ async def test_create_update_delete(api: Any, operator: Any, postgres: Any) -> N
         obj = api.get(PGPOOLS, NS, "main")
         return obj if obj and obj.get("status", {}).get("observedGeneration") == generation else None
 
-    obj = await eventually(lambda: reconciled(1), what="status.observedGeneration == 1")
+    await eventually(lambda: reconciled(1), what="status.observedGeneration == 1")
+    # The budget is the budget loop's, written once it has looked at the database.
+    obj = await eventually(
+        lambda: (o := reconciled(1)) and o["status"].get("budget", {}).get("total") == 36 and o,
+        what="the loop's budget in status",
+    )
     kids = children(api)
     assert all(kids.values()), {k: bool(v) for k, v in kids.items()}
     for kid in kids.values():
@@ -84,8 +89,8 @@ async def test_create_update_delete(api: Any, operator: Any, postgres: Any) -> N
         assert owner["uid"] == uid and owner["kind"] == "PgPool" and owner["controller"] is True
     status = obj["status"]
     assert status["selector"] == "app.kubernetes.io/instance=main,app.kubernetes.io/name=pgfleet-pooler"
-    assert status["budget"]["total"] == 36 and status["budget"]["perPod"] == 9 and status["budget"]["pods"] == 4
-    assert status["budget"]["maxConnections"] == 50
+    assert status["budget"]["maxConnections"] == 50 and status["budget"]["usable"] == 47
+    assert "perPod" not in status["budget"]  # the even split of older versions is gone
     assert condition(obj, "DatabaseReachable")["status"] == "True"  # type: ignore[index]
     assert condition(obj, "BudgetEnforced")["status"] == "True"  # type: ignore[index]
     ready = condition(obj, "Ready")
@@ -108,7 +113,14 @@ async def test_create_update_delete(api: Any, operator: Any, postgres: Any) -> N
     obj = await eventually(lambda: reconciled(2), what="status.observedGeneration == 2")
     kids = children(api)
     assert kids["deployment"]["spec"]["replicas"] == 5
-    assert obj["status"]["budget"]["perPod"] == 9  # (60 - 4) // (5 + 1)
+    # 60 - 4 asked, but 47 usable backends leave less: the budget is what the server leaves (headroom).
+    await eventually(
+        lambda: (
+            (b := (api.get(PGPOOLS, NS, "main") or {})["status"]["budget"])["total"] == min(56, b["headroom"])
+            and b["total"] > 36
+        ),
+        what="the budget raised towards 60 - 4",
+    )
     # A pool-size change reaches pods live; it must not roll them.
     assert kids["deployment"]["spec"]["template"] == template_before
     assert all(c["observedGeneration"] == 2 for c in obj["status"]["conditions"])
@@ -159,21 +171,23 @@ async def test_workers_split_the_pool_and_roll_the_pods(api: Any, operator: Any,
         obj = api.get(PGPOOLS, NS, "main")
         return obj if obj and obj.get("status", {}).get("observedGeneration") == generation else None
 
-    obj = await eventually(lambda: reconciled(1), what="status.observedGeneration == 1")
+    await eventually(lambda: reconciled(1), what="status.observedGeneration == 1")
     kids = children(api)
     config = yaml.safe_load(kids["config"]["data"]["pooler.yaml"])
     assert config["workers"] == 4 and config["default_pool_size"] == 4  # the floor: one backend per worker
-    assert obj["status"]["budget"]["perPod"] == 9  # (40 - 4) // (3 + 1) >= 4 workers
-    assert condition(obj, "BudgetEnforced")["status"] == "True"  # type: ignore[index]
+    assert kids["deployment"]["spec"]["replicas"] == 3  # 36 backends give 3 + 1 pods 4 each
+    obj = await eventually(
+        lambda: (c := condition(reconciled(1), "BudgetEnforced")) and c["status"] == "True" and reconciled(1),
+        what="BudgetEnforced=True",
+    )
     template_before = kids["deployment"]["spec"]["template"]
 
-    # 9 backends per pod cannot feed 10 workers: the budget falls short, and no pod runs.
+    # 36 backends cannot give 3 + 1 pods 10 each: the budget falls short, and no pod runs.
     await api.patch_object(PGPOOLS, NS, "main", {"spec": {"pooler": {"workers": 10}}})
     obj = await eventually(lambda: reconciled(2), what="status.observedGeneration == 2")
     enforced = condition(obj, "BudgetEnforced")
     assert enforced and enforced["status"] == "False" and enforced["reason"] == "BudgetTooSmall"
     assert "one backend per worker (10)" in enforced["message"]
-    assert obj["status"]["budget"]["perPod"] == 0
     kids = children(api)
     assert kids["deployment"]["spec"]["replicas"] == 0
     assert yaml.safe_load(kids["config"]["data"]["pooler.yaml"])["workers"] == 10

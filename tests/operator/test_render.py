@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pytest
 import yaml
 from pgfleet.operator import model, render
-from pgfleet.operator.budget import allocate
+from pgfleet.operator.budget import check_floors
 from pgfleet.pooler.config import AuthType, PoolerConfig, PoolMode, parse_config
-from pgfleet.pooler.http import parse_limits
 from pgfleet.pooler.userlist import parse_userlist
 
 from .conftest import pgpool_body
@@ -22,17 +20,25 @@ def pool(**spec: Any) -> model.PgPool:
     return model.PgPool.model_validate(pgpool_body(**spec))
 
 
-def facts_for(p: model.PgPool, **changes: Any) -> render.Facts:
-    alloc = allocate(
+def facts_for(p: model.PgPool, usable: int | None = 97, **changes: Any) -> render.Facts:
+    """As the reconcile gathers them: a pod starts at its floor, none while the budget cannot feed them."""
+    floors = check_floors(
         replicas=p.spec.replicas,
         max_surge=p.spec.rollout.max_surge,
         max_backends=p.spec.budget.max_backends,
         max_backends_percent=p.spec.budget.max_backends_percent,
         reserve=p.spec.budget.reserve,
-        max_connections=100,
+        usable=usable,
         workers=p.spec.pooler.workers,
     )
-    base = render.Facts(image="pgfleet:1.2", username="app", password="s3cret", allocation=alloc, token="tok")
+    base = render.Facts(
+        image="pgfleet:1.2",
+        username="app",
+        password="s3cret",
+        token="tok",
+        start_limit=floors.start_limit,
+        replicas_cap=0 if floors.shortfall else None,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -48,8 +54,8 @@ def pod_spec(kids: render.Children) -> dict[str, Any]:
 def test_config_map_is_a_pooler_config() -> None:
     kids = children()
     config = parse_config(yaml.safe_load(kids.config_map["data"]["pooler.yaml"]), "rendered")
-    # main: budget 40 - 4 reserve over 3 replicas + 1 surge
-    assert config.default_pool_size == 9 and config.max_db_connections == 9
+    # A pod starts at its floor (one backend per worker); the budget loop raises it from there.
+    assert config.default_pool_size == 1 and config.max_db_connections == 1
     assert (config.listen_addr, config.listen_port) == ("0.0.0.0", 5432)
     assert config.pool_mode is PoolMode.TRANSACTION
     assert config.auth_type is AuthType.SCRAM_SHA_256 and config.auth_file == render.USERLIST_FILE
@@ -57,7 +63,7 @@ def test_config_map_is_a_pooler_config() -> None:
     assert config.http_token_file == render.TOKEN_FILE
     db = config.databases["app"]
     assert (db.host, db.port, db.dbname, db.user) == ("db.example", 5432, "app", "app")
-    assert db.pool_size == 9 and db.max_db_connections == 9
+    assert db.pool_size == 1 and db.max_db_connections == 1
     assert db.password is None  # the password lives in the auth Secret, never in a ConfigMap
 
 
@@ -165,9 +171,7 @@ def test_rollout_bounds_are_the_budgets() -> None:
 
 def test_no_pods_while_the_budget_cannot_feed_them() -> None:
     p = pool(replicas=3, budget={"maxBackendsPercent": 50})
-    kids = render.render(
-        p, facts_for(p, allocation=allocate(replicas=3, max_surge=1, max_backends=None, max_backends_percent=50))
-    )
+    kids = render.render(p, facts_for(p, usable=None))  # a share of a server not measured yet
     assert kids.deployment["spec"]["replicas"] == 0
 
 
@@ -179,8 +183,8 @@ def test_workers_are_carried_over() -> None:
     assert rendered_config(children()).workers == 1
     config = rendered_config(children(pooler={"workers": 4}))
     assert config.workers == 4
-    # 36 backends over 3 replicas + 1 surge: 9 per pod, which the pooler splits among its 4 workers.
-    assert config.default_pool_size == 9 and config.databases["app"].pool_size == 9
+    # A pod starts with one backend per worker; the loop raises it, the pooler splits it among them.
+    assert config.default_pool_size == 4 and config.databases["app"].pool_size == 4
 
 
 # (replicas, maxSurge, budget, pooler) that put each limit at or next to `workers`.
@@ -189,7 +193,7 @@ EDGES = [
     (3, 1, {"maxBackends": 15}, {"workers": 4}),  # 3 per pod < 4 workers: shortfall, pools 0
     (3, 1, {"maxBackends": 4}, {"workers": 64, "maxClientConn": 64}),  # 1 per pod < 64 workers
     (1, 1, {"maxBackends": 129}, {"workers": 64}),  # 64 per pod, exactly
-    (3, 1, {"maxBackendsPercent": 10}, {"workers": 3}),  # 10 of 100 over 4 pods: 2 < 3
+    (3, 1, {"maxBackendsPercent": 10}, {"workers": 3}),  # 9 of 97 usable over 4 pods: 2 < 3
     (0, 0, {"maxBackends": 3}, {"workers": 4}),  # scaled to zero, budget below the workers
     (0, 0, {"maxBackends": 8}, {"workers": 4}),  # scaled to zero, the whole budget
     (2, 1, {"maxBackends": 300, "reserve": 297}, {"workers": 2}),  # the reserve leaves 1 per pod < 2
@@ -204,15 +208,12 @@ def test_pooler_accepts_every_rendered_config(
     facts = facts_for(p)
     config = rendered_config(render.render(p, facts))  # parse_config raises on any limit below workers
     assert config.workers == pooler["workers"]
-    per_pod = facts.allocation.per_pod
-    assert per_pod == 0 or per_pod >= config.workers
-    assert config.default_pool_size == per_pod and config.databases["app"].pool_size == per_pod
-    # ... and a running pod with these workers accepts the same pool live.
-    live = parse_limits(json.dumps(render.live_limits(p, facts.allocation)).encode())
-    data = config.model_dump()
-    data["default_pool_size"] = live["default_pool_size"]
-    data["databases"]["app"]["pool_size"] = live["databases"]["app"]["pool_size"]
-    assert PoolerConfig.model_validate(data).limits_for("app").pool_size == per_pod
+    start = facts.start_limit
+    assert start in (0, config.workers)
+    assert config.default_pool_size == start and config.databases["app"].pool_size == start
+    # Pods are rendered only where every one of them gets its floor.
+    if render.render(p, facts).deployment["spec"]["replicas"]:
+        assert (replicas + max_surge) * start <= budget.get("maxBackends", 97) - budget.get("reserve", 0)
 
 
 def test_every_valid_pool_renders_for_every_worker_count() -> None:
@@ -221,7 +222,8 @@ def test_every_valid_pool_renders_for_every_worker_count() -> None:
             for max_backends in range(replicas + 1, 200, 7):
                 p = pool(replicas=replicas, budget={"maxBackends": max_backends}, pooler={"workers": workers})
                 facts = facts_for(p)
-                assert facts.allocation.used_at_most <= max_backends
+                pods = render.render(p, facts).deployment["spec"]["replicas"]
+                assert pods == 0 or (pods + 1) * facts.start_limit <= max_backends  # floors, the surge's too
                 assert render.pooler_config(p, facts).workers == workers  # PoolerConfig refuses nothing
 
 
@@ -338,17 +340,7 @@ def test_pdb_only_with_more_than_one_replica() -> None:
     assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": render.selector_labels("main")}}
 
 
-def test_live_limits_body() -> None:
-    p = pool()
-    # Every limit the ConfigMap sets, max_db_connections included (the pod's hard cap).
-    assert render.live_limits(p, facts_for(p).allocation) == {
-        "default_pool_size": 9,
-        "max_db_connections": 9,
-        "databases": {"app": {"pool_size": 9, "max_db_connections": 9}},
-    }
-
-
-def test_with_a_budget_loop_a_pod_starts_at_the_floor_and_the_deployment_can_be_held() -> None:
+def test_a_pod_starts_at_the_floor_and_the_deployment_can_be_held() -> None:
     p = pool(pooler={"workers": 2})
     facts = dataclasses.replace(facts_for(p), start_limit=2, replicas_cap=2)
     children = render.render(p, facts)

@@ -6,7 +6,6 @@ from typing import Any
 
 import yaml
 from pgfleet.operator import model, render
-from pgfleet.operator.budget import allocate
 
 from .conftest import pgpool_body
 from .crdcheck import admit
@@ -20,8 +19,8 @@ def rendered(**spec: Any) -> render.Children:
         image="pgfleet:test",
         username="u",
         password="p",
-        allocation=allocate(replicas=3, max_surge=1, max_backends=40, reserve=4),
         token="t",
+        start_limit=1,
     )
     return render.render(pgpool, facts)
 
