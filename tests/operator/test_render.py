@@ -393,7 +393,7 @@ def test_auth_query_looks_clients_up_and_lets_each_log_in_as_itself() -> None:
     assert (config.auth_user, config.auth_dbname) == ("app", "app")  # the credentialsSecret role, the database
     assert config.auth_query == PoolerConfig.model_fields["auth_query"].default
     assert config.databases["app"].user is None  # each client's own role, one pool per role
-    assert config.databases["app"].max_db_connections == 9  # the budget still caps the database per pod
+    assert config.databases["app"].max_db_connections == 1  # the pod's limit (its floor here) still caps the database
     assert parse_userlist(kids.auth_secret["stringData"]["userlist.txt"]) == {"app": "s3cret"}  # no client's
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pgfleet.devtools.procs import free_port
 from pgfleet.operator import model, render
-from pgfleet.operator.budget import allocate
+from pgfleet.operator.budget import check_floors
 from pgfleet.pooler.config import parse_config
 from pgfleet.pooler.pooler import Pooler
 
@@ -36,12 +36,14 @@ def render_for(pg: Any, username: str, password: str, **spec: Any) -> tuple[mode
     }
     pgpool = model.PgPool.model_validate(body)
     s = pgpool.spec
-    allocation = allocate(
+    floors = check_floors(
         replicas=s.replicas, max_surge=s.rollout.max_surge, max_backends=s.budget.max_backends,
-        max_backends_percent=s.budget.max_backends_percent, reserve=s.budget.reserve, max_connections=50,
+        max_backends_percent=s.budget.max_backends_percent, reserve=s.budget.reserve, usable=47,
         workers=s.pooler.workers,
     )  # fmt: skip
-    facts = render.Facts(image="pgfleet:test", username=username, password=password, allocation=allocation, token="t")
+    facts = render.Facts(
+        image="pgfleet:test", username=username, password=password, token="t", start_limit=floors.start_limit
+    )
     return pgpool, render.render(pgpool, facts)
 
 
