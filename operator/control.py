@@ -90,7 +90,28 @@ class _Memory:
 
     confirmed: dict[str, int] = field(default_factory=dict)  # pod -> last limit it confirmed
     pids: dict[str, frozenset[int]] = field(default_factory=dict)  # pod -> backends it last reported
+    # Backends its pods reported once and no longer do (closed, or the pod went away): still
+    # the fleet's while PostgreSQL shows them exiting, never others'. pid -> periods left.
+    released: dict[int, int] = field(default_factory=dict)
     budget: int | None = None
+
+    def release(self, pids: frozenset[int]) -> None:
+        for pid in pids:
+            self.released[pid] = RELEASED_PERIODS
+
+    def forget_released(self, live: set[int] | None) -> None:
+        """A period has passed: released backends that are gone (or too old to trust) are forgotten."""
+        for pid, left in list(self.released.items()):
+            if left <= 1 or (live is not None and pid not in live):
+                del self.released[pid]
+            else:
+                self.released[pid] = left - 1
+
+
+# How many periods a backend a pod let go of still counts as its fleet's while PostgreSQL
+# shows it (its process exiting, slow on a loaded server); after that its PID could be
+# another session's.
+RELEASED_PERIODS = 5
 
 
 class BudgetLoop:
@@ -145,24 +166,34 @@ class BudgetLoop:
         # Pausing comes before the budget's work: a pod that should not serve stops first.
         await asyncio.gather(*(self._align_pause(fleet, reports[fleet.name]) for fleet in fleets))
         pids: dict[str, set[int]] = {}
+        live = {b.pid for b in snapshot.backends} if snapshot is not None else None
+        lingering: dict[str, int] = {}
         for fleet in fleets:
             memory = self._memory.setdefault(fleet.name, _Memory())
+            memory.forget_released(live)
             mine: set[int] = set()
             for name, report in reports[fleet.name].items():
                 if report.reachable:
+                    memory.release(memory.pids.get(name, frozenset()) - report.pids)
                     memory.pids[name] = report.pids
                 # An unreachable pod's backends are still its fleet's, not others'.
                 mine |= memory.pids.get(name, frozenset())
             for gone in set(memory.pids) - set(reports[fleet.name]):
-                del memory.pids[gone]
+                memory.release(memory.pids.pop(gone))
                 memory.confirmed.pop(gone, None)
-            pids[fleet.name] = mine
+            # A backend let go of is the fleet's until it is gone: counted as others', it
+            # would lower every budget on the server for as long as it takes to exit.
+            released = set(memory.released) - mine
+            lingering[fleet.name] = snapshot.held_by(released) if snapshot is not None else 0
+            pids[fleet.name] = mine | released
         all_pids = set().union(*pids.values()) if pids else set()
         facts = snapshot.facts(all_pids) if snapshot is not None else None
         specs = [self._spec(fleet, reports[fleet.name]) for fleet in fleets]
         server = allocate_server(facts, specs, hysteresis=self.hysteresis)
         out: dict[str, FleetReport] = {}
-        pushes = await asyncio.gather(*(self._push(fleet, reports[fleet.name], server) for fleet in fleets))
+        pushes = await asyncio.gather(
+            *(self._push(fleet, reports[fleet.name], server, lingering.get(fleet.name, 0)) for fleet in fleets)
+        )
         for fleet, push in zip(fleets, pushes, strict=True):
             budget = server.fleets[fleet.name]
             self._memory[fleet.name].budget = budget.budget
@@ -236,14 +267,18 @@ class BudgetLoop:
             budget=memory.budget,
         )
 
-    async def _push(self, fleet: Fleet, reports: dict[str, PodReport], server: ServerBudget) -> PushOutcome:
+    async def _push(
+        self, fleet: Fleet, reports: dict[str, PodReport], server: ServerBudget, lingering: int
+    ) -> PushOutcome:
         budget = server.fleets[fleet.name]
         targets = {name: limit for name, limit in budget.limits.items() if reports[name].reachable}
         return await push_in_safe_order(
             self._client(fleet),
             reports,
             targets,
-            budget=budget.budget - budget.surge_room,
+            # Backends its pods closed that PostgreSQL still shows exiting take room too: a
+            # raise waits for them rather than pass the budget on the server's count.
+            budget=budget.budget - budget.surge_room - lingering,
             confirmed=self._memory[fleet.name].confirmed,
         )
 

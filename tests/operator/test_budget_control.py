@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -353,3 +355,44 @@ async def test_postgresql_restarts_and_the_fleet_comes_back_within_budget(
         f"while it was down, none after; back in budget and serving {back_after:.2f} s after the stop "
         f"({back:.2f} s after it listened again); samples missed while down: {sampler.gaps}"
     )
+
+
+async def test_a_backend_that_is_slow_to_exit_stays_the_fleets(
+    labdb: TempPostgres, poolers: Callable[..., list[LabPooler]], control: Callable[..., Run]
+) -> None:
+    """A pod goes away while PostgreSQL still shows one of its backends (its process stopped, as
+    a loaded server is slow to reap): the loop keeps counting it as the fleet's, not as others'."""
+    fleet = poolers(2)
+    urls = {p.name: p.url for p in fleet}
+    loop = BudgetLoop(ServerObserver(labdb.dsn(), timeout=2), period=PERIOD)
+
+    async def pods() -> dict[str, str]:
+        return dict(urls)
+
+    loop.set_fleet(Fleet(name="fleet", token=TOKEN, pods=pods, role=FLEET_ROLE, database="app", max_backends=20))
+    crowd = Crowd(fleet[1].port)
+    stopped: int | None = None
+    try:
+        crowd.add_steady(3)
+        report = await loop.step()
+        deadline = time.monotonic() + 60
+        while not report.fleets["fleet"].pods[fleet[1].name].pids and time.monotonic() < deadline:
+            await asyncio.sleep(PERIOD)
+            report = await loop.step()
+        baseline = report.server.others
+        await crowd.stop()  # its servers go idle; one backend then stops running
+        stopped = min(report.fleets["fleet"].pods[fleet[1].name].pids)
+        os.kill(stopped, signal.SIGSTOP)
+        # The pod is gone: its process exits and PostgreSQL reaps its backends, but the stopped one.
+        del urls[fleet[1].name]
+        await asyncio.to_thread(fleet[1].stop)
+        for _ in range(2):
+            report = await loop.step()
+            assert labdb.client_backends(FLEET_ROLE) >= 1  # PostgreSQL still shows it
+            assert report.server.others == baseline, report.server
+            assert report.fleets["fleet"].fleet_backends == 1  # the fleet's, though no pod reports it
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        await crowd.stop()
+        await loop.close()
