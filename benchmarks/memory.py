@@ -293,8 +293,10 @@ def workers_memory(
         wait_for_line(proc, "pgfleet-pooler ready on")
         time.sleep(1.0)
         rows = [("supervisor", smaps(proc.pid))]
-        for i, pid in enumerate(p for p in descendants(proc.pid) if p != proc.pid):
-            rows.append((f"worker {i + 1}", smaps(pid)))
+        for pid in sorted(p for p in descendants(proc.pid) if p != proc.pid):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().split()
+            name = f"worker {argv[argv.index('--worker') + 1]}" if "--worker" in argv else "zygote (forks the workers)"
+            rows.append((name, smaps(pid)))
     return rows
 
 

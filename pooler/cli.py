@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     level = logging.DEBUG if config.verbose else logging.INFO
     prefix = f"[worker {slot.index + 1}/{slot.count}] " if slot is not None else ""
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    # force: a worker forked from the supervisor (zygote.py) inherits its handler, without the prefix.
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s", force=True)
     # The format names no source line, thread or process: records need not look them up
     # (logging's documented switches). log_connections logs twice per login, on by default.
     logging._srcfile = None
@@ -151,9 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.logMultiprocessing = False
     _raise_fd_limit(config)
     if slot is None and config.workers > 1:
+        # What every worker runs, loaded once here: the workers are forked from it
+        # (zygote.py) and share these pages instead of each loading its own copy.
+        from . import client, pooler  # noqa: F401
         from .supervisor import supervise
+        from .zygote import Zygote
 
-        main_coro = supervise(config, path, _worker_command(args))
+        _load_extensions()
+        if not args.no_uvloop:
+            with contextlib.suppress(ImportError):
+                import uvloop
+        main_coro = supervise(config, path, _worker_command(args), Zygote.fork(main))
     else:
         _load_extensions()  # the workers' (and a single pooler's) HTTP port
         main_coro = serve(config, path, slot)
@@ -182,13 +192,16 @@ def _version() -> str:
 
 
 def _worker_command(args: argparse.Namespace) -> list[str]:
-    """How the supervisor starts a worker: this program, this config file, this event loop."""
-    argv = [sys.executable, "-m", "pgfleet.pooler", "--config", os.path.abspath(args.config)]
+    """The arguments a worker runs with: this config file, this event loop."""
+    argv = ["--config", os.path.abspath(args.config)]
     return argv + (["--no-uvloop"] if args.no_uvloop else [])
 
 
 def _die_with_parent() -> None:
-    """A worker must not outlive its supervisor (it would hold the port with nobody to stop it)."""
+    """A worker must not outlive its supervisor (it would hold the port with nobody to stop it).
+
+    Its parent is the zygote that forked it (zygote.py), which dies with the supervisor.
+    """
     if not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -36,6 +35,7 @@ from .config import ConfigError, PoolerConfig, load_config, merge_limits
 from .hba import rules_for
 from .shares import WorkerSlot
 from .tls import build_contexts
+from .zygote import ForkedWorker, Zygote
 
 log = logging.getLogger("pgfleet.supervisor")
 
@@ -51,10 +51,11 @@ class WorkerFailed(Exception):
 class Worker:
     """One worker process and the private socket of its control port."""
 
-    def __init__(self, slot: WorkerSlot, argv: Sequence[str]) -> None:
+    def __init__(self, slot: WorkerSlot, argv: Sequence[str], zygote: Zygote) -> None:
         self.slot = slot
-        self.argv = list(argv)
-        self.process: asyncio.subprocess.Process | None = None
+        self.argv = list(argv)  # pgfleet-pooler's arguments
+        self.zygote = zygote
+        self.process: ForkedWorker | None = None
         self.restarts = 0
 
     @property
@@ -63,8 +64,7 @@ class Worker:
 
     async def start(self) -> None:
         self.slot.http_socket.unlink(missing_ok=True)
-        env = {**os.environ, "PGFLEET_SUPERVISOR_PID": str(os.getpid())}
-        self.process = await asyncio.create_subprocess_exec(*self.argv, stdin=asyncio.subprocess.DEVNULL, env=env)
+        self.process = await self.zygote.start(self.argv)
 
     async def wait_ready(self, timeout: float = _READY_TIMEOUT) -> None:
         """Until its control socket answers /healthz; WorkerFailed if it exits or times out."""
@@ -100,14 +100,17 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, config: PoolerConfig, config_path: str, worker_argv: Sequence[str]) -> None:
+    def __init__(self, config: PoolerConfig, config_path: str, worker_argv: Sequence[str], zygote: Zygote) -> None:
         self.config = config
         self.config_path = config_path
-        self.worker_argv = list(worker_argv)  # the pooler command, without --worker/--control-dir
+        self.worker_argv = list(worker_argv)  # the pooler's arguments, without --worker/--control-dir
+        self.zygote = zygote
         self.control_dir = Path(tempfile.mkdtemp(prefix="pgfleet-workers-"))  # mode 0700
         self.workers = [
             Worker(
-                slot, [*self.worker_argv, "--worker", f"{i}/{config.workers}", "--control-dir", str(self.control_dir)]
+                slot,
+                [*self.worker_argv, "--worker", f"{i}/{config.workers}", "--control-dir", str(self.control_dir)],
+                zygote,
             )
             for i in range(config.workers)
             for slot in [WorkerSlot(i, config.workers, self.control_dir)]
@@ -147,6 +150,7 @@ class Supervisor:
         finally:
             for task in self._watchers:
                 task.cancel()
+            self.zygote.close()
             shutil.rmtree(self.control_dir, ignore_errors=True)
 
     async def _start_all(self) -> None:
@@ -293,5 +297,5 @@ class Supervisor:
         temporary.replace(self._limits_file)  # never half a file for a worker starting now
 
 
-async def supervise(config: PoolerConfig, config_path: str, worker_argv: Sequence[str]) -> int:
-    return await Supervisor(config, config_path, worker_argv).run()
+async def supervise(config: PoolerConfig, config_path: str, worker_argv: Sequence[str], zygote: Zygote) -> int:
+    return await Supervisor(config, config_path, worker_argv, zygote).run()
