@@ -16,7 +16,7 @@ streaming costs others is the difference, what the hop costs on this machine is 
 only` against `direct`.
 
     .venv/bin/python benchmarks/large.py [--query-mb 100] [--bind-mb 64] [--result-mb 100]
-        [--rounds 3] [--compiled build/compiled] [--out benchmarks/results/NAME.md]
+        [--rounds 3] [--compiled build/compiled] [--also NAME=PYTHONPATH]... [--out FILE]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -54,36 +55,50 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def sample_latency(port: int, stop: asyncio.Event, first: asyncio.Event, out: list[float]) -> None:
-    """`SELECT 1` in a loop on a connection of its own until `stop` is set (`first`: one is done)."""
+async def sample_latency(port: int) -> None:
+    """The second client (a process of its own, `--sample PORT`): `SELECT 1` in a loop.
+
+    It says "ready" once served, samples until its stdin closes, then prints the
+    latencies (seconds, one a line). A process of its own, because the long request's
+    client spends whole milliseconds of its loop (and the GIL) building and sending
+    100 MB: sampled there, that would count as the pooler's delay.
+    """
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    loop.add_reader(sys.stdin.fileno(), lambda: stop.done() or stop.set_result(None))
     conn = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database=DB)
+    out: list[float] = []
     try:
-        while not stop.is_set():
+        while not stop.done():
             started = time.perf_counter()
             await conn.fetchval("SELECT 1")
             out.append(time.perf_counter() - started)
-            first.set()
+            if len(out) == 1:
+                print("ready", flush=True)
             await asyncio.sleep(0.005)
     finally:
         await conn.close()
+    print("\n".join(f"{x:.6f}" for x in out[1:]), flush=True)  # the first was before the request
 
 
 async def one_case(port: int, request: Request, other_port: int | None = None) -> tuple[float, list[float]]:
-    """Time one long request while another client samples its latency (through `other_port`)."""
+    """Time one long request while another client (another process) samples its latency."""
     conn = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database=DB)
-    stop, first = asyncio.Event(), asyncio.Event()
-    latencies: list[float] = []
-    sampler = asyncio.create_task(sample_latency(other_port or port, stop, first, latencies))
+    argv = [sys.executable, "-P", __file__, "--sample", str(other_port or port)]
+    pipe = asyncio.subprocess.PIPE
+    sampler = await asyncio.create_subprocess_exec(*argv, stdin=pipe, stdout=pipe)
+    assert sampler.stdin is not None and sampler.stdout is not None
     try:
-        await first.wait()  # the sampler is connected and served before the request starts
+        if await sampler.stdout.readline() != b"ready\n":
+            raise RuntimeError("the sampling client did not start")
         started = time.perf_counter()
         await request(conn)
         elapsed = time.perf_counter() - started
     finally:
-        stop.set()
-        await sampler
+        sampler.stdin.close()
+        output, _ = await sampler.communicate()
         await conn.close()
-    return elapsed, latencies
+    return elapsed, [float(line) for line in output.split()]
 
 
 def requests(query_mb: int, bind_mb: int, result_mb: int = 0) -> dict[str, Request]:
@@ -122,6 +137,7 @@ def pooler_cpu(pid: int) -> float:
 
 async def run(args: argparse.Namespace) -> list[str]:
     builds = {"pgfleet": ""} | ({"pgfleet compiled": args.compiled} if args.compiled else {})
+    builds |= dict(also.split("=", 1) for also in args.also)
     results: dict[tuple[str, str], Runs] = {}
     with TempPostgres() as pg, tempfile.TemporaryDirectory() as work:
         poolers: dict[str, tuple[PoolerProcess, int]] = {}
@@ -174,7 +190,7 @@ async def run(args: argparse.Namespace) -> list[str]:
                 f"{min(runs.p99s):.1f}-{max(runs.p99s):.1f}",
                 f"{max(ms):.1f}",
                 str(len(ms)),
-                f"{runs.grown:.0f} MiB" if target.startswith("pgfleet") else "",
+                f"{runs.grown:.0f} MiB" if target not in ("direct", "hop only") else "",
             ]
         )
     header = ["request", "target", "time: median (range)", "vs direct", "other p50 ms", "other p99 ms"]
@@ -183,10 +199,11 @@ async def run(args: argparse.Namespace) -> list[str]:
         f"# Large messages, {dt.date.today().isoformat()}",
         "",
         f"`benchmarks/large.py --query-mb {args.query_mb} --bind-mb {args.bind_mb} --result-mb {args.result_mb}"
-        f" --rounds {args.rounds}{' --compiled' if args.compiled else ''}` at {args.commit or '?'}; {platform.machine()}, "
+        f" --rounds {args.rounds}{' --compiled' if args.compiled else ''}"
+        f"{''.join(' --also ' + also.split('=')[0] + '=…' for also in args.also)}` at {args.commit or '?'}; {platform.machine()}, "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}. "
         "pgfleet: one process, transaction mode, uvloop.",
-        "'other': a second client's `SELECT 1` latency sampled (every 5 ms) while the long request runs; "
+        "'other': a second client's `SELECT 1` latency sampled (every 5 ms, from a process of its own) while the long request runs; "
         "'hop only': the long request straight to PostgreSQL, the second client through pgfleet.",
         "",
         "| " + " | ".join(header) + " |",
@@ -198,13 +215,24 @@ async def run(args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sample", type=int, default=0, help=argparse.SUPPRESS)  # the second client
     parser.add_argument("--query-mb", type=int, default=100)
     parser.add_argument("--bind-mb", type=int, default=64)
     parser.add_argument("--result-mb", type=int, default=100, help="a long result (0: none)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compiled", default="", help="directory of the compiled build (make compiled), run beside")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=PYTHONPATH",
+        help="one more pooler build to run beside (e.g. an earlier commit's tree), repeatable",
+    )
     parser.add_argument("--out", default="", help="also write the table to this file")
     args = parser.parse_args()
+    if args.sample:
+        asyncio.run(sample_latency(args.sample))
+        return
     if args.compiled:
         args.compiled = str(Path(args.compiled).resolve())
     git = ["git", "rev-parse", "--short", "HEAD"]
