@@ -629,7 +629,7 @@ async def test_killed_worker_is_restarted_with_the_limits_in_force(
             and worker["status"]["limits"]["default_pool_size"] == 4
         )
 
-    await eventually(restarted, timeout=10, what="worker 1 restarted with default_pool_size 4")
+    await eventually(restarted, timeout=60, what="worker 1 restarted with default_pool_size 4")
     async with http.get(f"{f.base}/healthz") as response:
         assert response.status == 200
     new_pid, _ = f.workers()[1]
@@ -795,7 +795,7 @@ async def test_a_worker_started_again_takes_the_pause_in_force_not_the_files(
 
     old_pid, _ = f.workers()[1]
     os.kill(old_pid, signal.SIGKILL)
-    await eventually(lambda: restarted(1, 1), timeout=15, what="worker 1 started again")
+    await eventually(lambda: restarted(1, 1), timeout=60, what="worker 1 started again")
     status = await get_json(http, f"{f.base}/status")
     assert [w["status"]["paused"] for w in status["workers"]] == [False, False]
     groups = await on_each_worker(f.connect, asyncpg_pid, 2)
@@ -806,6 +806,6 @@ async def test_a_worker_started_again_takes_the_pause_in_force_not_the_files(
         assert response.status == 200
     old_pid, _ = f.workers()[0]
     os.kill(old_pid, signal.SIGKILL)
-    await eventually(lambda: restarted(0, 1), timeout=15, what="worker 0 started again")
+    await eventually(lambda: restarted(0, 1), timeout=60, what="worker 0 started again")
     status = await get_json(http, f"{f.base}/status")
     assert [w["status"]["paused"] for w in status["workers"]] == [True, True] and status["paused"] is True
