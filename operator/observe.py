@@ -6,7 +6,7 @@ one connects with asyncpg, tests may pass another.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import os
 import re
 import ssl
@@ -131,7 +131,7 @@ class AsyncpgProbe:
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             raise DatabaseUnreachable(f"{target.host}:{target.port}/{target.dbname}: {exc}") from exc
         finally:
-            await conn.close(timeout=self.timeout)
+            await _close(conn, self.timeout)
         assert row is not None  # one row by construction of the query
         return DatabaseFacts(
             max_connections=int(row["max_connections"]), backends_in_use=int(row["in_use"]), usable=int(row["usable"])
@@ -278,8 +278,19 @@ class ServerObserver:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close(timeout=self.timeout)
+            await _close(conn, self.timeout)
+
+
+async def _close(conn: Any, timeout: float) -> None:
+    """Close politely, else at once: a connection left mid-query (a look cancelled at shutdown, a
+    database gone) cannot say goodbye, and one never closed lingers until the collector finds it."""
+    try:
+        await conn.close(timeout=timeout)
+    except asyncio.CancelledError:
+        conn.terminate()
+        raise
+    except Exception:
+        conn.terminate()
 
 
 def _redact(dsn: str) -> str:
