@@ -352,9 +352,8 @@ class BudgetLoops:
         if self._observer_of.get(server) == name:
             del self._observer_of[server]
         if not loop.fleets:
-            task.cancel()
             del self._loops[server]
-            closing = asyncio.get_running_loop().create_task(loop.close())
+            closing = asyncio.get_running_loop().create_task(_retire(loop, task))
             _closing.add(closing)
             closing.add_done_callback(_closing.discard)
 
@@ -390,13 +389,21 @@ class BudgetLoops:
 
     async def close(self) -> None:
         for loop, task in self._loops.values():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await loop.close()
+            await _retire(loop, task)
+        if _closing:  # loops of PgPools deleted just before: their connections too
+            await asyncio.gather(*_closing, return_exceptions=True)
         self._loops.clear()
         self._server_of.clear()
         self._observer_of.clear()
 
 
 _closing: set[asyncio.Task[None]] = set()
+
+
+async def _retire(loop: BudgetLoop, task: asyncio.Task[None]) -> None:
+    """Stop a loop, then close what it holds: closing first could miss a connection its period was
+    just opening (the cancellation lands after the connect returns, and the connection is kept)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await loop.close()
