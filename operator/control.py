@@ -283,28 +283,42 @@ class BudgetLoop:
         )
 
     async def run(self, on_report: Callable[[PeriodReport], None] | None = None) -> None:
-        """Step every `period` seconds until cancelled; a failed period is logged, not fatal."""
+        """Step every `period` seconds until cancelled; a failed period is logged, not fatal.
+
+        However it ends, the loop closes what it holds: whoever cancels it (its PgPool's
+        deletion, the operator's shutdown, or kopf cancelling what is left at its exit) may
+        never call `close`.
+        """
         loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            try:
-                report = await self.step()
-            except Exception:
-                log.exception("budget period failed")
-            except BaseException as exc:
-                log.error("budget loop ends: %r", exc)
-                raise
-            else:
-                if on_report is not None:
-                    on_report(report)
-            await asyncio.sleep(max(0.0, self.period - (loop.time() - started)))
+        try:
+            while True:
+                started = loop.time()
+                try:
+                    report = await self.step()
+                except Exception:
+                    log.exception("budget period failed")
+                except asyncio.CancelledError:
+                    log.info("budget loop stops")
+                    raise
+                except BaseException as exc:
+                    log.error("budget loop ends: %r", exc)
+                    raise
+                else:
+                    if on_report is not None:
+                        on_report(report)
+                await asyncio.sleep(max(0.0, self.period - (loop.time() - started)))
+        finally:
+            await self.close()
 
     async def close(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
-        with contextlib.suppress(Exception):
-            await self.observer.close()
+        """Close the observer's connection and the pods' HTTP sessions; again is harmless."""
+        try:
+            with contextlib.suppress(Exception):
+                await self.observer.close()  # cancelled meanwhile, it terminates the connection
+        finally:
+            clients, self._clients = list(self._clients.values()), {}
+            for client in clients:
+                await client.close()
 
 
 class BudgetLoops:
@@ -323,6 +337,7 @@ class BudgetLoops:
         self._loops: dict[tuple[str, int], tuple[BudgetLoop, asyncio.Task[None]]] = {}
         self._server_of: dict[str, tuple[str, int]] = {}
         self._observer_of: dict[tuple[str, int], str] = {}  # server -> the fleet whose target it uses
+        self._closed = False
 
     def register(self, fleet: Fleet, target: DatabaseTarget) -> BudgetLoop:
         server = (target.host, target.port)
@@ -335,6 +350,10 @@ class BudgetLoops:
                 period=self.period,
                 push_timeout=self.push_timeout,
             )
+            if self._closed:
+                # A reconcile still running while the operator stops: a loop started now would
+                # outlive `close` and open a connection nothing closes.
+                return loop
             task = asyncio.get_running_loop().create_task(loop.run(), name=f"budget {target.host}:{target.port}")
             entry = self._loops[server] = (loop, task)
         if self._observer_of.setdefault(server, fleet.name) == fleet.name:
@@ -388,6 +407,7 @@ class BudgetLoops:
         return out
 
     async def close(self) -> None:
+        self._closed = True
         for loop, task in self._loops.values():
             await _retire(loop, task)
         if _closing:  # loops of PgPools deleted just before: their connections too
@@ -401,9 +421,9 @@ _closing: set[asyncio.Task[None]] = set()
 
 
 async def _retire(loop: BudgetLoop, task: asyncio.Task[None]) -> None:
-    """Stop a loop, then close what it holds: closing first could miss a connection its period was
-    just opening (the cancellation lands after the connect returns, and the connection is kept)."""
+    """Stop a loop and wait for it: it closes what it holds as it ends (closing from here
+    first could miss a connection its period was just opening)."""
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    await loop.close()
+    await loop.close()  # a loop whose task never started closes nothing by itself

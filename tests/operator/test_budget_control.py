@@ -31,8 +31,8 @@ from pgfleet.devtools.fleetlab import (
     start_fleet_pooler,
 )
 from pgfleet.devtools.tempdb import TempPostgres
-from pgfleet.operator.control import BudgetLoop, Fleet, PeriodReport
-from pgfleet.operator.observe import ServerObserver
+from pgfleet.operator.control import BudgetLoop, BudgetLoops, Fleet, PeriodReport
+from pgfleet.operator.observe import DatabaseTarget, ServerObserver
 
 PERIOD = 0.5
 
@@ -396,3 +396,43 @@ async def test_a_backend_that_is_slow_to_exit_stays_the_fleets(
             os.kill(stopped, signal.SIGCONT)
         await crowd.stop()
         await loop.close()
+
+
+async def _budget_backends(labdb: TempPostgres) -> int:
+    out = await asyncio.to_thread(
+        labdb.sql, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgfleet-budget'"
+    )
+    return int(out.strip())
+
+
+async def test_a_cancelled_loop_closes_its_connection(labdb: TempPostgres) -> None:
+    """Whoever cancels the loop (kopf, at its exit, cancels what is left running) need not close it:
+    its observer's connection ends with it instead of lingering until the collector finds it."""
+    loop = BudgetLoop(ServerObserver(labdb.dsn(), timeout=2), period=PERIOD)
+    run = Run(loop)
+    task = asyncio.create_task(loop.run(run.record))
+    try:
+        await run.until(lambda report: True)
+        assert await _budget_backends(labdb) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    deadline = time.monotonic() + 30
+    while await _budget_backends(labdb):
+        assert time.monotonic() < deadline, "the cancelled loop's connection is still open"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_reconcile_after_the_operators_close_starts_no_loop(labdb: TempPostgres) -> None:
+    """A reconcile still running while the operator stops registers its fleet after the loops were
+    closed: nothing starts then, so nothing outlives the operator."""
+    loops = BudgetLoops(period=PERIOD, push_timeout=1, probe_timeout=2)
+    await loops.close()
+    target = DatabaseTarget(host=labdb.host, port=labdb.port, dbname="app", user="postgres", password="")
+
+    async def pods() -> dict[str, str]:
+        return {}
+
+    loops.register(Fleet(name="late", token=TOKEN, pods=pods, role=FLEET_ROLE, database="app"), target)
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("budget ")]
+    await loops.close()
