@@ -161,6 +161,7 @@ def labdb() -> Any:
 async def running_operator(api: Any) -> AsyncIterator[Any]:
     """The real operator (kopf CLI in a thread) with the credentials $KUBECONFIG names."""
     import asyncio
+    import gc
 
     from kopf.testing import KopfRunner
 
@@ -171,6 +172,8 @@ async def running_operator(api: Any) -> AsyncIterator[Any]:
         yield runner
     finally:
         await asyncio.to_thread(runner.__exit__, None, None, None)
+        # Whatever the operator left unclosed is found now and fails this test, not a later one.
+        gc.collect()
     assert runner.exception is None, runner.output
 
 
