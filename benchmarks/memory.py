@@ -1,6 +1,10 @@
 """What pgfleet's memory goes to: idle clients, and the processes of `workers: N` before any client.
 
     make compiled && .venv/bin/python benchmarks/memory.py [--counts 1000,10000] [--rounds 2] [--out FILE]
+        [--also LABEL=DIR ...]
+
+`--also` adds pgfleet targets installed elsewhere (`pip install --target DIR`, compiled or
+not), e.g. the commit before a change, measured in the same rounds as the others.
 
 Three parts, in one run against one throwaway PostgreSQL:
 
@@ -95,7 +99,7 @@ def wait_for_line(proc: PoolerProcess, text: str, timeout: float = 60.0) -> str:
 
 
 def starter(
-    kind: str, pg: TempPostgres, workroot: Path, max_clients: int, compiled: Path
+    kind: str, pg: TempPostgres, workroot: Path, max_clients: int, compiled: Path, also: dict[str, Path]
 ) -> Callable[[], PoolerProcess]:
     counter = iter(range(1_000_000))
 
@@ -107,10 +111,11 @@ def starter(
         )
         if kind == PGBOUNCER:
             return start_pgbouncer(config, workdir)
-        proc = start_pgfleet({**config, "workers": 1}, workdir, env=env_for(compiled if kind == COMPILED else None))
+        path = also.get(kind) or (compiled if kind == COMPILED else None)
+        proc = start_pgfleet({**config, "workers": 1}, workdir, env=env_for(path))
         build = COMPILED_LABEL if kind == COMPILED else SOURCES_LABEL
         ready = wait_for_line(proc, "pgfleet-pooler ready on")
-        if build not in ready:
+        if kind not in also and build not in ready:
             proc.stop()
             raise RuntimeError(f"{kind} was to run the {build} build, but says: {ready}")
         return proc
@@ -317,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="workers of the process measurement; 0 skips it")
     parser.add_argument("--compiled", type=Path, default=ROOT / "build" / "compiled")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=DIR", help="another pgfleet build")
     parser.add_argument("--breakdown-child", nargs=3, type=int, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.breakdown_child:
@@ -332,14 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     workroot = Path(tempfile.mkdtemp(prefix="pgfleet-memory-"))
     workroot.chmod(0o755)
-    kinds = [COMPILED, PURE] + ([PGBOUNCER] if pgbouncer_path() else [])
+    also = {label: Path(path) for label, _, path in (item.partition("=") for item in opts.also)}
+    kinds = [COMPILED, PURE, *also] + ([PGBOUNCER] if pgbouncer_path() else [])
     per: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
     base: dict[str, list[int]] = collections.defaultdict(list)
     report: list[str] = []
     pg = TempPostgres(max_connections=100).start()
     try:
         pg.sql(f"CREATE DATABASE {DB}")
-        starters = {kind: starter(kind, pg, workroot, max_clients, compiled) for kind in kinds}
+        starters = {kind: starter(kind, pg, workroot, max_clients, compiled, also) for kind in kinds}
         for round_ in range(opts.rounds):
             for count in counts:
                 order = kinds[round_ % len(kinds) :] + kinds[: round_ % len(kinds)]

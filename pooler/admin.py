@@ -358,9 +358,7 @@ class AdminConsole:
         out.append(backend.ready_for_query())
         client.transport.write(b"".join(out))
         # Bytes that arrived behind the password message are the first queries.
-        leftover = client._startup.take_raw() if isinstance(client._startup, MessageReader) else b""
-        client._pending = leftover + client._pending
-        client._startup = None
+        client._pending = client.take_login_leftover() + client._pending
         session = AdminSession(self, client, is_admin)
         self.sessions.add(session)
         # The session outlives the login (and its client_login_timeout): its own task.

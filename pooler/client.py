@@ -127,20 +127,31 @@ class ClientError(Exception):
         self.detail = detail
 
 
+class _Login:
+    """What a client holds only while it logs in: dropped with it at ReadyForQuery (10,000
+    idle clients would otherwise carry 10,000 sets of empty fields)."""
+
+    __slots__ = ("reader", "task", "timer", "waiter")
+
+    def __init__(self) -> None:
+        self.reader: StartupReader | MessageReader | None = StartupReader()
+        # The login's task, once it has to wait for something (see _login_inline); until
+        # then client_login_timeout is this timer.
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_clock",
-        "_handshake",
         "_held",
-        "_held_size",
-        "_login_timer",
-        "_login_waiter",
+        "_logging_in",
         "_need",
         "_pending",
         "_reading_paused",
         "_sets_checked",
         "_skip",
-        "_startup",
         "_write_paused",
         "_yielding",
         "batch_binds",
@@ -173,6 +184,18 @@ class ClientConnection(asyncio.Protocol):
     )
 
     def __init__(self, pooler: Pooler) -> None:
+        # The flags first: the compiled build lays fields out in this order, and its
+        # one-byte flags packed together take one word instead of one each.
+        self.is_admin = False
+        self.wait_notified = False  # query_wait_notify's NOTICE went out in this wait
+        # An extended-protocol message went out and its Sync has not yet.
+        self.unsynced = False
+        self.close_at_boundary = False
+        self.maps_statements = False  # set per link: transaction/statement mode, cache on
+        self._sets_checked = False  # PostgreSQL has accepted the startup settings once
+        self._reading_paused = False
+        self._write_paused = False
+        self._yielding = False  # reading paused until the loop's next turn (_YIELD_AFTER)
         self.pooler = pooler
         self.id = next(pooler.client_ids)
         self._clock = pooler.clock  # bound once, shared: read on every message
@@ -185,7 +208,6 @@ class ClientConnection(asyncio.Protocol):
         self.params: Mapping[str, str] = _NO_SETTINGS
         self.user = ""
         self.database = ""
-        self.is_admin = False
         # BackendKeyData's two numbers, and the peer's address: fields rather than tuples
         # (the compiled build keeps the numbers unboxed), as the `cancel_key` and `address`
         # properties give them.
@@ -199,37 +221,22 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = now
         self.request_time = now
         self.wait_start = 0.0
-        self.wait_notified = False  # query_wait_notify's NOTICE went out in this wait
-        # An extended-protocol message went out and its Sync has not yet.
-        self.unsynced = False
-        self.close_at_boundary = False
         # Named prepared statements: client name -> shared server-side statement.
         self.statements = prepared.NO_STATEMENTS  # shared until its first (prepared.on_parse)
-        self.maps_statements = False  # set per link: transaction/statement mode, cache on
         # Server names bound since the last Sync (a stale plan among them gets renewed).
         self.batch_binds: list[str] | None = None
         # Why this client keeps its server past transaction end (sqlscan's reasons).
         self.pins = _NO_PINS
-        # Startup settings other than the tracked parameters (name -> value), and whether
-        # PostgreSQL has accepted them once.
+        # Startup settings other than the tracked parameters (name -> value).
         self.startup_sets = _NO_SETTINGS
-        self._sets_checked = False
         self._pending = b""
-        # A long message being received: its chunks (joined once it is whole) and its size.
+        # A long message being received: its chunks (joined once it is whole), and the
+        # bytes of it still to come.
         self._held: list[bytes] | None = None
-        self._held_size = 0
         self._need = 0
         # Bytes of a long message still to pass straight through to the server.
         self._skip = 0
-        self._reading_paused = False
-        self._write_paused = False
-        self._yielding = False  # reading paused until the loop's next turn (_YIELD_AFTER)
-        self._startup: StartupReader | MessageReader | None = StartupReader()
-        # The login's task, once it has to wait for something (see _login_inline); until
-        # then client_login_timeout is this timer.
-        self._handshake: asyncio.Task[None] | None = None
-        self._login_timer: asyncio.TimerHandle | None = None
-        self._login_waiter: asyncio.Future[None] | None = None
+        self._logging_in: _Login | None = _Login()  # None once logged in
 
     @property
     def cancel_key(self) -> tuple[int, int]:
@@ -258,12 +265,14 @@ class ClientConnection(asyncio.Protocol):
         if not self.pooler.client_connected(self):
             self.terminate(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
             return
+        login = self._logging_in
+        assert login is not None
         timeout = self.pooler.config.client_login_timeout
         if self.pooler.tls.client is not None:
             # TLS may open the connection (PostgreSQL 17's direct negotiation): a task at once.
-            self._handshake = self.pooler.loop.create_task(self._run_handshake(None, None, None, timeout or None))
+            login.task = self.pooler.loop.create_task(self._run_handshake(None, None, None, timeout or None))
         elif timeout:
-            self._login_timer = self.pooler.loop.call_later(timeout, self._login_timed_out)
+            login.timer = self.pooler.loop.call_later(timeout, self._login_timed_out)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -275,16 +284,15 @@ class ClientConnection(asyncio.Protocol):
                 data = self._pass_through(data)
                 if not data:
                     return
-            if self._need:
-                held = self._held
-                assert held is not None
+            held = self._held
+            if held is not None:
                 held.append(data)
-                self._held_size += len(data)
-                if self._held_size < self._need:
+                self._need -= len(data)
+                if self._need > 0:
                     return  # each chunk is copied once, when the message is whole
                 data = b"".join(held)
                 self._held = None
-                self._need = self._held_size = 0
+                self._need = 0
             elif self._pending:
                 data, self._pending = self._pending + data, b""
             self._forward(data)
@@ -299,22 +307,26 @@ class ClientConnection(asyncio.Protocol):
                 self.pause_reading()
         elif state is not ClientState.CLOSED:
             self._pending += data
-            if self._handshake is None and state is ClientState.STARTUP:
+            login = self._logging_in
+            assert login is not None  # (logged in and not IDLE: the admin console's session)
+            if login.task is None and state is ClientState.STARTUP:
                 self._login_inline()
                 return
-            waiter = self._login_waiter
+            waiter = login.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
         self.state = ClientState.CLOSED
-        if self._handshake is not None and not self._handshake.done():
-            self._handshake.cancel()
-        self._login_over()
-        waiter = self._login_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        login = self._logging_in
+        if login is not None:
+            if login.task is not None and not login.task.done():
+                login.task.cancel()
+            self._login_over()
+            waiter = login.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         server, self.server = self.server, None
         if server is not None and self.pool is not None:
             server.client = None
@@ -353,7 +365,8 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        reader = self._startup
+        assert self._logging_in is not None
+        reader = self._logging_in.reader
         assert isinstance(reader, StartupReader)
         try:
             while True:
@@ -397,22 +410,34 @@ class ClientConnection(asyncio.Protocol):
         self, packet: StartupPacket | None, startup_params: dict[str, str] | None, greeting: bytes | None
     ) -> None:
         """Go on with the login in a task, within what is left of client_login_timeout."""
-        timer, self._login_timer = self._login_timer, None
+        login = self._logging_in
+        assert login is not None
+        timer, login.timer = login.timer, None
         remaining = None
         if timer is not None:
             timer.cancel()
             limit = self.pooler.config.client_login_timeout
             remaining = max(0.0, limit - (self._clock() - self.connect_time))
-        self._handshake = self.pooler.loop.create_task(self._run_handshake(packet, startup_params, greeting, remaining))
+        login.task = self.pooler.loop.create_task(self._run_handshake(packet, startup_params, greeting, remaining))
 
     def _login_timed_out(self) -> None:
-        self._login_timer = None
+        if self._logging_in is not None:
+            self._logging_in.timer = None
         self.terminate(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout (server down or wrong password?)")
 
     def _login_over(self) -> None:
-        timer, self._login_timer = self._login_timer, None
-        if timer is not None:
-            timer.cancel()
+        login = self._logging_in
+        if login is not None and login.timer is not None:
+            login.timer.cancel()
+            login.timer = None
+
+    def take_login_leftover(self) -> bytes:
+        """Logged in to the admin console: the bytes read past the login. The console's
+        session reads the client from here on, waiting as the login did (_wait_for_data)."""
+        login = self._logging_in
+        assert login is not None
+        reader, login.reader = login.reader, None
+        return reader.take_raw() if isinstance(reader, MessageReader) else b""
 
     def _login_failed(self, exc: Exception) -> None:
         if isinstance(exc, ClientError):
@@ -450,10 +475,12 @@ class ClientConnection(asyncio.Protocol):
         except Exception as exc:
             self._login_failed(exc)
         finally:
-            self._handshake = None
+            if self._logging_in is not None:
+                self._logging_in.task = None
 
     async def _read_startup_packet(self) -> bytes:
-        reader = self._startup
+        assert self._logging_in is not None
+        reader = self._logging_in.reader
         assert isinstance(reader, StartupReader)
         while True:
             data, self._pending = self._pending, b""
@@ -464,9 +491,11 @@ class ClientConnection(asyncio.Protocol):
             await self._wait_for_data()
 
     async def _read_message(self) -> tuple[int, bytes]:
-        reader = self._startup
+        login = self._logging_in
+        assert login is not None
+        reader = login.reader
         if not isinstance(reader, MessageReader):
-            reader = self._startup = MessageReader(max_length=10_000)
+            reader = login.reader = MessageReader(max_length=10_000)
         while True:
             reader.feed(self._pending)
             self._pending = b""
@@ -478,10 +507,11 @@ class ClientConnection(asyncio.Protocol):
             await self._wait_for_data()
 
     async def _wait_for_data(self) -> None:
-        if self.state is not ClientState.CLOSED:
-            self._login_waiter = self.pooler.loop.create_future()
-            await self._login_waiter
-            self._login_waiter = None
+        login = self._logging_in
+        if self.state is not ClientState.CLOSED and login is not None:
+            login.waiter = self.pooler.loop.create_future()
+            await login.waiter
+            login.waiter = None
         if self.state is ClientState.CLOSED:  # before, or while this coroutine waited
             raise asyncio.CancelledError
 
@@ -592,7 +622,7 @@ class ClientConnection(asyncio.Protocol):
         if greeting:
             out.insert(0, greeting)
         transport.write(b"".join(out))
-        self._startup = None
+        self._logging_in = None
         self.state = ClientState.IDLE
         pool.client_logged_in(self)
         if self.pooler.config.log_connections:
@@ -1040,8 +1070,7 @@ class ClientConnection(asyncio.Protocol):
                 # A long message that must be whole (a mapped Parse): gathered in chunks.
                 rest = data[pos:]
                 self._held = [rest]
-                self._held_size = len(rest)
-                self._need = hold
+                self._need = hold - len(rest)
             else:
                 self._pending = data[pos:]
         if answered:
@@ -1146,7 +1175,7 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         assert pool is not None
         pool.stats.query_count += 1
-        if server.outstanding > 0 or self.unsynced or server.busy_internally or self._need or self._skip:
+        if server.outstanding > 0 or self.unsynced or server.busy_internally or self._held is not None or self._skip:
             return  # (a long message still coming in keeps its server too)
         if server.tx_status != _IDLE:
             if pool.refuses_blocks:
