@@ -33,7 +33,6 @@ from .protocol.startup import (
     GSSENCRequest,
     SSLRequest,
     StartupMessage,
-    StartupPacket,
     parse_startup_packet,
 )
 from .server import ServerConnection, ServerLoginError
@@ -73,6 +72,9 @@ _NO_MORE_CONNECTIONS = "no more connections allowed (max_client_conn)"
 # Built once: every login sends them.
 _AUTH_OK: Final = backend.authentication_ok()
 _READY_IDLE: Final = backend.ready_for_query(IDLE)
+# The first byte of a TLS handshake record: a connection that opens with it negotiates TLS
+# directly (PostgreSQL 17's sslnegotiation=direct) instead of sending SSLRequest.
+_TLS_HANDSHAKE: Final = bytes((tls.HANDSHAKE_RECORD,))
 _TRACKED: Final = params.TRACKED
 # A queued client keeps being read until it has sent this much: pausing and resuming the
 # socket for every queued transaction would cost two syscalls each, and a client that
@@ -131,10 +133,12 @@ class _Login:
     """What a client holds only while it logs in: dropped with it at ReadyForQuery (10,000
     idle clients would otherwise carry 10,000 sets of empty fields)."""
 
-    __slots__ = ("reader", "task", "timer", "waiter")
+    __slots__ = ("opened", "reader", "task", "timer", "waiter")
 
     def __init__(self) -> None:
         self.reader: StartupReader | MessageReader | None = StartupReader()
+        # A first packet has been read: a TLS handshake record can only open the connection.
+        self.opened = False
         # The login's task, once it has to wait for something (see _login_inline); until
         # then client_login_timeout is this timer.
         self.task: asyncio.Task[None] | None = None
@@ -268,10 +272,7 @@ class ClientConnection(asyncio.Protocol):
         login = self._logging_in
         assert login is not None
         timeout = self.pooler.config.client_login_timeout
-        if self.pooler.tls.client is not None:
-            # TLS may open the connection (PostgreSQL 17's direct negotiation): a task at once.
-            login.task = self.pooler.loop.create_task(self._run_handshake(None, None, None, timeout or None))
-        elif timeout:
+        if timeout:
             login.timer = self.pooler.loop.call_later(timeout, self._login_timed_out)
 
     def data_received(self, data: bytes) -> None:
@@ -360,24 +361,32 @@ class ClientConnection(asyncio.Protocol):
         A storm's login (startup packet, trust, a pool that has its server's parameters)
         completes here: no task, no future, no timeout context. What has to wait (a TLS
         handshake, a password, auth_query, the pool's first server, the admin console)
-        goes on in a task from where this stopped.
+        goes on in a task from where this stopped; after a TLS handshake the login comes
+        back here.
         """
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        assert self._logging_in is not None
-        reader = self._logging_in.reader
+        login = self._logging_in
+        assert login is not None
+        reader = login.reader
         assert isinstance(reader, StartupReader)
+        tls_context = self.pooler.tls.client
         try:
             while True:
+                if not login.opened and tls_context is not None and self._pending[:1] == _TLS_HANDSHAKE:
+                    # PostgreSQL 17's direct negotiation: a ClientHello opens the connection.
+                    self._hand_off_tls(direct=True)
+                    return
                 data, self._pending = self._pending, b""
                 got = reader.feed(data)
                 if got is None:
                     return
+                login.opened = True
                 body, self._pending = got
                 packet = parse_startup_packet(body)
-                if isinstance(packet, SSLRequest) and self.pooler.tls.client is not None and not self.tls:
-                    self._hand_off(packet, None, None)
+                if isinstance(packet, SSLRequest) and tls_context is not None and not self.tls:
+                    self._hand_off_tls(direct=False)
                     return
                 if isinstance(packet, SSLRequest | GSSENCRequest):
                     transport.write(b"N")  # go on in the clear (or give up)
@@ -391,34 +400,43 @@ class ClientConnection(asyncio.Protocol):
             assert isinstance(packet, StartupMessage)
             startup_params = self._begin_login(packet)
             if self.database == _ADMIN_DATABASE:
-                self._hand_off(None, startup_params, None)
+                self._hand_off(startup_params, None)
                 return
             greeting = self._authenticate_inline()
             if greeting is None:
-                self._hand_off(None, startup_params, None)
+                self._hand_off(startup_params, None)
                 return
             pool = self._login_pool(greeting)
             welcome = pool.server_params
             if welcome is None:
-                self._hand_off(None, startup_params, greeting)
+                self._hand_off(startup_params, greeting)
                 return
             self._welcome(pool, welcome, startup_params, greeting)
         except Exception as exc:
             self._login_failed(exc)
 
-    def _hand_off(
-        self, packet: StartupPacket | None, startup_params: dict[str, str] | None, greeting: bytes | None
-    ) -> None:
+    def _hand_off(self, startup_params: dict[str, str], greeting: bytes | None) -> None:
         """Go on with the login in a task, within what is left of client_login_timeout."""
         login = self._logging_in
         assert login is not None
+        remaining = self._stop_login_timer(login)
+        login.task = self.pooler.loop.create_task(self._run_handshake(startup_params, greeting, remaining))
+
+    def _hand_off_tls(self, direct: bool) -> None:
+        """The TLS handshake in a task (it waits for the client); the login then comes back inline."""
+        login = self._logging_in
+        assert login is not None
+        remaining = self._stop_login_timer(login)
+        login.task = self.pooler.loop.create_task(self._run_tls(direct, remaining))
+
+    def _stop_login_timer(self, login: _Login) -> float | None:
+        """Cancel client_login_timeout's timer; what is left of it (None: no limit)."""
         timer, login.timer = login.timer, None
-        remaining = None
-        if timer is not None:
-            timer.cancel()
-            limit = self.pooler.config.client_login_timeout
-            remaining = max(0.0, limit - (self._clock() - self.connect_time))
-        login.task = self.pooler.loop.create_task(self._run_handshake(packet, startup_params, greeting, remaining))
+        if timer is None:
+            return None
+        timer.cancel()
+        limit = self.pooler.config.client_login_timeout
+        return max(0.0, limit - (self._clock() - self.connect_time))
 
     def _login_timed_out(self) -> None:
         if self._logging_in is not None:
@@ -453,18 +471,41 @@ class ClientConnection(asyncio.Protocol):
             log.error("unexpected error during login of client %s", self.address, exc_info=exc)
             self.terminate(sqlstate.INTERNAL_ERROR, "pgfleet: internal error during login")
 
+    async def _run_tls(self, direct: bool, timeout: float | None) -> None:
+        """Upgrade to TLS (after SSLRequest, or `direct`: the client opened with its
+        ClientHello), then hand the login back to _login_inline and the timer."""
+        login = self._logging_in
+        assert login is not None
+        context = self.pooler.tls.client
+        assert context is not None
+        try:
+            async with asyncio.timeout(timeout):
+                if direct:
+                    await self._direct_tls(context)
+                else:
+                    await self._start_tls(context)
+        except TimeoutError:
+            self.terminate(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout (server down or wrong password?)")
+            return
+        except Exception as exc:
+            self._login_failed(exc)
+            return
+        finally:
+            login.task = None
+        if self.state is not ClientState.STARTUP:
+            return
+        if timeout is not None:
+            remaining = self.pooler.config.client_login_timeout - (self._clock() - self.connect_time)
+            login.timer = self.pooler.loop.call_later(max(0.0, remaining), self._login_timed_out)
+        if self._pending:
+            self._login_inline()  # the startup packet came with the handshake's end
+
     async def _run_handshake(
-        self,
-        packet: StartupPacket | None,
-        startup_params: dict[str, str] | None,
-        greeting: bytes | None,
-        timeout: float | None,
+        self, startup_params: dict[str, str], greeting: bytes | None, timeout: float | None
     ) -> None:
         try:
             async with asyncio.timeout(timeout):
-                if startup_params is None:
-                    await self._login(packet)
-                elif greeting is None:
+                if greeting is None:
                     await self._login_rest(startup_params)
                 else:
                     await self._login_after_auth(startup_params, greeting)
@@ -477,18 +518,6 @@ class ClientConnection(asyncio.Protocol):
         finally:
             if self._logging_in is not None:
                 self._logging_in.task = None
-
-    async def _read_startup_packet(self) -> bytes:
-        assert self._logging_in is not None
-        reader = self._logging_in.reader
-        assert isinstance(reader, StartupReader)
-        while True:
-            data, self._pending = self._pending, b""
-            packet = reader.feed(data)
-            if packet is not None:
-                body, self._pending = packet
-                return body
-            await self._wait_for_data()
 
     async def _read_message(self) -> tuple[int, bytes]:
         login = self._logging_in
@@ -514,31 +543,6 @@ class ClientConnection(asyncio.Protocol):
             login.waiter = None
         if self.state is ClientState.CLOSED:  # before, or while this coroutine waited
             raise asyncio.CancelledError
-
-    async def _login(self, packet: StartupPacket | None) -> None:
-        """The login from its startup packets on (`packet`: the first, already read)."""
-        assert self.transport is not None
-        if packet is None and self.pooler.tls.client is not None:
-            await self._direct_tls(self.pooler.tls.client)
-        while True:
-            if packet is None:
-                packet = parse_startup_packet(await self._read_startup_packet())
-            if isinstance(packet, SSLRequest) and self.pooler.tls.client is not None and not self.tls:
-                await self._start_tls(self.pooler.tls.client)
-                packet = None
-                continue
-            if isinstance(packet, SSLRequest | GSSENCRequest):
-                # 'N' tells the client to go on in the clear (or give up).
-                self.transport.write(b"N")
-                packet = None
-                continue
-            break
-        if isinstance(packet, CancelRequest):
-            self.pooler.forward_cancel(packet.process_id, packet.secret_key)
-            self.transport.close()
-            return
-        assert isinstance(packet, StartupMessage)
-        await self._login_rest(self._begin_login(packet))
 
     def _begin_login(self, packet: StartupMessage) -> dict[str, str]:
         """Checks on the startup packet before authentication; returns its tracked parameters."""
@@ -633,10 +637,6 @@ class ClientConnection(asyncio.Protocol):
     async def _direct_tls(self, ctx: ssl.SSLContext) -> None:
         """A first byte that opens a TLS handshake is PostgreSQL 17's direct negotiation:
         the handshake starts at once, and only a client naming ALPN `postgresql` goes on."""
-        while not self._pending:
-            await self._wait_for_data()
-        if self._pending[0] != tls.HANDSHAKE_RECORD:
-            return
         hello, self._pending = self._pending, b""
         await self._start_tls(ctx, hello)
         assert self.transport is not None

@@ -19,9 +19,9 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from .config import TLS_FILE_KEYS, ConfigError, PoolerConfig, SslMode
 from .protocol.startup import build_ssl_request
@@ -141,6 +141,26 @@ def _configure(ctx: ssl.SSLContext, config: PoolerConfig, side: str) -> None:
             raise ConfigError(f"{side}_tls_ciphers: no cipher matches {ciphers!r}") from None
 
 
+class _SSLObject(ssl.SSLObject):
+    """ssl.SSLObject whose per-record calls go straight to the C object.
+
+    The event loop's TLS layer calls read, write and pending a few times for every record
+    (uvloop binds them once per connection); ssl.SSLObject's versions are Python functions
+    that only pass the call on. Bound here to the C methods, a record costs no Python frame.
+    Installed through SSLContext.sslobject_class, the documented hook for a subclass.
+    """
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> _SSLObject:
+        obj = cast(_SSLObject, super()._create(*args, **kwargs))  # type: ignore[misc]
+        inner = getattr(obj, "_sslobj", None)
+        if inner is not None:  # CPython's layout; elsewhere the plain methods serve
+            obj.read = inner.read  # type: ignore[method-assign]
+            obj.write = inner.write  # type: ignore[method-assign]
+            obj.pending = inner.pending  # type: ignore[method-assign]
+        return obj
+
+
 def client_context(config: PoolerConfig) -> ssl.SSLContext | None:
     """The context the pooler answers clients' TLS with (it is their server)."""
     mode = config.client_tls_sslmode
@@ -153,6 +173,12 @@ def client_context(config: PoolerConfig) -> ssl.SSLContext | None:
     elif config.client_tls_ca_file:
         ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.set_alpn_protocols([ALPN])
+    # No TLS 1.3 session tickets, as PostgreSQL sends none: PostgreSQL drivers never resume
+    # a session (libpq keeps none between connections), so tickets would be two records
+    # encrypted and sent with every handshake for nothing.
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.sslobject_class = _SSLObject
     return ctx
 
 
@@ -162,6 +188,7 @@ def server_context(config: PoolerConfig) -> ssl.SSLContext | None:
     if mode is SslMode.DISABLE:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.sslobject_class = _SSLObject
     # libpq's meaning: only verify-full checks the host name; only verify-* the chain.
     ctx.check_hostname = mode is SslMode.VERIFY_FULL
     if not mode.verifies:
@@ -234,16 +261,16 @@ async def upgrade_client(
     # Nothing more may reach the clear-text protocol (the ClientHello answers the 'S'):
     # start_tls resumes reading once its TLS layer is in place, in its first step.
     link.pause_reading()
-    if not hello:
-        link.write(b"S")
-    handshake = asyncio.ensure_future(
-        loop.start_tls(link, protocol, ctx, server_side=True, ssl_handshake_timeout=timeout)
-    )
+    starting = loop.start_tls(link, protocol, ctx, server_side=True, ssl_handshake_timeout=timeout)
     if hello:
-        # start_tls's first step (scheduled just above, so it runs first) swaps the TLS
-        # layer in and schedules its start and the resumed reading; this runs right after
-        # it, before the loop polls the socket again, so the ClientHello comes first.
+        # start_tls's first step (a task scheduled here, so it runs first) swaps the TLS
+        # layer in and schedules its start and the resumed reading; _replay runs right
+        # after it, before the loop polls the socket again, so the ClientHello comes first.
+        handshake: Awaitable[asyncio.Transport | None] = asyncio.ensure_future(starting)
         loop.call_soon(_replay, link, protocol, hello)
+    else:
+        link.write(b"S")
+        handshake = starting  # awaited in place: no task of its own
     try:
         upgraded = await handshake
     except BaseException:

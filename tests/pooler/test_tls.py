@@ -201,6 +201,48 @@ async def test_a_failed_handshake_costs_other_clients_nothing(certs: Certs, star
     assert (code, out.strip()) == (0, "1"), err
 
 
+async def test_client_login_timeout_holds_through_and_after_the_handshake(
+    certs: Certs, start_pooler: StartPooler
+) -> None:
+    """The handshake runs in a task and the login then goes on inline, under the timer
+    again: a client silent after 'S', or after the handshake, is dropped at
+    client_login_timeout, and a startup packet that comes in pieces after the handshake
+    still logs in. No session tickets are sent."""
+    pooler = await start_pooler(**client_tls(certs), auth_type="trust", client_login_timeout=0.5)
+    context = direct_context(certs)
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+    try:
+        writer.write(build_ssl_request())
+        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"S"
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # no ClientHello: closed
+    finally:
+        writer.close()
+    for pieces in (0, 7):
+        reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+        try:
+            writer.write(build_ssl_request())
+            assert await asyncio.wait_for(reader.readexactly(1), 10) == b"S"
+            await writer.start_tls(context, server_hostname="localhost")
+            if not pieces:
+                answer = await asyncio.wait_for(reader.read(1000), 10)
+                assert answer[:1] == b"E" and b"client_login_timeout" in answer, answer
+                continue
+            packet = build_startup_message({"user": "postgres", "database": "app"})
+            for start in range(0, len(packet), pieces):
+                writer.write(packet[start : start + pieces])
+                await writer.drain()
+                await asyncio.sleep(0)
+            async with asyncio.timeout(10):
+                greeting = await reader.readuntil(b"Z\x00\x00\x00\x05I")
+            assert greeting[:9] == b"R\x00\x00\x00\x08\x00\x00\x00\x00"  # AuthenticationOk
+            # No session ticket came with it, as from PostgreSQL: no driver resumes a session.
+            session = writer.get_extra_info("ssl_object").session
+            assert session is None or not session.has_ticket
+        finally:
+            writer.close()
+    assert pooler.tls_stats.client_handshakes == 2
+
+
 def direct_context(certs: Certs, *alpn: str) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=certs.ca_file)
     if alpn:
