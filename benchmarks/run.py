@@ -63,6 +63,8 @@ PGFLEETS = (PGFLEET, PGFLEET_1, PGFLEET_PY)
 POOLERS = (*PGFLEETS, PGBOUNCER)
 TARGETS = (DIRECT, *POOLERS)
 LOUD_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+# --tls both: every target twice, in the clear and as NAME+tls, taking turns in each round.
+TLS_SUFFIX = "+tls"
 TIME_WAIT_CALM = 2_000
 
 
@@ -107,6 +109,12 @@ class Target:
     start: Callable[[], PoolerProcess] | None = None
     proc: PoolerProcess | None = None
     restarts: int = 0
+    sslmode: str | None = None  # pgbench's; None: libpq's default (prefer)
+
+    @property
+    def kind(self) -> str:
+        """direct, pgfleet, pgfleet-1, pgfleet-py or pgbouncer, whether over TLS or not."""
+        return base_name(self.name)
 
     def ensure_running(self, notes: list[str]) -> None:
         if self.start is None or (self.proc is not None and self.proc.alive()):
@@ -121,10 +129,15 @@ class Target:
         self.port = self.proc.port
 
 
+def base_name(name: str) -> str:
+    return name.removesuffix(TLS_SUFFIX)
+
+
 @dataclass
 class Outcome:
     runs: list[PgbenchResult] = field(default_factory=list)
     cpu: float = 0.0  # pooler CPU seconds over all runs
+    run_cpu: list[float] = field(default_factory=list)  # pooler CPU µs/txn of each run
     pg_cpu: float = 0.0  # PostgreSQL CPU seconds (all its processes) over all runs
     time_wait: list[int] = field(default_factory=list)  # TIME_WAIT sockets as each -C run began
 
@@ -151,6 +164,13 @@ class Outcome:
         txns = sum(r.transactions for r in self.runs)
         return self.cpu * 1e6 / txns if txns and not self.failed else None
 
+    def cpu_spread(self) -> float | None:
+        """(max - min) / mean of the rounds' pooler CPU µs/txn, when there are several."""
+        mean = self.cpu_us_per_txn()
+        if len(self.run_cpu) < 2 or not mean:
+            return None
+        return (max(self.run_cpu) - min(self.run_cpu)) / mean
+
     def pg_cpu_us_per_txn(self) -> float | None:
         txns = sum(r.transactions for r in self.runs)
         return self.pg_cpu * 1e6 / txns if txns and not self.failed else None
@@ -165,13 +185,16 @@ def indent(text: str, prefix: str = "    ") -> str:
 
 def target_labels(workers: int) -> dict[str, str]:
     """How the tables name each target: pgfleet says how many processes it ran as, and
-    `pure Python` marks the build from the sources."""
+    `pure Python` marks the build from the sources; `, TLS` marks a target over TLS (--tls both)."""
     one = "pgfleet (1 process)"
-    return {
+    labels = {
         PGFLEET: f"pgfleet ({workers} workers)" if workers > 1 else one,
         PGFLEET_1: one,
         PGFLEET_PY: "pgfleet (1 process, pure Python)",
     }
+    for name in TARGETS:
+        labels[name + TLS_SUFFIX] = labels.get(name, name) + ", TLS"
+    return labels
 
 
 def fmt_num(value: float | None, digits: int = 0) -> str:
@@ -185,10 +208,12 @@ def fmt_ratio(value: float | None, base: float | None) -> str:
 def case_table(
     case: Case, outcomes: dict[str, Outcome], with_case: bool = False, labels: Mapping[str, str] | None = None
 ) -> list[str]:
-    direct = outcomes.get(DIRECT, Outcome()).tps
-    bouncer = outcomes.get(PGBOUNCER, Outcome()).tps
     rows = []
     for name, outcome in outcomes.items():
+        # Beside the direct and PgBouncer runs of the same kind (over TLS or in the clear).
+        suffix = name[len(base_name(name)) :]
+        direct = outcomes.get(DIRECT + suffix, Outcome()).tps
+        bouncer = outcomes.get(PGBOUNCER + suffix, Outcome()).tps
         failed = outcome.failed
         tps = f"fails: {shorten(failed.error or '')}" if failed else fmt_num(outcome.tps)
         spread = outcome.spread
@@ -197,7 +222,7 @@ def case_table(
             "—" if spread is None else f"±{spread * 50:.0f}%",
             fmt_ratio(outcome.tps, direct),
             fmt_ratio(outcome.tps, bouncer),
-            fmt_num(outcome.cpu_us_per_txn(), 1) if name != DIRECT else "—",
+            fmt_num(outcome.cpu_us_per_txn(), 1) if base_name(name) != DIRECT else "—",
             fmt_num(outcome.pg_cpu_us_per_txn(), 1),
         ]
         rows.append(([case.name] if with_case else []) + [(labels or {}).get(name, name), *cells])
@@ -238,7 +263,7 @@ def measure(
         return PgbenchResult(ok=False, returncode=-1, error=f"{target.name} does not start: {exc}".splitlines()[0]), 0.0
     pid = target.proc.pid if target.proc else None
     before = tree_cpu_seconds(pid) if pid else 0.0
-    result = run_pgbench(target.host, target.port, DB, args, user=login[0], password=login[1])
+    result = run_pgbench(target.host, target.port, DB, args, user=login[0], password=login[1], sslmode=target.sslmode)
     after = tree_cpu_seconds(pid) if pid else 0.0
     if target.proc is not None and not target.proc.alive():
         notes.append(f"{target.name} exited during `{' '.join(args.argv())}`.")
@@ -313,6 +338,8 @@ def run_cases(
                 result, cpu = measure(target, case.args, notes, login)
                 outcomes[target.name].runs.append(result)
                 outcomes[target.name].cpu += cpu
+                if result.ok and result.transactions:
+                    outcomes[target.name].run_cpu.append(cpu * 1e6 / result.transactions)
                 time.sleep(0.3)  # backends of closed connections exit and get reaped into cutime
                 outcomes[target.name].pg_cpu += postgres_cpu_seconds() - pg_before
                 status = (
@@ -455,6 +482,7 @@ def starter(
     compiled: Path | None,
     tls: Mapping[str, str] | None = None,
     scram_secret: str | None = None,
+    tag: str = "",
 ) -> Callable[[], PoolerProcess]:
     """A function that starts a fresh pooler of `kind` on a new port in its own directory.
 
@@ -474,7 +502,7 @@ def starter(
     build = COMPILED_LABEL if runs_compiled else SOURCES_LABEL  # as the ready line says it
 
     def start() -> PoolerProcess:
-        workdir = workroot / f"{kind}{'-scram' if scram_secret is not None else ''}-{next(counter)}"
+        workdir = workroot / f"{kind}{tag}{'-scram' if scram_secret is not None else ''}-{next(counter)}"
         workdir.mkdir(mode=0o755)
         config = pooler_config(pg, free_port(), pool_size, max_clients, tls)
         if scram_secret is not None:
@@ -608,9 +636,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (pooler logs) and say where")
     parser.add_argument(
         "--tls",
-        action="store_true",
-        help="TLS on both legs: PostgreSQL with ssl = on, every pooler with client_tls_sslmode and "
-        "server_tls_sslmode require, pgbench with sslmode=require (certificates made for the run)",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("off", "on", "both"),
+        help="on: TLS on both legs: PostgreSQL with ssl = on, every pooler with client_tls_sslmode and "
+        "server_tls_sslmode require, pgbench with sslmode=require (certificates made for the run); "
+        "both: every target twice in the same rounds, over TLS so and in the clear (sslmode=disable, "
+        "server_tls_sslmode disable), taking turns",
     )
     opts = parser.parse_args(argv)
     if not 1 <= opts.workers <= 64:
@@ -665,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("PgBouncer was not measured: `pgbouncer` is not installed.")
         wanted.remove(PGBOUNCER)
 
-    if opts.tls and opts.idle_clients:
+    if opts.tls != "off" and opts.idle_clients:
         notes.append("The idle-clients memory case was skipped: its clients do not speak TLS.")
         opts.idle_clients = 0
     max_clients = max(opts.idle_clients, *clients, opts.storm_clients) + 1000
@@ -679,41 +712,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             print(f"starting PostgreSQL and pgbench -i -s {opts.scale} ...", flush=True)
-            pg_tls, tls_settings = make_tls(workroot) if opts.tls else (None, None)
-            if opts.tls:
-                os.environ["PGSSLMODE"] = "require"  # pgbench, and pgbench -i, over TLS
+            pg_tls, tls_settings = make_tls(workroot) if opts.tls != "off" else (None, None)
+            # (name, the poolers' TLS settings, pgbench's sslmode) of every target; with
+            # --tls both each target twice, in the clear and over TLS, side by side.
+            variants: list[tuple[str, Mapping[str, str] | None, str | None]]
+            if opts.tls == "both":
+                clear = {"server_tls_sslmode": "disable"}
+                variants = [
+                    v for n in wanted for v in ((n, clear, "disable"), (n + TLS_SUFFIX, tls_settings, "require"))
+                ]
+            else:
+                variants = [(n, tls_settings, "require" if opts.tls == "on" else None) for n in wanted]
             pg = TempPostgres(max_connections=max(clients) + 2 * opts.pool_size + 60, tls=pg_tls).start()
             pg.sql(f"CREATE DATABASE {DB}")
             POSTMASTER_PID_FILE.append(pg.datadir / "postmaster.pid")
             pgbench_init(pg.host, pg.port, DB, scale=opts.scale)
-            starters = {
-                k: starter(k, pg, workroot, opts.pool_size, max_clients, opts.workers, compiled, tls_settings)
-                for k in POOLERS
-                if k in wanted
-            }
-            for name in wanted:
-                target = Target(name, pg.host, pg.port, starters.get(name))
+
+            def start_of(name: str, tls: Mapping[str, str] | None, secret: str | None = None) -> Any:
+                kind = base_name(name)
+                if kind not in POOLERS:
+                    return None
+                tag = "-tls" if name != kind else ""
+                return starter(
+                    kind, pg, workroot, opts.pool_size, max_clients, opts.workers, compiled, tls, secret, tag
+                )
+
+            starters = {name: start_of(name, tls, None) for name, tls, _ in variants if base_name(name) in POOLERS}
+            for name, _, sslmode in variants:
+                target = Target(name, pg.host, pg.port, starters.get(name), sslmode=sslmode)
                 target.ensure_running(notes)
                 targets.append(target)
                 check_processes(target, opts.workers, notes)
             if any(case.auth == "scram" for case in cases):
                 # Started when the SCRAM storm comes (ensure_running), stopped after it.
                 secret = pg.sql(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{SCRAM_USER}'").strip()
-                for name in wanted:
-                    start = None
-                    if name in POOLERS:
-                        start = starter(
-                            name,
-                            pg,
-                            workroot,
-                            opts.pool_size,
-                            max_clients,
-                            opts.workers,
-                            compiled,
-                            tls_settings,
-                            secret,
-                        )
-                    scram_targets.append(Target(name, pg.host, pg.port, start))
+                for name, tls, sslmode in variants:
+                    scram_targets.append(Target(name, pg.host, pg.port, start_of(name, tls, secret), sslmode=sslmode))
             print("targets: " + ", ".join(f"{labels.get(t.name, t.name)} on :{t.port}" for t in targets), flush=True)
             for target in targets:  # fill the pools and warm the caches before anything is timed
                 measure(target, PgbenchArgs(clients=max(clients), duration=1), notes)
@@ -731,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
                     print("  " + "\n  ".join(memory_table(memory[-1:], opts.idle_clients, labels)), flush=True)
 
             for target in targets + scram_targets:
-                if target.proc is not None and target.name in PGFLEETS:
+                if target.proc is not None and target.kind in PGFLEETS:
                     scan_log(target.proc, notes, f"the throughput cases ({target.name})")
             report = render_report(opts, cases, results, memory, notes, time.monotonic() - started)
     except KeyboardInterrupt:
@@ -761,9 +795,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_processes(target: Target, workers: int, notes: list[str]) -> None:
     """Note it if pgfleet does not run as the processes asked for (a supervisor + `workers`)."""
-    if target.proc is None or target.name not in PGFLEETS:
+    if target.proc is None or target.kind not in PGFLEETS:
         return
-    wanted = workers if target.name == PGFLEET else 1
+    wanted = workers if target.kind == PGFLEET else 1
     expected = 1 + wanted if wanted > 1 else 1  # the supervisor only exists with several workers
     found = len(descendants(target.proc.pid))
     if found != expected:
@@ -807,14 +841,23 @@ def render_report(
             "SCRAM verifier (from pg_authid) in its auth_file, logging in to PostgreSQL by SCRAM pass-through; "
             "direct: PostgreSQL's own SCRAM; under -C every transaction is a login, so pooler CPU µs/txn is per login"
         )
-    one_too = any(PGFLEET_1 in outcomes for outcomes in results.values()) or any(m.target == PGFLEET_1 for m in memory)
+    one_too = any(PGFLEET_1 in map(base_name, outcomes) for outcomes in results.values()) or any(
+        m.target == PGFLEET_1 for m in memory
+    )
     lines.append(f"- pgfleet: {pgfleet_processes(opts.workers, one_too)}")
-    if opts.tls:
+    if opts.tls == "on":
         lines.append(
             "- TLS on both legs: PostgreSQL with ssl = on, every pooler with client_tls_sslmode and server_tls_sslmode "
             "require, pgbench with sslmode=require (direct: pgbench to PostgreSQL over TLS)"
         )
-    ran_sources = any(PGFLEET_PY in outcomes for outcomes in results.values())
+    elif opts.tls == "both":
+        lines.append(
+            "- every target twice, taking turns in each round: `, TLS` with TLS on both legs (PostgreSQL with "
+            "ssl = on, every pooler with client_tls_sslmode and server_tls_sslmode require, pgbench with "
+            "sslmode=require), and in the clear (pgbench with sslmode=disable, server_tls_sslmode disable); "
+            "x direct and x PgBouncer compare runs of the same kind"
+        )
+    ran_sources = any(PGFLEET_PY in map(base_name, outcomes) for outcomes in results.values())
     lines.append(f"- pgfleet build: {build_note(compiled_build(opts.compiled), ran_sources)}")
     lines += ["", "## Throughput", ""]
     lines.append(
@@ -827,6 +870,8 @@ def render_report(
     for index, case in enumerate(cases):
         table = case_table(case, results[case.name], with_case=True, labels=labels)
         lines += table if index == 0 else table[2:]
+    if opts.tls == "both":
+        lines += ["", *tls_summary(cases, results, labels)]
     if memory:
         lines += ["", f"## Memory with {opts.idle_clients:,} idle clients", ""]
         lines.append(
@@ -840,6 +885,54 @@ def render_report(
         lines += ["", "## Notes", ""]
         lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def tls_summary(cases: list[Case], results: dict[str, dict[str, Outcome]], labels: Mapping[str, str]) -> list[str]:
+    """--tls both: each pgfleet beside PgBouncer in the clear and over TLS, from the same rounds."""
+    lines = ["## TLS against the clear, same rounds", ""]
+    lines.append(
+        "x PgBouncer: tps beside PgBouncer's of the same kind; CPU: pooler CPU µs per transaction (per login "
+        "under -C), ± half the range across rounds; CPU x PgBouncer: pgfleet's CPU per transaction over "
+        "PgBouncer's (lower is better)."
+    )
+    lines.append("")
+    header = [
+        "case",
+        "target",
+        "x PgBouncer, clear",
+        "x PgBouncer, TLS",
+        "CPU clear",
+        "CPU TLS",
+        "CPU x PgBouncer, clear",
+        "CPU x PgBouncer, TLS",
+    ]
+    rows = []
+
+    def cpu_cell(outcome: Outcome) -> str:
+        spread = outcome.cpu_spread()
+        return fmt_num(outcome.cpu_us_per_txn(), 1) + ("" if spread is None else f" ±{spread * 50:.0f}%")
+
+    for case in cases:
+        outcomes = results[case.name]
+        clear_bouncer = outcomes.get(PGBOUNCER, Outcome())
+        tls_bouncer = outcomes.get(PGBOUNCER + TLS_SUFFIX, Outcome())
+        for kind in (*PGFLEETS, PGBOUNCER):
+            clear, tls = outcomes.get(kind), outcomes.get(kind + TLS_SUFFIX)
+            if clear is None or tls is None:
+                continue
+            rows.append(
+                [
+                    case.name,
+                    labels.get(kind, kind),
+                    fmt_ratio(clear.tps, clear_bouncer.tps),
+                    fmt_ratio(tls.tps, tls_bouncer.tps),
+                    cpu_cell(clear),
+                    cpu_cell(tls),
+                    fmt_ratio(clear.cpu_us_per_txn(), clear_bouncer.cpu_us_per_txn()),
+                    fmt_ratio(tls.cpu_us_per_txn(), tls_bouncer.cpu_us_per_txn()),
+                ]
+            )
+    return lines + markdown_table(header, rows)
 
 
 def build_note(compiled: Path | None, ran_sources: bool) -> str:

@@ -135,13 +135,17 @@ def run_pgbench(
     user: str = "postgres",
     password: str | None = None,
     timeout: float | None = None,
+    sslmode: str | None = None,
 ) -> PgbenchResult:
     """Run pgbench against host:port/dbname; a run that overstays `timeout` is killed and reported failed.
 
-    `timeout` defaults to the run's duration plus 60 s.
+    `timeout` defaults to the run's duration plus 60 s; `sslmode`: libpq's (default prefer).
     """
     argv = [pgbench_path(), "-h", host, "-p", str(port), "-U", user, *args.argv(), dbname]
-    env = pgbench_env({"PGPASSWORD": password} if password else None)
+    extra = {"PGPASSWORD": password} if password else {}
+    if sslmode:
+        extra["PGSSLMODE"] = sslmode
+    env = pgbench_env(extra)
     limit = timeout if timeout is not None else args.duration + 60
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=limit, start_new_session=True)
