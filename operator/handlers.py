@@ -36,6 +36,14 @@ class _Runtime:
     pooler_image: str | None = None
     loops: BudgetLoops | None = None  # one budget loop per database server
     metrics: WSGIServer | None = None  # the /metrics server (a thread), when its port is set
+    # Reconciles running now. kopf runs the cleanup while timers it gave up waiting for still
+    # run, so the cleanup stops these itself before it closes what they use.
+    working: set[asyncio.Task[Any]] = set()
+
+
+# How long the cleanup lets running reconciles finish before it cancels them (a reconcile
+# is idempotent: the next operator redoes what a cancelled one left undone).
+SHUTDOWN_GRACE = 5.0
 
 
 runtime = _Runtime()
@@ -45,6 +53,7 @@ runtime = _Runtime()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     runtime.client = None
     runtime.credentials = None
+    runtime.working = set()
     runtime.probe = AsyncpgProbe(timeout=SETTINGS.probe_timeout)
     runtime.loops = BudgetLoops(
         period=SETTINGS.budget_period, push_timeout=SETTINGS.push_timeout, probe_timeout=SETTINGS.probe_timeout
@@ -99,6 +108,7 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def close(**_: Any) -> None:
+    await _stop_reconciles(SHUTDOWN_GRACE)
     if runtime.loops is not None:
         await runtime.loops.close()
         runtime.loops = None
@@ -110,6 +120,17 @@ async def close(**_: Any) -> None:
         server, runtime.metrics = runtime.metrics, None
         await asyncio.to_thread(server.shutdown)
         server.server_close()
+
+
+async def _stop_reconciles(grace: float) -> None:
+    """Let running reconciles finish for `grace` seconds, then cancel them and wait."""
+    running = set(runtime.working)
+    if running:
+        _done, pending = await asyncio.wait(running, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
 
 def _client() -> KubeClient:
@@ -143,6 +164,16 @@ def _lock(memo: kopf.Memo) -> asyncio.Lock:
 
 
 async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger) -> None:
+    task = asyncio.current_task()
+    assert task is not None  # kopf runs handlers in tasks
+    runtime.working.add(task)
+    try:
+        await _reconcile_now(body, patch, memo, logger)
+    finally:
+        runtime.working.discard(task)
+
+
+async def _reconcile_now(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger) -> None:
     client = _client()
     ctx = reconcile.Context(
         client=client,
