@@ -71,6 +71,8 @@ _HBA_METHODS = {
 _NO_MORE_CONNECTIONS = "no more connections allowed (max_client_conn)"
 # Built once: every login sends them.
 _AUTH_OK: Final = backend.authentication_ok()
+_AUTH_SASL: Final = backend.authentication_sasl([auth.SCRAM])
+_PASSWORD: Final = ord("p")  # PasswordMessage, SASLInitialResponse, SASLResponse
 _READY_IDLE: Final = backend.ready_for_query(IDLE)
 # The first byte of a TLS handshake record: a connection that opens with it negotiates TLS
 # directly (PostgreSQL 17's sslnegotiation=direct) instead of sending SSLRequest.
@@ -129,11 +131,42 @@ class ClientError(Exception):
         self.detail = detail
 
 
+class _PasswordExchange:
+    """What a client's password exchange remembers between its messages: the method, the
+    secret on record (None: unknown user or no password, so it fails at its end), md5's
+    salt, SCRAM's server side; and, run inline, the startup packet's tracked parameters."""
+
+    __slots__ = ("method", "salt", "scram", "scram_started", "secret", "startup_params")
+
+    def __init__(self, method: AuthType, secret: str | None) -> None:
+        self.method = method
+        self.secret = secret
+        self.salt = b""
+        self.scram: auth.ScramServerExchange | None = None
+        self.scram_started = False  # SASLInitialResponse taken: SASLResponse comes next
+        self.startup_params: dict[str, str] = {}
+
+
+def _sasl_initial_response(body: bytes) -> bytes:
+    """The client-first message of a SASLInitialResponse naming SCRAM-SHA-256."""
+    mechanism_end = body.find(b"\x00")
+    if mechanism_end < 0 or len(body) < mechanism_end + 5:
+        raise ProtocolError("malformed SASLInitialResponse")
+    mechanism = body[:mechanism_end].decode(errors="replace")
+    if mechanism != auth.SCRAM:
+        raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"unsupported SASL mechanism: {mechanism}")
+    length = int.from_bytes(body[mechanism_end + 1 : mechanism_end + 5], "big", signed=True)
+    client_first = body[mechanism_end + 5 :]
+    if length != len(client_first):
+        raise ProtocolError("malformed SASLInitialResponse length")
+    return client_first
+
+
 class _Login:
     """What a client holds only while it logs in: dropped with it at ReadyForQuery (10,000
     idle clients would otherwise carry 10,000 sets of empty fields)."""
 
-    __slots__ = ("opened", "reader", "task", "timer", "waiter")
+    __slots__ = ("opened", "password", "reader", "task", "timer", "waiter")
 
     def __init__(self) -> None:
         self.reader: StartupReader | MessageReader | None = StartupReader()
@@ -144,6 +177,8 @@ class _Login:
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.waiter: asyncio.Future[None] | None = None
+        # A password exchange run inline (see _login_inline), between the client's messages.
+        self.password: _PasswordExchange | None = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -310,9 +345,13 @@ class ClientConnection(asyncio.Protocol):
             self._pending += data
             login = self._logging_in
             assert login is not None  # (logged in and not IDLE: the admin console's session)
-            if login.task is None and state is ClientState.STARTUP:
-                self._login_inline()
-                return
+            if login.task is None:
+                if state is ClientState.STARTUP:
+                    self._login_inline()
+                    return
+                if login.password is not None:
+                    self._password_inline()  # the next step of a password exchange begun inline
+                    return
             waiter = login.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
@@ -402,18 +441,47 @@ class ClientConnection(asyncio.Protocol):
             if self.database == _ADMIN_DATABASE:
                 self._hand_off(startup_params, None)
                 return
-            greeting = self._authenticate_inline()
-            if greeting is None:
+            begun = self._authenticate_inline()
+            if begun is None:
                 self._hand_off(startup_params, None)
                 return
-            pool = self._login_pool(greeting)
-            welcome = pool.server_params
-            if welcome is None:
-                self._hand_off(startup_params, greeting)
-                return
-            self._welcome(pool, welcome, startup_params, greeting)
+            if isinstance(begun, _PasswordExchange):
+                begun.startup_params = startup_params
+                login.password = begun
+                login.reader = MessageReader(max_length=_SMALL_LIMIT)
+                return  # the client's answer comes to data_received
+            self._logged_in_inline(startup_params, begun)
         except Exception as exc:
             self._login_failed(exc)
+
+    def _password_inline(self) -> None:
+        """The next client message of a password exchange begun inline (SCRAM takes two)."""
+        login = self._logging_in
+        transport = self.transport
+        if login is None or login.password is None or transport is None or transport.is_closing():
+            return
+        exchange = login.password
+        try:
+            message = self._login_message()
+            if message is None:
+                return
+            greeting = self._auth_step(exchange, *message)
+            if greeting is None:
+                return
+            login.password = None
+            self._logged_in_inline(exchange.startup_params, greeting)
+        except Exception as exc:
+            login.password = None
+            self._login_failed(exc)
+
+    def _logged_in_inline(self, startup_params: dict[str, str], greeting: bytes) -> None:
+        """Authenticated inline: the welcome, unless the pool has yet to learn its server's parameters."""
+        pool = self._login_pool(greeting)
+        welcome = pool.server_params
+        if welcome is None:
+            self._hand_off(startup_params, greeting)
+            return
+        self._welcome(pool, welcome, startup_params, greeting)
 
     def _hand_off(self, startup_params: dict[str, str], greeting: bytes | None) -> None:
         """Go on with the login in a task, within what is left of client_login_timeout."""
@@ -520,20 +588,27 @@ class ClientConnection(asyncio.Protocol):
                 self._logging_in.task = None
 
     async def _read_message(self) -> tuple[int, bytes]:
+        while True:
+            message = self._login_message()
+            if message is not None:
+                return message
+            await self._wait_for_data()
+
+    def _login_message(self) -> tuple[int, bytes] | None:
+        """The client's next message during login (a password), once it is whole."""
         login = self._logging_in
         assert login is not None
         reader = login.reader
         if not isinstance(reader, MessageReader):
-            reader = login.reader = MessageReader(max_length=10_000)
-        while True:
-            reader.feed(self._pending)
-            self._pending = b""
-            messages = reader.messages()
-            if messages:
-                if len(messages) > 1:
-                    raise ProtocolError("unexpected message during authentication")
-                return messages[0]
-            await self._wait_for_data()
+            reader = login.reader = MessageReader(max_length=_SMALL_LIMIT)
+        reader.feed(self._pending)
+        self._pending = b""
+        messages = reader.messages()
+        if not messages:
+            return None
+        if len(messages) > 1:
+            raise ProtocolError("unexpected message during authentication")
+        return messages[0]
 
     async def _wait_for_data(self) -> None:
         login = self._logging_in
@@ -713,29 +788,22 @@ class ClientConnection(asyncio.Protocol):
             self.startup_sets = others
         return tracked
 
-    def _authenticate_inline(self) -> bytes | None:
-        """AuthenticationOk when this login needs neither a password nor a lookup (trust);
-        None when it has to wait for one (then _authenticate decides)."""
+    def _authenticate_inline(self) -> bytes | _PasswordExchange | None:
+        """AuthenticationOk when this login needs no password (trust); the exchange begun
+        when it needs one that auth_file holds (its request is sent); None when it has to
+        look the user up first (auth_query: then _authenticate goes on in a task)."""
         config = self.pooler.config
         method = config.auth_type
         if method is AuthType.HBA:
             method = self._hba_method()
-        if method is AuthType.ANY:
-            return _AUTH_OK
-        if method is not AuthType.TRUST:
-            return None
         secret = self.pooler.userlist.get(self.user)
-        if secret is None:
-            if config.auth_user:
-                return None  # auth_query may know the user
-            if config.auth_file:
-                raise ClientError(sqlstate.INVALID_AUTHORIZATION, f'no such user: "{self.user}"')
-        return _AUTH_OK
+        if secret is None and config.auth_user and method is not AuthType.ANY:
+            return None  # auth_query may know the user
+        return self._auth_begin(method, secret)
 
     async def _authenticate(self) -> bytes:
         """Check the client; returns AuthenticationOk (after SCRAM with SASLFinal) to send
         with the welcome, as PostgreSQL flushes them together."""
-        assert self.transport is not None
         config = self.pooler.config
         method = config.auth_type
         if method is AuthType.HBA:
@@ -750,31 +818,84 @@ class ClientConnection(asyncio.Protocol):
             and config.database(config.auth_dbname or self.database) is not None  # (else: mock, then refused)
         ):
             secret = await self.pooler.credentials.lookup(user, self.database)  # auth_query
+        begun = self._auth_begin(method, secret)
+        while isinstance(begun, _PasswordExchange):
+            msg_type, body = await self._read_message()
+            greeting = self._auth_step(begun, msg_type, body)
+            if greeting is not None:
+                return greeting
+        return begun
+
+    def _auth_begin(self, method: AuthType, secret: str | None) -> bytes | _PasswordExchange:
+        """AuthenticationOk when `method` asks for no password; else the password exchange
+        begun (its request sent), which `_auth_step` carries on with each client message."""
+        transport = self.transport
+        assert transport is not None
         if method is AuthType.ANY:
-            pass
-        elif method is AuthType.TRUST:
-            if config.auth_file and secret is None:
-                raise ClientError(sqlstate.INVALID_AUTHORIZATION, f'no such user: "{user}"')
-        else:
-            # A user not in auth_file, or with an empty password, is asked for a password
-            # like any other and refused once it is given, as a wrong one: the answer must
-            # not tell which user names exist (PostgreSQL's mock authentication), and an
-            # empty password never logs in (PgBouncer).
-            known = secret or None
-            if method is AuthType.PLAIN:
-                self.transport.write(backend.authentication_cleartext())
-                cleartext = (await self._read_password()).rstrip(b"\x00")
-                if known is None or not auth.check_plain_password(user, known, cleartext):
-                    raise self._auth_failed()
-            elif method is AuthType.MD5 and (known is None or not auth.is_scram(known)):
-                salt = os.urandom(4)
-                self.transport.write(backend.authentication_md5(salt))
-                given = (await self._read_password()).rstrip(b"\x00")
-                if known is None or not auth.check_md5_password(user, known, salt, given):
-                    raise self._auth_failed()
-            else:
-                return await self._authenticate_scram(known) + _AUTH_OK
-        return _AUTH_OK
+            return _AUTH_OK
+        if method is AuthType.TRUST:
+            if secret is None and self.pooler.config.auth_file:
+                raise ClientError(sqlstate.INVALID_AUTHORIZATION, f'no such user: "{self.user}"')
+            return _AUTH_OK
+        # A user not in auth_file, or with an empty password, is asked for a password
+        # like any other and refused once it is given, as a wrong one: the answer must
+        # not tell which user names exist (PostgreSQL's mock authentication), and an
+        # empty password never logs in (PgBouncer).
+        known = secret or None
+        if method is AuthType.PLAIN:
+            transport.write(backend.authentication_cleartext())
+            return _PasswordExchange(AuthType.PLAIN, known)
+        if method is AuthType.MD5 and (known is None or not auth.is_scram(known)):
+            exchange = _PasswordExchange(AuthType.MD5, known)
+            exchange.salt = os.urandom(4)
+            transport.write(backend.authentication_md5(exchange.salt))
+            return exchange
+        # SCRAM-SHA-256 (also md5 against a SCRAM secret, as PostgreSQL); without a
+        # secret, a mock exchange that fails at its end.
+        exchange = _PasswordExchange(AuthType.SCRAM_SHA_256, known)
+        try:
+            exchange.scram = (
+                auth.ScramServerExchange.for_secret(known)
+                if known is not None
+                else auth.ScramServerExchange.mock(self.user)
+            )
+        except auth.AuthFailed as exc:
+            log.warning("cannot authenticate %s with SCRAM: %s", self.user, exc)
+            raise self._auth_failed() from None
+        transport.write(_AUTH_SASL)
+        return exchange
+
+    def _auth_step(self, exchange: _PasswordExchange, msg_type: int, body: bytes) -> bytes | None:
+        """One client message of a password exchange: the greeting once the client is in
+        (AuthenticationOk, after SCRAM with SASLFinal: not sent yet), None while the
+        exchange goes on (its next request sent); ClientError when the password is wrong."""
+        if msg_type != _PASSWORD:
+            raise ProtocolError(f"expected password message, got {chr(msg_type)!r}")
+        known = exchange.secret
+        if exchange.method is AuthType.PLAIN:
+            if known is None or not auth.check_plain_password(self.user, known, body.rstrip(b"\x00")):
+                raise self._auth_failed()
+            return _AUTH_OK
+        if exchange.method is AuthType.MD5:
+            given = body.rstrip(b"\x00")
+            if known is None or not auth.check_md5_password(self.user, known, exchange.salt, given):
+                raise self._auth_failed()
+            return _AUTH_OK
+        scram = exchange.scram
+        assert scram is not None and self.transport is not None
+        try:
+            if not exchange.scram_started:
+                client_first = _sasl_initial_response(body)
+                exchange.scram_started = True
+                self.transport.write(backend.authentication_sasl_continue(scram.first(client_first)))
+                return None
+            server_final = scram.final(body)
+        except auth.AuthFailed as exc:
+            log.info("SCRAM authentication of %s failed: %s", self.user, exc.__cause__ or exc)
+            raise self._auth_failed() from None
+        if known is not None:  # (a mock exchange never gets this far)
+            self.pooler.credentials.learned(self.user, known, scram.client_key)  # SCRAM pass-through
+        return backend.authentication_sasl_final(server_final) + _AUTH_OK
 
     def _hba_method(self) -> AuthType:
         """auth_type hba: this connection's method, from the first auth_hba_file rule that matches."""
@@ -800,49 +921,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _auth_failed(self) -> ClientError:
         return ClientError(sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"')
-
-    async def _read_password(self) -> bytes:
-        msg_type, body = await self._read_message()
-        if msg_type != ord("p"):
-            raise ProtocolError(f"expected password message, got {chr(msg_type)!r}")
-        return body
-
-    async def _authenticate_scram(self, secret: str | None) -> bytes:
-        """SCRAM-SHA-256; without a secret, a mock exchange that fails at its end.
-
-        Returns AuthenticationSASLFinal, not sent yet."""
-        assert self.transport is not None
-        try:
-            exchange = (
-                auth.ScramServerExchange.for_secret(secret)
-                if secret is not None
-                else auth.ScramServerExchange.mock(self.user)
-            )
-        except auth.AuthFailed as exc:
-            log.warning("cannot authenticate %s with SCRAM: %s", self.user, exc)
-            raise self._auth_failed() from None
-        self.transport.write(backend.authentication_sasl([auth.SCRAM]))
-        body = await self._read_password()
-        mechanism_end = body.find(b"\x00")
-        if mechanism_end < 0 or len(body) < mechanism_end + 5:
-            raise ProtocolError("malformed SASLInitialResponse")
-        mechanism = body[:mechanism_end].decode(errors="replace")
-        if mechanism != auth.SCRAM:
-            raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"unsupported SASL mechanism: {mechanism}")
-        length = int.from_bytes(body[mechanism_end + 1 : mechanism_end + 5], "big", signed=True)
-        client_first = body[mechanism_end + 5 :]
-        if length != len(client_first):
-            raise ProtocolError("malformed SASLInitialResponse length")
-        try:
-            self.transport.write(backend.authentication_sasl_continue(exchange.first(client_first)))
-            client_final = await self._read_password()
-            server_final = exchange.final(client_final)
-        except auth.AuthFailed as exc:
-            log.info("SCRAM authentication of %s failed: %s", self.user, exc.__cause__ or exc)
-            raise self._auth_failed() from None
-        if secret is not None:  # (a mock exchange never gets this far)
-            self.pooler.credentials.learned(self.user, secret, exchange.client_key)  # SCRAM pass-through
-        return backend.authentication_sasl_final(server_final)
 
     # -- hot path ---------------------------------------------------------------------------
     def _need_server(self) -> None:

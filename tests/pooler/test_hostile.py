@@ -514,6 +514,84 @@ async def test_empty_password_never_logs_in(start_pooler: StartPooler, auth_type
     assert error(await answer(client, request, "postgres", ""))["C"] == "28P01"
 
 
+async def send_in_pieces(client: RawClient, data: bytes, size: int = 3) -> None:
+    for start in range(0, len(data), size):
+        client.send(data[start : start + size])
+        await client.writer.drain()
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(
+    ("auth_type", "user", "password"),
+    [("md5", "md5user", "md5pass"), ("scram-sha-256", "scramuser", "scrampass"), ("plain", "plainuser", "plainpass")],
+)
+async def test_password_login_in_pieces_is_greeted_once_whole(
+    start_pooler: StartPooler, auth_type: str, user: str, password: str
+) -> None:
+    """Each answer arriving a few bytes at a time logs in; the last answer gets the greeting
+    in one go: SASLFinal (SCRAM), AuthenticationOk, ParameterStatus..., BackendKeyData,
+    ReadyForQuery; and the client's queries then run."""
+    pooler = await start_pooler(auth_type=auth_type)
+    client, request = await raw_login(pooler.port, user)
+    try:
+        if request.code == backend.AUTH_SASL:
+            scram = ScramClient(["SCRAM-SHA-256"], user, password)
+            first = frontend.sasl_initial_response("SCRAM-SHA-256", scram.get_client_first().encode())
+            await send_in_pieces(client, first)
+            kind, body = await client.message()
+            continued = backend.parse_authentication(body)
+            assert (kind, continued.code) == ("R", backend.AUTH_SASL_CONTINUE)
+            scram.set_server_first(continued.data.decode())
+            await send_in_pieces(client, frontend.sasl_response(scram.get_client_final().encode()))
+            kind, body = await client.message()
+            final = backend.parse_authentication(body)
+            assert (kind, final.code) == ("R", backend.AUTH_SASL_FINAL)
+            scram.set_server_final(final.data.decode())  # the pooler proved it knows the verifier
+        elif request.code == backend.AUTH_MD5:
+            await send_in_pieces(client, frontend.password_message(md5_response(user, password, request.data[:4])))
+        else:
+            await send_in_pieces(client, frontend.password_message(password))
+        greeting = await client.until_ready()
+        kinds = [kind for kind, _ in greeting]
+        assert kinds[0] == "R" and backend.parse_authentication(greeting[0][1]).code == backend.AUTH_OK
+        assert set(kinds[1:-2]) == {"S"} and kinds[-2:] == ["K", "Z"]
+        client.send(frontend.query("SELECT current_user"))
+        assert rows(await client.until_ready()) == [[user]]
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("auth_type", ["md5", "scram-sha-256", "plain"])
+async def test_what_is_not_a_password_answer_ends_the_login_with_08P01(
+    start_pooler: StartPooler, auth_type: str
+) -> None:
+    """A message other than the password answer, or more than one at once, or SASL naming
+    another mechanism: a protocol violation for that client only."""
+    pooler = await start_pooler(auth_type=auth_type)
+    user = {"md5": "md5user", "scram-sha-256": "scramuser", "plain": "plainuser"}[auth_type]
+    answers = {
+        "a query instead": frontend.query("SELECT 1"),
+        "an answer and a query": frontend.password_message("x") + frontend.query("SELECT 1"),
+    }
+    if auth_type == "scram-sha-256":
+        answers["another mechanism"] = frontend.sasl_initial_response("SCRAM-SHA-256-PLUS", b"p=tls-unique,,n=,r=abc")
+    for what, data in answers.items():
+        client, _ = await raw_login(pooler.port, user)
+        client.send(data)
+        out = []
+        try:
+            while not out or out[-1][0] not in "ZE":
+                out.append(await client.message())
+        finally:
+            await client.close()
+        assert error(out)["C"] == "08P01", what
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=pooler.port, user="scramuser", password="scrampass", database="app"
+    )
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+
+
 async def test_non_ascii_passwords(pg: TempPostgres, start_pooler: StartPooler, tmp_path: Path) -> None:
     auth_file = tmp_path / "unicode-userlist.txt"
     auth_file.write_text(dump_userlist({"unicode": "pässwörd", "md5unicode": md5_secret("md5unicode", "pässwörd")}))
