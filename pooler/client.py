@@ -77,7 +77,6 @@ _READY_IDLE: Final = backend.ready_for_query(IDLE)
 # The first byte of a TLS handshake record: a connection that opens with it negotiates TLS
 # directly (PostgreSQL 17's sslnegotiation=direct) instead of sending SSLRequest.
 _TLS_HANDSHAKE: Final = bytes((tls.HANDSHAKE_RECORD,))
-_TRACKED: Final = params.TRACKED
 # A queued client keeps being read until it has sent this much: pausing and resuming the
 # socket for every queued transaction would cost two syscalls each, and a client that
 # waits for its answer rarely sends more than one message meanwhile.
@@ -690,17 +689,10 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, refused)
         self._login_over()
         self.pool = pool
-        seen = {name: value for name, value in welcome.items() if name in _TRACKED}
-        for name, value in startup_params.items():
-            seen[name] = params.reported_value(name, value, welcome.get(name))
-        self.params = pool.shared_params(seen)
-        self.cancel_key = self.pooler.register_cancel_key(self)
-        out = pool.welcome_frames(self.params)
-        out.append(backend.backend_key_data(*self.cancel_key))
-        out.append(_READY_IDLE)
-        if greeting:
-            out.insert(0, greeting)
-        transport.write(b"".join(out))
+        self.params, frames = pool.client_welcome(startup_params)
+        self.cancel_pid, self.cancel_secret = self.pooler.register_cancel_key(self)
+        key_data = backend.backend_key_data(self.cancel_pid, self.cancel_secret)
+        transport.write(b"".join((greeting, frames, key_data, _READY_IDLE)))
         self._logging_in = None
         self.state = ClientState.IDLE
         pool.client_logged_in(self)

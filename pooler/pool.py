@@ -71,9 +71,11 @@ class Pool:
         # Server-side names of the named statements its clients prepare (see prepared.py).
         self.statements = StatementRegistry()
         self.server_params: dict[str, str] | None = None
-        self._welcome_cache: tuple[dict[str, str], dict[str, bytes]] | None = None
         # The parameter sets its clients see, each held once (see shared_params).
         self._shared_params: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+        # Per startup packet's tracked parameters: what the client sees and its ParameterStatus
+        # messages, for the server parameters they were made from (see client_welcome).
+        self._welcomes: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], Mapping[str, str], bytes]] = {}
         self.paused = False
         # After a login that cannot succeed (login_refused) the pool answers with the
         # server's error at once, for server_login_retry, instead of hammering the server.
@@ -551,30 +553,30 @@ class Pool:
             shared = self._shared_params[key] = client_params
         return shared
 
-    def welcome_frames(self, client_params: Mapping[str, str]) -> list[bytes]:
-        """ParameterStatus messages greeting a client: the server's, with the client's own values.
+    def client_welcome(self, startup_params: dict[str, str]) -> tuple[Mapping[str, str], bytes]:
+        """What a client logging in with these tracked startup parameters sees (shared by
+        every such client, see shared_params) and the ParameterStatus messages greeting it:
+        the server's values, with the client's own as PostgreSQL would report them.
 
-        The frames of the server's values are built once per pool; a connection storm
-        would otherwise rebuild a dozen messages per login.
+        Both are made once per distinct startup set and server parameters: a connection
+        storm logs in the same few kinds of client again and again.
         """
-        assert self.server_params is not None
-        cache = self._welcome_cache
-        if cache is None or cache[0] is not self.server_params:
-            cache = self._welcome_cache = (
-                self.server_params,
-                {name: backend.parameter_status(name, value) for name, value in self.server_params.items()},
-            )
-        welcome, frames = cache
-        out = [
-            frames[name]
-            if client_params.get(name, value) == value
-            else backend.parameter_status(name, client_params[name])
-            for name, value in welcome.items()
-        ]
-        out.extend(
-            backend.parameter_status(name, value) for name, value in client_params.items() if name not in welcome
-        )
-        return out
+        welcome = self.server_params
+        assert welcome is not None
+        key = tuple(startup_params.items())
+        cached = self._welcomes.get(key)
+        if cached is not None and cached[0] is welcome:
+            return cached[1], cached[2]
+        seen = {name: value for name, value in welcome.items() if name in params.TRACKED}
+        for name, value in startup_params.items():
+            seen[name] = params.reported_value(name, value, welcome.get(name))
+        shared = self.shared_params(seen)
+        frames = [backend.parameter_status(name, shared.get(name, value)) for name, value in welcome.items()]
+        frames.extend(backend.parameter_status(name, value) for name, value in shared.items() if name not in welcome)
+        if len(self._welcomes) >= _SHARED_PARAMS_LIMIT:
+            self._welcomes.clear()
+        self._welcomes[key] = (welcome, shared, b"".join(frames))
+        return shared, self._welcomes[key][2]
 
     async def welcome_params(self) -> dict[str, str]:
         """The server's ParameterStatus set a new client is greeted with."""

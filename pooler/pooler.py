@@ -9,7 +9,6 @@ import itertools
 import logging
 import os
 import resource
-import secrets
 import socket
 from collections.abc import Coroutine
 from pathlib import Path
@@ -392,10 +391,9 @@ class Pooler:
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         while True:
-            pid = self.slot.new_cancel_pid()
+            pid, key = self.slot.new_cancel_key()
             if pid not in self._cancel_keys:
                 break
-        key = secrets.randbits(32) - (1 << 31)
         self._cancel_keys[pid] = client
         self.logged_in_clients += 1
         return pid, key

@@ -13,7 +13,7 @@ says which sibling to pass it to.
 
 from __future__ import annotations
 
-import secrets
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +46,15 @@ class WorkerSlot:
     def portion(self, limit: int) -> int:
         return share(limit, self.index, self.count)
 
-    def new_cancel_pid(self) -> int:
-        """A random nonzero process id that names this worker (pid % count == index)."""
+    def new_cancel_key(self) -> tuple[int, int]:
+        """BackendKeyData's (process id, secret key): a random nonzero process id that names
+        this worker (pid % count == index) and a random signed 32-bit secret, both from one
+        draw of the OS's random source (a connection storm asks for one per login)."""
         while True:
-            pid = secrets.randbelow(_PID_LIMIT // self.count) * self.count + self.index
+            draw = int.from_bytes(os.urandom(8), "big")
+            pid = ((draw >> 32) % (_PID_LIMIT // self.count)) * self.count + self.index
             if pid:
-                return pid
+                return pid, (draw & 0xFFFFFFFF) - (1 << 31)
 
     def owner_of(self, pid: int) -> int:
         return pid % self.count

@@ -33,10 +33,12 @@ def test_zero_means_unlimited_and_is_not_split() -> None:
 def test_cancel_keys_name_their_worker(count: int) -> None:
     for index in range(count):
         slot = WorkerSlot(index, count)
-        for _ in range(200):
-            pid = slot.new_cancel_pid()
+        keys = [slot.new_cancel_key() for _ in range(200)]
+        for pid, secret in keys:
             assert 0 < pid < 2**31
             assert slot.owner_of(pid) == index
+            assert -(2**31) <= secret < 2**31
+        assert len({secret for _, secret in keys}) > 190  # random, not a counter or a constant
 
 
 def test_worker_argument_is_checked() -> None:
