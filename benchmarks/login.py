@@ -48,6 +48,7 @@ from pgfleet.devtools.procs import (
     free_port,
     pgbouncer_path,
     raise_nofile,
+    spawn,
     start_pgbouncer,
     start_pgfleet,
     stat_fields,
@@ -121,6 +122,10 @@ def start_combo(combo: Combo, pg: TempPostgres, workroot: Path, secret: str) -> 
         config["auth_file"] = str(auth_file)
     if combo.build == "pgbouncer":
         return start_pgbouncer(config, workdir)
+    if combo.build == "floor":
+        port = int(config["listen_port"])
+        argv = [sys.executable, "-P", str(ROOT / "benchmarks" / "loginfloor.py"), "--port", str(port)]
+        return spawn("floor", argv, "127.0.0.1", port, workdir, config)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if combo.build != "sources":
         env["PYTHONPATH"] = str(Path(combo.build).resolve())
@@ -288,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         "--variant",
         action="append",
         default=[],
-        help="LABEL=PATH (a compiled tree, or `sources`) or `pgbouncer`; repeat (default: compiled=build/compiled)",
+        help="LABEL=PATH (a compiled tree, or `sources`), `pgbouncer`, or `floor` (loginfloor.py: canned "
+        "answers on uvloop, the least a Python server pays per login; trust only); repeat "
+        "(default: compiled=build/compiled)",
     )
     parser.add_argument("--auth", default="trust,scram", help="client auth: trust, scram (comma-separated)")
     parser.add_argument("--log-connections", default="off", help="off, on (comma-separated)")
@@ -314,12 +321,20 @@ def main(argv: list[str] | None = None) -> int:
             if pgbouncer_path() is None:
                 parser.error("pgbouncer is not installed")
             variants.append(("pgbouncer", "pgbouncer"))
+        elif spec == "floor":
+            variants.append(("floor", "floor"))
         else:
             label, _, path = spec.partition("=")
             variants.append((label, path or "sources"))
     auths = [a.strip() for a in opts.auth.split(",") if a.strip()]
     logs = [v.strip() == "on" for v in opts.log_connections.split(",") if v.strip()]
-    combos = [Combo(label, build, auth, log) for label, build in variants for auth in auths for log in logs]
+    combos = [
+        Combo(label, build, auth, log)
+        for label, build in variants
+        for auth in auths
+        for log in logs
+        if build != "floor" or (auth == "trust" and not log)  # canned answers: no password, no log
+    ]
     args = PgbenchArgs(clients=opts.clients, jobs=2, duration=opts.duration, mode="simple", connect=True)
 
     raise_nofile(10_000)
