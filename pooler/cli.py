@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .compiled import BUILD
 from .config import ConfigError, PoolerConfig, load_config
 from .hba import rules_for
+from .logoutput import BatchingStreamHandler, StampCachingFormatter
 from .shares import WorkerSlot
 from .tls import build_contexts
 
@@ -144,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if config.verbose else logging.INFO
     prefix = f"[worker {slot.index + 1}/{slot.count}] " if slot is not None else ""
     # force: a worker forked from the supervisor (zygote.py) inherits its handler, without the prefix.
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s", force=True)
+    # Lines written once per turn of the event loop (logoutput.py): a storm logs two per login.
+    handler = BatchingStreamHandler(sys.stderr)
+    handler.setFormatter(StampCachingFormatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # The format names no source line, thread or process: records need not look them up
     # (logging's documented switches). log_connections logs twice per login, on by default.
     logging._srcfile = None
