@@ -58,10 +58,12 @@ from pgfleet.pooler.userlist import dump_userlist
 ROOT = Path(__file__).resolve().parent.parent
 DB = "bench"
 DIRECT, PGFLEET, PGFLEET_1, PGFLEET_PY, PGBOUNCER = "direct", "pgfleet", "pgfleet-1", "pgfleet-py", "pgbouncer"
+# pgfleet as one process from another compiled build (--baseline): a before/after in one run.
+PGFLEET_BASE = "pgfleet-1-baseline"
 # pgfleet with --workers N, and as one process (both compiled when built), and from the sources
-PGFLEETS = (PGFLEET, PGFLEET_1, PGFLEET_PY)
+PGFLEETS = (PGFLEET, PGFLEET_1, PGFLEET_PY, PGFLEET_BASE)
 POOLERS = (*PGFLEETS, PGBOUNCER)
-TARGETS = (DIRECT, *POOLERS)
+TARGETS = (DIRECT, PGFLEET, PGFLEET_1, PGFLEET_PY, PGBOUNCER)  # the default; --baseline adds PGFLEET_BASE
 LOUD_LEVELS = ("WARNING", "ERROR", "CRITICAL")
 # --tls both: every target twice, in the clear and as NAME+tls, taking turns in each round.
 TLS_SUFFIX = "+tls"
@@ -191,6 +193,7 @@ def target_labels(workers: int) -> dict[str, str]:
         PGFLEET: f"pgfleet ({workers} workers)" if workers > 1 else one,
         PGFLEET_1: one,
         PGFLEET_PY: "pgfleet (1 process, pure Python)",
+        PGFLEET_BASE: "pgfleet (1 process, baseline)",
     }
     for name in TARGETS:
         labels[name + TLS_SUFFIX] = labels.get(name, name) + ", TLS"
@@ -628,6 +631,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the compiled build pgfleet and pgfleet-1 run (default build/compiled, from `make compiled`)",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another compiled build (e.g. one of main made with `make compiled` in a worktree of it): "
+        "also run it as one process, taking turns with the others, labelled baseline",
+    )
+    parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
         help=f"which targets to run, comma-separated (default: {','.join(TARGETS)})",
@@ -694,6 +703,14 @@ def main(argv: list[str] | None = None) -> int:
         if PGFLEET_PY in wanted and PGFLEET_1 in wanted:
             notes.append("pgfleet-py was skipped: without a compiled build it is the same as pgfleet-1.")
             wanted.remove(PGFLEET_PY)
+    baseline = None
+    if opts.baseline is not None:
+        baseline = compiled_build(opts.baseline.resolve())
+        if baseline is None:
+            print(f"cannot benchmark: no compiled build in {opts.baseline} (`make compiled` there)", file=sys.stderr)
+            return 2
+        # Next to the build it is compared with, so that the two take turns back to back.
+        wanted.insert(wanted.index(PGFLEET_1) if PGFLEET_1 in wanted else len(wanted), PGFLEET_BASE)
     if PGBOUNCER in wanted and pgbouncer_path() is None:
         notes.append("PgBouncer was not measured: `pgbouncer` is not installed.")
         wanted.remove(PGBOUNCER)
@@ -733,9 +750,8 @@ def main(argv: list[str] | None = None) -> int:
                 if kind not in POOLERS:
                     return None
                 tag = "-tls" if name != kind else ""
-                return starter(
-                    kind, pg, workroot, opts.pool_size, max_clients, opts.workers, compiled, tls, secret, tag
-                )
+                build = baseline if kind == PGFLEET_BASE else compiled
+                return starter(kind, pg, workroot, opts.pool_size, max_clients, opts.workers, build, tls, secret, tag)
 
             starters = {name: start_of(name, tls, None) for name, tls, _ in variants if base_name(name) in POOLERS}
             for name, _, sslmode in variants:
@@ -859,6 +875,8 @@ def render_report(
         )
     ran_sources = any(PGFLEET_PY in map(base_name, outcomes) for outcomes in results.values())
     lines.append(f"- pgfleet build: {build_note(compiled_build(opts.compiled), ran_sources)}")
+    if opts.baseline is not None:
+        lines.append(f"- pgfleet (1 process, baseline): the compiled build in {opts.baseline}, as one process")
     lines += ["", "## Throughput", ""]
     lines.append(
         "tps is pgbench's, without initial connection time (with reconnections for -C); spread is ±half the "

@@ -2,14 +2,12 @@
 
 Metric names and labels are pgbouncer_exporter's, so dashboards built for PgBouncer work
 unchanged; `pgfleet_*` metrics add what PgBouncer lacks. Nothing here is counted per
-message: the collector walks the pools when scraped, and the one thing fed from the
-pooler (the wait-time histogram) is a bisect into a fixed list, once per server handed
-to a client that had to wait.
+message: the collector walks the pools when scraped, the wait-time histogram included
+(each pool keeps its own: stats.WaitHistogram, a bisect per wait, compiled).
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -21,34 +19,7 @@ from . import views
 from .admin import VERSION_STRING
 
 if TYPE_CHECKING:
-    from .pool import Pool
     from .pooler import Pooler
-
-# Seconds; a client that waits more than a few ms is already a sign of a tight pool.
-WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-class WaitHistogram:
-    """Counts per bucket (not cumulative) and the sum, for one pool."""
-
-    __slots__ = ("counts", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(WAIT_BUCKETS) + 1)
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
-        self.total += seconds
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip((*map(str, WAIT_BUCKETS), "+Inf"), self.counts, strict=True):
-            running += count
-            out.append((bound, running))
-        return out
-
 
 # SHOW POOLS column -> pgbouncer_exporter metric (pgbouncer_pools_<name>), all gauges.
 _POOL_GAUGES = (
@@ -85,15 +56,6 @@ class PoolerCollector(Collector):
 
     def __init__(self, pooler: Pooler) -> None:
         self.pooler = pooler
-        self.waits: dict[tuple[str, str], WaitHistogram] = {}
-        pooler.wait_observers.append(self.observe_wait)
-
-    def observe_wait(self, pool: Pool, seconds: float) -> None:
-        key = (pool.database, pool.user)
-        histogram = self.waits.get(key)
-        if histogram is None:
-            histogram = self.waits[key] = WaitHistogram()
-        histogram.observe(seconds)
 
     def collect(self) -> Iterable[Metric]:
         yield from self._pgbouncer_metrics()
@@ -181,8 +143,9 @@ class PoolerCollector(Collector):
         wait = HistogramMetricFamily(
             "pgfleet_client_wait_seconds", "Time clients waited for a server connection", labels=labels
         )
-        for (database, user), histogram in sorted(self.waits.items()):
-            wait.add_metric([database, user], histogram.cumulative(), histogram.total)
+        for (database, user), pool in sorted(pooler.pools.items()):
+            if any(pool.waits.counts):  # a pool nobody has waited in yet has no histogram
+                wait.add_metric([database, user], pool.waits.cumulative(), pool.waits.total)
         yield wait
 
         limit = GaugeMetricFamily(

@@ -19,7 +19,7 @@ from .protocol import backend
 from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
 from .server import ServerConnection, ServerLoginError, ServerState
-from .stats import PoolStats
+from .stats import PoolStats, WaitHistogram
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -68,6 +68,7 @@ class Pool:
         # memory of a set).
         self.clients: dict[ClientConnection, None] = {}
         self.stats = PoolStats()
+        self.waits = WaitHistogram()  # pgfleet_client_wait_seconds
         # Server-side names of the named statements its clients prepare (see prepared.py).
         self.statements = StatementRegistry()
         self.server_params: dict[str, str] | None = None
@@ -112,10 +113,13 @@ class Pool:
         self.mode: PoolMode = (user and user.pool_mode) or db.pool_mode or config.pool_mode
         # Read by every link, so decided here once.
         self.refuses_blocks = self.mode is PoolMode.STATEMENT
+        self.session_mode = self.mode is PoolMode.SESSION  # (PoolMode is not compiled: a lookup per use)
         self.maps_statements = self.mode is not PoolMode.SESSION and config.max_prepared_statements > 0
         self.server_lifetime = db.server_lifetime if db.server_lifetime is not None else config.server_lifetime
         self.check_delay = config.server_check_delay
         self.fast_close = config.server_fast_close and self.mode is PoolMode.SESSION
+        # Whether a server coming back runs server_reset_query (read at every release).
+        self.reset_on_release = self.mode is PoolMode.SESSION or config.server_reset_query_always
         self.timeouts = config.timeouts_for(self.database, self.user)
         limits = self.pooler.limits_for(self.database, self.user)
         self.pool_size = limits.pool_size
@@ -220,7 +224,8 @@ class Pool:
             client.fatal_fields(self.last_error.fields)
             return
         self.waiting.append(client)
-        self.launch_for_waiters()
+        if self.server_count < self.limit:  # else _room() refuses: nothing to launch (the usual queue)
+            self.launch_for_waiters()
 
     def _health_check(self, server: ServerConnection) -> None:
         """PgBouncer's server_check_query: a server idle past server_check_delay answers it first.
@@ -246,7 +251,7 @@ class Pool:
         waited = now - client.wait_start
         self.stats.wait_time += int(waited * 1_000_000)
         self.stats.wait_count += 1
-        self.pooler.observe_wait(self, waited)
+        self.waits.observe(waited)
         server.link_time = now
         client.link(server)
 
@@ -273,7 +278,7 @@ class Pool:
             self._close(server, "client left with a request in flight")
             return
         server.outstanding = 0
-        reset = self.mode is PoolMode.SESSION or self.pooler.config.server_reset_query_always
+        reset = self.reset_on_release
         if unsynced:
             server.close_extended_exchange()
         if unsynced or server.busy_internally or server.tx_status != _IDLE or reset or server.startup_sets:

@@ -89,7 +89,6 @@ class Pooler:
         self._drain_deadline: asyncio.TimerHandle | None = None
         # Hooks the admin surface fills in (kept here so the core does not import it).
         self.admin: Any = None
-        self.wait_observers: list[Any] = []
         try:
             from .admin import AdminConsole
         except ModuleNotFoundError:
@@ -324,10 +323,6 @@ class Pooler:
             if theirs is not None and (mine is None or theirs < mine) and other.server_count < other.limit:
                 return True
         return False
-
-    def observe_wait(self, pool: Pool, seconds: float) -> None:
-        for observer in self.wait_observers:
-            observer(pool, seconds)
 
     # -- clients --------------------------------------------------------------------------------------
     def client_connected(self, client: ClientConnection) -> bool:

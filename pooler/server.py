@@ -12,8 +12,7 @@ import asyncio
 import collections
 import enum
 import logging
-import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final, cast
 
 from . import params
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgfleet.server")
 
 # Final: compiled (mypyc), names read for every message are C statics (see client.py).
-_unpack_length: Final = struct.Struct("!i").unpack_from
 _Z: Final = ord("Z")
 _S: Final = ord("S")
 _E: Final = ord("E")
@@ -78,6 +76,11 @@ class ServerConnection(asyncio.Protocol):
         # The subset of params that follows clients: equal to a client's params means
         # nothing to SET when that client's transaction lands here (one dict compare).
         self.tracked_params: dict[str, str] = {}
+        # The client params found equal to tracked_params at the last link (None: not
+        # known). Clients' params are replaced, never changed in place, and clients of a
+        # pool share one: an identity test spares the dict compare on most links. Reset
+        # wherever tracked_params changes.
+        self.synced_params: Mapping[str, str] | None = None
         self.backend_pid = 0
         self.backend_key = 0
         self.tx_status = IDLE
@@ -225,6 +228,7 @@ class ServerConnection(asyncio.Protocol):
         self._login_reader = None
         self._login_queue.clear()
         self.tracked_params = {name: value for name, value in self.params.items() if name in params.TRACKED}
+        self.synced_params = None
 
     async def exchange(self, data: bytes) -> list[tuple[int, bytes]]:
         """Send `data` on a link outside the pools and read the answer up to ReadyForQuery
@@ -311,7 +315,8 @@ class ServerConnection(asyncio.Protocol):
         saw_ready = False
         while n - pos >= 5:
             msg_type = data[pos]
-            end = pos + 1 + _unpack_length(data, pos + 1)[0]
+            # The length read byte by byte: compiled, four native reads, no call or tuple.
+            end = pos + 1 + ((data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4])
             if self._swallow:
                 # Replies to the proxy's own queries never reach the client.
                 if end > n:
@@ -429,6 +434,7 @@ class ServerConnection(asyncio.Protocol):
         self.params[name] = value
         if name in params.TRACKED:
             self.tracked_params[name] = value
+            self.synced_params = None
             client = self.client
             if client is not None:
                 if swallowed and client.params.get(name) != value:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 # The counters by name; compiled (mypyc), the class has fixed attributes but no __slots__.
 COUNTERS = (
     "bind_count",
@@ -46,3 +48,43 @@ class PoolStats:
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTERS}
+
+
+# Seconds; a client that waits more than a few ms is already a sign of a tight pool.
+WAIT_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+class WaitHistogram:
+    """How long a pool's clients waited for a server: counts per bucket (not cumulative)
+    and the sum, for pgfleet_client_wait_seconds.
+
+    Kept by the pool itself (compiled, a few compares per wait) rather than by an observer
+    the pool would call: with 200 clients on 20 servers nearly every transaction waits.
+    """
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(WAIT_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # A walk, not bisect: compiled, native float compares, and most waits end in
+        # the first buckets (bisect would box the float and look itself up per call).
+        index = 0
+        for bound in WAIT_BUCKETS:
+            if seconds <= bound:
+                break
+            index += 1
+        self.counts[index] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*map(str, WAIT_BUCKETS), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out

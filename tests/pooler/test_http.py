@@ -17,6 +17,7 @@ from pgfleet.devtools.tempdb import TempPostgres, free_port
 from pgfleet.devtools.testing import wait_until
 from pgfleet.pooler.http import start_http
 from pgfleet.pooler.pooler import Pooler
+from pgfleet.pooler.stats import WAIT_BUCKETS, WaitHistogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import StartPooler
@@ -105,6 +106,21 @@ async def test_metrics_scrape_parses_with_exporter_names(http_pooler: StartHttp,
     assert ("pgfleet_prepared_statements_cache_misses_total", pool) in samples
     for conn in conns:
         await conn.close()
+
+
+def test_wait_histogram_buckets_are_prometheus_le() -> None:
+    """A wait on a bucket's bound counts in that bucket (le: less than or equal), one past
+    the last bound in +Inf; the cumulative view is what pgfleet_client_wait_seconds shows."""
+    histogram = WaitHistogram()
+    for seconds in (0.0, 0.0005, 0.0006, 0.001, 60.0, 61.0, 3600.0):
+        histogram.observe(seconds)
+    assert histogram.counts[:3] == [2, 2, 0]
+    assert histogram.counts[len(WAIT_BUCKETS) - 1 :] == [1, 2]
+    assert sum(histogram.counts) == 7
+    assert histogram.total == pytest.approx(0.0005 + 0.0006 + 0.001 + 60.0 + 61.0 + 3600.0)
+    cumulative = dict(histogram.cumulative())
+    assert cumulative["0.0005"] == 2 and cumulative["0.001"] == 4 and cumulative["60.0"] == 5
+    assert cumulative["+Inf"] == 7
 
 
 async def test_healthz_and_readyz_flip_on_drain(http_pooler: StartHttp, http: aiohttp.ClientSession) -> None:

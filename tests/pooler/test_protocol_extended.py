@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pgfleet.pooler import sqlscan
 from pgfleet.pooler.protocol import backend, extended
 
@@ -79,3 +81,38 @@ def test_scan_statements_and_refusals() -> None:
     assert not sqlscan.scan("SELECT 'set'")
     for cheap in (b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;", b"BEGIN", b"INSERT INTO t VALUES (1)"):
         assert not sqlscan.worth_a_look(cheap, 0, len(cheap))
+    for cheap in (b"select 1", b"SeLeCt 1", b"s", b"se", b"SHOW x", b"UPDATE t SET x = 1", b"(SELECT 1)"):
+        assert not sqlscan.worth_a_look(cheap, 0, len(cheap))
+    for costly in (
+        b"set x = 1",
+        b"sEt x = 1",
+        b"SET",
+        b"Reset all",
+        b"select pg_advisory_lock(1)",
+        b"SELECT 1; SET x = 1",
+    ):
+        assert sqlscan.worth_a_look(costly, 0, len(costly))
+
+
+_WORDS = ["SELECT", "select", "Set", "set", "SET", "setx", "RESET", "listen", "UNLISTEN", "Declare", "CURSOR",
+          "WITH", "HOLD", "for", "create", "TEMP", "temporary", "TABLE", "discard", "ALL", "prepare", "deallocate",
+          "close", "pg_advisory_lock(1)", "PG_ADVISORY_LOCK(1)", "x", "1", "=", "to", "'s'", "SESSION"]  # fmt: skip
+_GLUE = ["", " ", "  ", "\n", "(", ";", "; ", "/* c */", "-- c\n"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(_GLUE), st.sampled_from(_WORDS)), max_size=8),
+    st.binary(max_size=8),
+    st.binary(max_size=8),
+)
+def test_worth_a_look_never_misses_what_the_scan_finds(
+    parts: list[tuple[str, str]], before: bytes, after: bytes
+) -> None:
+    """The cheap test may say yes wrongly, never no wrongly: whatever the full scan acts on
+    passes it, wherever in a buffer the SQL sits (its bounds, not the bytes around it, count)."""
+    sql = "".join(glue + word for glue, word in parts)
+    effect = sqlscan.scan(sql)
+    data = before + sql.encode() + after
+    if effect:
+        assert sqlscan.worth_a_look(data, len(before), len(before) + len(sql.encode())), sql
