@@ -19,7 +19,7 @@ from pathlib import Path
 from setuptools import setup
 
 # Per transaction: client and server state machines, the pool, statement tracking, the
-# SQL scan, statistics. Per login (a serverless crowd logs in for every transaction or
+# SQL scan, statistics, the turns a long read yields. Per login (a serverless crowd logs in for every transaction or
 # two): password checks, parameters, hba rules, the worker's cancel keys and the
 # startup and backend messages. Nothing outside this list is compiled.
 HOT_MODULES = (
@@ -29,6 +29,7 @@ HOT_MODULES = (
     "prepared",
     "sqlscan",
     "stats",
+    "turns",
     "auth",
     "params",
     "hba",

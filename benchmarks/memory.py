@@ -297,7 +297,7 @@ def workers_memory(
     with start_pgfleet({**config, "workers": workers}, workdir, env=env_for(compiled)) as proc:
         wait_for_line(proc, "pgfleet-pooler ready on")
         time.sleep(1.0)
-        rows = [("supervisor", smaps(proc.pid))]
+        rows = [("supervisor" if workers > 1 else "the pooler (one process)", smaps(proc.pid))]
         for pid in sorted(p for p in descendants(proc.pid) if p != proc.pid):
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().split()
             name = f"worker {argv[argv.index('--worker') + 1]}" if "--worker" in argv else "zygote (forks the workers)"
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", default="1000,10000", help="idle clients per measurement")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--breakdown", type=int, default=10_000, help="idle clients of the breakdown; 0 skips it")
-    parser.add_argument("--workers", type=int, default=2, help="workers of the process measurement; 0 skips it")
+    parser.add_argument("--workers", default="2", help="workers of the process measurements (1,2); 0 skips them")
     parser.add_argument("--compiled", type=Path, default=ROOT / "build" / "compiled")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--also", action="append", default=[], metavar="LABEL=DIR", help="another pgfleet build")
@@ -360,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             for build in (compiled, None):
                 breakdowns.append(breakdown(pg, opts.breakdown, build))
                 print(f"breakdown: {breakdowns[-1]['build']} done", flush=True)
-        processes = workers_memory(pg, workroot, opts.workers, compiled) if opts.workers else []
+        processes = {
+            n: workers_memory(pg, workroot, n, compiled) for n in (int(w) for w in opts.workers.split(",")) if n
+        }
     finally:
         pg.cleanup()
         with contextlib.suppress(OSError):
@@ -393,13 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         report += ["", "## Breakdown", ""]
         for result in breakdowns:
             report += [*breakdown_report(result, opts.breakdown), ""]
-    if processes:
-        report += [
-            "",
-            f"## `workers: {opts.workers}` before any client (compiled build)",
-            "",
-            *workers_report(processes),
-        ]
+    for workers, rows in processes.items():
+        report += ["", f"## `workers: {workers}` before any client (compiled build)", "", *workers_report(rows)]
     text = "\n".join(report) + "\n"
     print("\n" + text)
     if opts.out:

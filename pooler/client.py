@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, cast
 
-from . import auth, hba, params, prepared, sqlscan, tls
+from . import auth, hba, params, prepared, sqlscan, tls, turns
 from .config import AuthType
 from .protocol import backend
 from .protocol import errors as sqlstate
@@ -86,12 +86,6 @@ _QUEUED_BUFFER_LIMIT: Final = 64 * 1024
 # that long is not scanned for session state. A mapped named Parse is still held whole:
 # its statement is kept to prepare it on other servers.
 _STREAM_AFTER: Final = 256 * 1024
-# uvloop (libuv) reads a socket up to 32 times in one turn of the loop while each read
-# fills its 256 kB buffer: a client that keeps its socket full (a long message, a COPY)
-# would hold the loop for 8 MB of copying while every other client waits. After a read
-# this large the client yields its turn: reading pauses and resumes on the next turn,
-# after the loop has looked at everyone else's sockets.
-_YIELD_AFTER: Final = 64 * 1024
 # PostgreSQL refuses these message types beyond 10000 bytes (PQ_SMALL_MESSAGE_LIMIT).
 _SMALL_LIMIT: Final = 10_000
 _SMALL_ONLY: Final = frozenset(map(ord, "CDEHSXcf"))
@@ -179,7 +173,11 @@ class _Login:
         self.password: _PasswordExchange | None = None
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
+    """The asyncio protocol of one client connection (an asyncio.Protocol in all but name:
+    not derived from it, so that the compiled build's object carries no __dict__ and
+    __weakref__ pointers, which a class derived from a Python class has; see `as_protocol`)."""
+
     __slots__ = (
         "_clock",
         "_held",
@@ -232,7 +230,7 @@ class ClientConnection(asyncio.Protocol):
         self._sets_checked = False  # PostgreSQL has accepted the startup settings once
         self._reading_paused = False
         self._write_paused = False
-        self._yielding = False  # reading paused until the loop's next turn (_YIELD_AFTER)
+        self._yielding = False  # reading paused until the loop's next turn (turns.py)
         self.pooler = pooler
         self.id = next(pooler.client_ids)
         self._clock = pooler.clock  # bound once, shared: read on every message
@@ -290,6 +288,11 @@ class ClientConnection(asyncio.Protocol):
         return self.peer_host, self.peer_port
 
     # -- asyncio.Protocol ----------------------------------------------------------------
+    def as_protocol(self) -> asyncio.Protocol:
+        """This object as the event loop's protocol (uvloop and asyncio call its methods,
+        they do not check its class)."""
+        return cast(asyncio.Protocol, self)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
@@ -312,8 +315,8 @@ class ClientConnection(asyncio.Protocol):
         state = self.state
         if state is ClientState.ACTIVE:
             self.last_activity = self._clock()
-            if len(data) >= _YIELD_AFTER:
-                self._yield_turn()
+            if len(data) >= turns.YIELD_AFTER:  # a long read ends this client's turn
+                turns.yield_turn(self, self.pooler.loop.call_soon)
             if self._skip:
                 data = self._pass_through(data)
                 if not data:
@@ -353,6 +356,9 @@ class ClientConnection(asyncio.Protocol):
             waiter = login.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself (asyncio.Protocol's default)
 
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
@@ -721,7 +727,7 @@ class ClientConnection(asyncio.Protocol):
         pooler = self.pooler
         try:
             self.transport = await tls.upgrade_client(
-                pooler.loop, self.transport, self, ctx, pooler.tls_stats, pooler.config.client_login_timeout or None,
+                pooler.loop, self.transport, self.as_protocol(), ctx, pooler.tls_stats, pooler.config.client_login_timeout or None,
                 hello,
             )  # fmt: skip
         except (OSError, TimeoutError) as exc:
@@ -1309,22 +1315,13 @@ class ClientConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
-    def _yield_turn(self) -> None:
-        """Stop reading until the loop's next turn (see _YIELD_AFTER)."""
-        if self._reading_paused or self._yielding:
-            return
-        self._yielding = True
-        self.pause_reading()
-        self.pooler.loop.call_soon(self._end_turn)
-
-    def _end_turn(self) -> None:
-        self._yielding = False
+    def reading_held(self) -> bool:
+        """Reading stays paused past a turn's end (turns.py): by back-pressure, which the
+        server's resume_writing ends, or a full queue, which `link` ends."""
         server = self.server
         if server is not None and server.write_paused:
-            return  # back-pressure holds reading now; the server's resume_writing resumes it
-        if self.state is ClientState.WAITING and len(self._pending) > _QUEUED_BUFFER_LIMIT:
-            return  # held until a server takes it (link resumes reading)
-        self.resume_reading()
+            return True
+        return self.state is ClientState.WAITING and len(self._pending) > _QUEUED_BUFFER_LIMIT
 
     def _protocol_violation(self, message: str) -> None:
         log.warning("client %s:%s: %s", *self.address, message)

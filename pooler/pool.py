@@ -65,7 +65,7 @@ class Pool:
         self.connecting = 0
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         # Its logged-in clients, in login order (a dict: at 10,000 entries about half the
-        # memory of a set).
+        # memory of a set); the pooler's collection of every client holds them through it.
         self.clients: dict[ClientConnection, None] = {}
         self.stats = PoolStats()
         self.waits = WaitHistogram()  # pgfleet_client_wait_seconds
@@ -183,6 +183,7 @@ class Pool:
     # -- serving clients --------------------------------------------------------------------
     def client_logged_in(self, client: ClientConnection) -> None:
         self.clients[client] = None
+        self.pooler.clients.pooled(client)
         self.pooler.database_clients[client.database] += 1
         self.pooler.user_clients[client.user] += 1
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final, cast
 
-from . import params
+from . import params, turns
 from . import prepared as statements
 from .auth import AuthFailed, ScramClientExchange, is_md5, is_plaintext, md5_response
 from .passthrough import ScramKeys, ScramKeysExchange
@@ -40,9 +40,6 @@ _IDLE: Final = IDLE
 # Server messages the forwarding scan must look at (ParseComplete and CloseComplete:
 # some answer the proxy's own Parse/Close and go no further, see prepared.py).
 _WATCHED: Final = frozenset((_Z, _S, _E, statements.PARSE, statements.CLOSE))
-# A server sending a long result is read one buffer per turn of the loop, as a client
-# sending a long message is (client._YIELD_AFTER says why).
-_YIELD_AFTER: Final = 64 * 1024
 _CACHE_WIPED = frozenset((b"DISCARD ALL\x00", b"DEALLOCATE ALL\x00"))
 
 
@@ -126,7 +123,7 @@ class ServerConnection(asyncio.Protocol):
         self._partial = b""
         self._skip = 0
         self._reading_paused = False
-        self._yielding = False  # reading paused until the loop's next turn (_YIELD_AFTER)
+        self._yielding = False  # reading paused until the loop's next turn (turns.py)
         # The transport's buffer is over its high-water mark: its client is not read.
         self.write_paused = False
         self._login_reader: MessageReader | None = MessageReader()
@@ -156,8 +153,8 @@ class ServerConnection(asyncio.Protocol):
                 return
             self._wake()
             return
-        if len(data) >= _YIELD_AFTER:
-            self._yield_turn()
+        if len(data) >= turns.YIELD_AFTER:  # a long result is read one buffer per turn
+            turns.yield_turn(self, self._call_soon)
         self._forward(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -499,20 +496,11 @@ class ServerConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
-    def _yield_turn(self) -> None:
-        """Stop reading until the loop's next turn (see _YIELD_AFTER)."""
-        if self._reading_paused or self._yielding:
-            return
-        self._yielding = True
-        self.pause_reading()
-        self._call_soon(self._end_turn)
-
-    def _end_turn(self) -> None:
-        self._yielding = False
+    def reading_held(self) -> bool:
+        """Reading stays paused past a turn's end (turns.py): by back-pressure, which the
+        client's resume_writing ends."""
         client = self.client
-        if client is not None and client.write_paused:
-            return  # back-pressure holds reading now; the client's resume_writing resumes it
-        self.resume_reading()
+        return client is not None and client.write_paused
 
     def close(self, reason: str = "") -> None:
         """Terminate politely; the pool hears about it through connection_lost."""
