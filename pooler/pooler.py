@@ -60,10 +60,11 @@ class Clients:
         return self._count
 
     def __iter__(self) -> Iterator[ClientConnection]:
-        # Snapshots: what the caller does to a client may end it (and change the maps).
-        yield from list(self._unpooled)
-        for pool in list(self._pools.values()):
-            yield from list(pool.clients)
+        # As a dict's: a caller that ends clients takes a list first (an ended client
+        # leaves its map).
+        yield from self._unpooled
+        for pool in self._pools.values():
+            yield from pool.clients
 
     def add(self, client: ClientConnection) -> None:
         self._unpooled[client] = None
