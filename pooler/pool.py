@@ -273,8 +273,7 @@ class Pool:
                 # Closing the socket alone would not stop PostgreSQL: the query would run
                 # to its end on a backend the pool no longer counts. Cancel it, and close
                 # (still counted meanwhile) once PostgreSQL has taken the cancel.
-                self.pooler.cancel_query(server)
-                server.after_cancels = lambda: self._close_unless_closed(server, "client left with a request in flight")
+                self._close_after_cancel(server)
                 return
             self._close(server, "client left with a request in flight")
             return
@@ -285,10 +284,22 @@ class Pool:
         if unsynced or server.busy_internally or server.tx_status != _IDLE or reset or server.startup_sets:
             # Every way back to the pool but the hot path: the proxy's own queries in
             # flight are answered first, then the transaction rolled back, then the reset.
-            server.when_idle(lambda: self._clean_up(server, reset))
+            self._clean_up_when_idle(server, reset)
         else:
             # The hot path: open, clean (checked above), last_used written.
             self._give(server, now)
+
+    # The callbacks of release and _give are made apart from them: compiled, a function
+    # holding a lambda allocates its closure's environment at every call, taken or not.
+    def _close_after_cancel(self, server: ServerConnection) -> None:
+        self.pooler.cancel_query(server)
+        server.after_cancels = lambda: self._close_unless_closed(server, "client left with a request in flight")
+
+    def _clean_up_when_idle(self, server: ServerConnection, reset: bool) -> None:
+        server.when_idle(lambda: self._clean_up(server, reset))
+
+    def _give_after_cancels(self, server: ServerConnection) -> None:
+        server.after_cancels = lambda: self._give_checked(server)
 
     def _clean_up(self, server: ServerConnection, reset: bool) -> None:
         """Roll back what the client left open, reset the session if asked, then give.
@@ -339,7 +350,7 @@ class Pool:
         if server.cancels_in_flight:
             # A cancel for the client that just left may still land on this backend:
             # nobody else gets it before PostgreSQL has taken every such request.
-            server.after_cancels = lambda: self._give_checked(server)
+            self._give_after_cancels(server)
             return
         if self.server_count > self.limit:
             self._close(server, "pool size lowered")

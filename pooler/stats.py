@@ -51,9 +51,13 @@ class PoolStats:
 
 
 # Seconds; a client that waits more than a few ms is already a sign of a tight pool.
-WAIT_BUCKETS: Final = (
+# Not Final: compiled, a Final tuple of literals is a constant that another module-level
+# value cannot be made from at import (mypyc leaves its static unset).
+WAIT_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+# The same as a list: compiled, its items are read by index without an iterator.
+_BOUNDS: Final[list[float]] = list(WAIT_BUCKETS)
 
 
 class WaitHistogram:
@@ -74,9 +78,8 @@ class WaitHistogram:
         # A walk, not bisect: compiled, native float compares, and most waits end in
         # the first buckets (bisect would box the float and look itself up per call).
         index = 0
-        for bound in WAIT_BUCKETS:
-            if seconds <= bound:
-                break
+        last = len(_BOUNDS)
+        while index < last and seconds > _BOUNDS[index]:
             index += 1
         self.counts[index] += 1
         self.total += seconds

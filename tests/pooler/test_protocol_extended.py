@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pgfleet.pooler import sqlscan
+from pgfleet.pooler import client, sqlscan
 from pgfleet.pooler.protocol import backend, extended
 
 
@@ -116,3 +118,19 @@ def test_worth_a_look_never_misses_what_the_scan_finds(
     data = before + sql.encode() + after
     if effect:
         assert sqlscan.worth_a_look(data, len(before), len(before) + len(sql.encode())), sql
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=6).map(lambda b: b.replace(b"\x00", b"n")),
+    st.binary(max_size=40).map(lambda b: b.replace(b"\x00", b"q")),
+    st.lists(st.sampled_from([0, 23, 25, 1 << 24, 0x01000000 + 23]), max_size=4),
+    st.binary(max_size=6),
+)
+def test_parse_sql_end_is_its_nul(name: bytes, sql: bytes, types: list[int], after: bytes) -> None:
+    """The SQL of a Parse ends at its first NUL, whatever its parameter types (OID 0, the
+    commonest, ends the message with the same zero bytes a Parse without types does)."""
+    body = name + b"\x00" + sql + b"\x00" + struct.pack(f"!h{len(types)}I", len(types), *types)
+    data = b"P" + struct.pack("!i", len(body) + 4) + body + after
+    start, end = 5 + len(name) + 1, 5 + len(body)
+    assert client._parse_query_end(data, start, end) == data.find(b"\x00", start, end) == start + len(sql)
