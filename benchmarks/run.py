@@ -740,7 +740,9 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             else:
                 variants = [(n, tls_settings, "require" if opts.tls == "on" else None) for n in wanted]
-            pg = TempPostgres(max_connections=max(clients) + 2 * opts.pool_size + 60, tls=pg_tls).start()
+            # Every pooler's pool at once, a direct run's clients, and room for psql and the rest.
+            poolers = sum(1 for name, _, _ in variants if base_name(name) in POOLERS)
+            pg = TempPostgres(max_connections=max(clients) + poolers * opts.pool_size + 60, tls=pg_tls).start()
             pg.sql(f"CREATE DATABASE {DB}")
             POSTMASTER_PID_FILE.append(pg.datadir / "postmaster.pid")
             pgbench_init(pg.host, pg.port, DB, scale=opts.scale)

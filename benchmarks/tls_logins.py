@@ -33,8 +33,18 @@ import psycopg
 from pgfleet.devtools.procs import PoolerProcess, free_port, start_pgbouncer, start_pgfleet
 from pgfleet.devtools.tempdb import TempPostgres
 
-# run.py's helpers: the benchmark's certificates, configs, CPU reading and report header.
-from run import compiled_build, machine, make_tls, pooler_config, tree_cpu_seconds, versions, wait_ready_line
+# run.py's helpers: the benchmark's certificates, configs, CPU reading and report header
+# (`python -P`, as the checkout root must not shadow `operator`, leaves this folder off sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import (
+    compiled_build,
+    machine,
+    make_tls,
+    pooler_config,
+    tree_cpu_seconds,
+    versions,
+    wait_ready_line,
+)
 
 DB = "bench"
 
