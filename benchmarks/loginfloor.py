@@ -43,9 +43,17 @@ WELCOME = b"".join(
         backend.ready_for_query(),
     ]
 )
+# One row holding 1: also what pgbench reads as the scale (its count of pgbench_branches).
 REPLY = (
     backend.row_description([("abalance", 23)])
-    + backend.data_row(["0"])
+    + backend.data_row(["1"])
+    + backend.command_complete("SELECT 1")
+    + backend.ready_for_query()
+)
+# pgbench's look at pgbench_accounts' partitions as it starts: one table, not partitioned.
+PARTITIONS = (
+    backend.row_description([("n", 23), ("partstrat", 18), ("count", 20)])
+    + backend.data_row(["1", None, "0"])
     + backend.command_complete("SELECT 1")
     + backend.ready_for_query()
 )
@@ -71,7 +79,7 @@ class CannedLogin(asyncio.Protocol):
             self.started = True
             transport.write(WELCOME)
         elif data[0] == ord("Q"):
-            transport.write(REPLY)
+            transport.write(PARTITIONS if b"partstrat" in data else REPLY)
         elif data[0] == ord("X"):
             transport.close()
 
