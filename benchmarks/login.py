@@ -178,8 +178,8 @@ def py_spy_recorder(out: Path, duration: float) -> tuple[Callable[[int], None], 
 # A login's phases, by the pooler functions a sample is in (the innermost that matches
 # wins); both spellings, the sources' (Class.method) and mypyc's (CPyDef_module___Class___method).
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("auth: SCRAM", ("authenticate_scram", "ScramServerExchange", "scram_verifier", "learned")),
-    ("auth", ("_authenticate", "_hba_method", "_read_password", "check_md5", "check_plain")),
+    ("auth: SCRAM", ("authenticate_scram", "ScramServerExchange", "scram_verifier", "learned", "sasl_initial_response")),
+    ("auth", ("_authenticate", "_auth_begin", "_auth_step", "_password_inline", "_hba_method", "_read_password", "check_md5", "check_plain")),
     ("startup packet", ("parse_startup_packet", "_read_startup_packet", "_check_startup_params", "StartupReader")),
     (
         "welcome (params, key, frames)",
