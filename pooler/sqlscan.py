@@ -65,10 +65,10 @@ def worth_a_look(data: bytes, start: int, end: int) -> bool:
     # One copy of the SQL, then a byte's presence asked first (`int in bytes` is a memchr;
     # `bytes in bytes` and bytes.find cost far more in calls than in searching).
     sql = data[start:end]
-    if _SEMICOLON in sql:
-        semicolon = sql.find(b";")
-        if semicolon < len(sql) - 1 and _AFTER_SEMICOLON.search(sql, semicolon):
-            return True
+    # A statement after a semicolon (any match starts at one); one ending the SQL, as
+    # pgbench's and many a driver's do, leaves nothing after it to look at.
+    if _SEMICOLON in sql[:-1] and _AFTER_SEMICOLON.search(sql):
+        return True
     if _LOWER_V in sql and sql.find(b"dvisory") >= 0:
         return True
     return _UPPER_V in sql and sql.find(b"DVISORY") >= 0
