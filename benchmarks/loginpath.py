@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import os
 import pstats
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,30 +33,17 @@ from pgfleet.pooler.client import ClientConnection
 from pgfleet.pooler.compiled import BUILD
 from pgfleet.pooler.config import parse_config
 from pgfleet.pooler.pooler import Pooler
-from pgfleet.pooler.protocol import backend, frontend
+from pgfleet.pooler.protocol import frontend
 from pgfleet.pooler.protocol.framing import MessageReader
 from pgfleet.pooler.protocol.startup import build_ssl_request, build_startup_message
 from pgfleet.pooler.server import ServerConnection, ServerState
 from pgfleet.pooler.userlist import dump_userlist
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hotpath import SERVER_PARAMS, select_response  # one canned server for both
+
 PASSWORD = "storm-password"
 USER = "postgres"
-
-
-SERVER_PARAMS = {  # as hotpath.py's
-    "client_encoding": "UTF8",
-    "DateStyle": "ISO, MDY",
-    "TimeZone": "UTC",
-    "IntervalStyle": "postgres",
-    "standard_conforming_strings": "on",
-    "application_name": "",
-    "server_version": "15.0",
-}
-
-
-def select_response() -> bytes:
-    row_desc = backend.row_description([("abalance", 23)])
-    return row_desc + backend.data_row(["0"]) + backend.command_complete("SELECT 1") + backend.ready_for_query()
 
 
 class RecordingTransport:

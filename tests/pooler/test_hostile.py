@@ -449,6 +449,17 @@ async def raw_login(port: int, user: str, database: str = "app") -> tuple[RawCli
     return client, backend.parse_authentication(body)
 
 
+async def answers_until_ready_or_error(client: RawClient) -> list[tuple[str, bytes]]:
+    """The pooler's messages up to ReadyForQuery or an error; the client is closed after."""
+    out: list[tuple[str, bytes]] = []
+    try:
+        while not out or out[-1][0] not in "ZE":
+            out.append(await client.message())
+    finally:
+        await client.close()
+    return out
+
+
 async def answer(client: RawClient, request: backend.AuthRequest, user: str, password: str) -> list[tuple[str, bytes]]:
     """Answer an authentication request with `password`; the messages up to the end of the login."""
     if request.code == backend.AUTH_MD5:
@@ -463,13 +474,7 @@ async def answer(client: RawClient, request: backend.AuthRequest, user: str, pas
         server_first = backend.parse_authentication(body).data.decode()
         scram.set_server_first(server_first)
         client.send(frontend.sasl_response(scram.get_client_final().encode()))
-    out = []
-    try:
-        while not out or out[-1][0] not in "ZE":
-            out.append(await client.message())
-    finally:
-        await client.close()
-    return out
+    return await answers_until_ready_or_error(client)
 
 
 @pytest.mark.parametrize("auth_type", ["md5", "scram-sha-256", "plain"])
@@ -578,13 +583,7 @@ async def test_what_is_not_a_password_answer_ends_the_login_with_08P01(
     for what, data in answers.items():
         client, _ = await raw_login(pooler.port, user)
         client.send(data)
-        out = []
-        try:
-            while not out or out[-1][0] not in "ZE":
-                out.append(await client.message())
-        finally:
-            await client.close()
-        assert error(out)["C"] == "08P01", what
+        assert error(await answers_until_ready_or_error(client))["C"] == "08P01", what
     conn = await asyncpg.connect(
         host="127.0.0.1", port=pooler.port, user="scramuser", password="scrampass", database="app"
     )
