@@ -671,7 +671,7 @@ class AdminSession:
         now = self.pooler.loop.time()
         rows: list[Row] = []
         for pool in self.pooler.pools.values():
-            for client in pool.clients:
+            for client in pool.clients.values():
                 if client.state is ClientState.CLOSED:
                     continue
                 state = {ClientState.ACTIVE: "active", ClientState.WAITING: "waiting"}.get(client.state, "idle")
@@ -908,7 +908,7 @@ class AdminSession:
         console.paused_databases.update(names)
         for pool in console._target_pools(database):
             pool.paused = True
-            for client in list(pool.clients):
+            for client in list(pool.clients.values()):
                 client.terminate(sqlstate.ADMIN_SHUTDOWN, "database killed by admin (KILL)")
             pool.close_all("KILL", active=True)
         return backend.command_complete("KILL")

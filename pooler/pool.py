@@ -64,9 +64,11 @@ class Pool:
         self.active: set[ServerConnection] = set()
         self.connecting = 0
         self.waiting: collections.deque[ClientConnection] = collections.deque()
-        # Its logged-in clients, in login order (a dict: at 10,000 entries about half the
-        # memory of a set); the pooler's collection of every client holds them through it.
-        self.clients: dict[ClientConnection, None] = {}
+        # Its logged-in clients by their cancel key's process id, in login order: the map
+        # that a CancelRequest is looked up in as well (Pooler.forward_cancel), so that an
+        # idle client is one map entry (and one int), not two; the pooler's collection of
+        # every client holds them through it.
+        self.clients: dict[int, ClientConnection] = {}
         self.stats = PoolStats()
         self.waits = WaitHistogram()  # pgfleet_client_wait_seconds
         # Server-side names of the named statements its clients prepare (see prepared.py).
@@ -182,14 +184,17 @@ class Pool:
 
     # -- serving clients --------------------------------------------------------------------
     def client_logged_in(self, client: ClientConnection) -> None:
-        self.clients[client] = None
+        self.clients[client.cancel_pid] = client
         self.pooler.clients.pooled(client)
         self.pooler.database_clients[client.database] += 1
         self.pooler.user_clients[client.user] += 1
 
+    def has_client(self, client: ClientConnection) -> bool:
+        return self.clients.get(client.cancel_pid) is client
+
     def client_gone(self, client: ClientConnection) -> None:
-        if client in self.clients:
-            del self.clients[client]
+        if self.clients.get(client.cancel_pid) is client:
+            del self.clients[client.cancel_pid]
             self.pooler.database_clients[client.database] -= 1
             self.pooler.user_clients[client.user] -= 1
         # Waiting clients that left are skipped when their turn comes (O(1) here).

@@ -46,9 +46,10 @@ RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_ad
 class Clients:
     """Every client connection of this process, as one collection (its length, iteration).
 
-    A client logged in to a pool is held by that pool's map (Pool.clients) alone; this one
-    holds the others (logging in, on the admin console): one map entry per client, not two
-    (at 10,000 idle clients a map's entry is about 30 bytes each).
+    A client logged in to a pool is held by that pool's map (Pool.clients, by cancel key,
+    which is also where a CancelRequest finds it) alone; this one holds the others (logging
+    in, on the admin console): one map entry per client, not two or three (at 10,000 idle
+    clients a map's entry is about 30 bytes).
     """
 
     def __init__(self, pools: Mapping[tuple[str, str], Pool]) -> None:
@@ -64,7 +65,7 @@ class Clients:
         # leaves its map).
         yield from self._unpooled
         for pool in self._pools.values():
-            yield from pool.clients
+            yield from pool.clients.values()
 
     def add(self, client: ClientConnection) -> None:
         self._unpooled[client] = None
@@ -79,7 +80,7 @@ class Clients:
         if client in self._unpooled:
             del self._unpooled[client]
             self._count -= 1
-        elif client.pool is not None and client in client.pool.clients:
+        elif client.pool is not None and client.pool.has_client(client):
             self._count -= 1
 
 
@@ -117,8 +118,6 @@ class Pooler:
         # SHUTDOWN WAIT_FOR_SERVERS: no client gets a server any more (pool.acquire).
         self.refusing_servers = False
         self.started_at = self.loop.time()
-        # Cancel process id -> its logged-in client (whose cancel_secret is the key).
-        self._cancel_keys: dict[int, ClientConnection] = {}
         self._cancel_tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
         self._unix_servers: list[asyncio.Server] = []  # kept open by a graceful shutdown
@@ -396,7 +395,6 @@ class Pooler:
     def client_disconnected(self, client: ClientConnection, previous: ClientState) -> None:
         self.clients.remove(client)
         if client.cancel_pid:
-            self._cancel_keys.pop(client.cancel_pid, None)
             self.logged_in_clients -= 1
         if client.pool is not None:
             client.pool.client_gone(client)
@@ -423,11 +421,14 @@ class Pooler:
         return self.slot.portion(self.config.max_client_conn)
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        """A new cancel key for `client`; its pool (`client.pool`, set) takes it into its map,
+        keyed by the process id (Pool.client_logged_in), which is unique in that map. The
+        admin console's clients have no pool: a cancel request cannot reach them."""
+        pool = client.pool
         while True:
             pid, key = self.slot.new_cancel_key()
-            if pid not in self._cancel_keys:
+            if pool is None or pid not in pool.clients:
                 break
-        self._cancel_keys[pid] = client
         self.logged_in_clients += 1
         return pid, key
 
@@ -439,8 +440,13 @@ class Pooler:
             path = str(slot.cancel_socket(slot.owner_of(pid)))
             self._track(self._send_cancel(path, pid, key))
             return
-        client = self._cancel_keys.get(pid)
-        if client is None or client.cancel_secret != key:
+        # The pools' maps are the map of cancel keys (one lookup per pool: a process id is
+        # unique within a pool, the secret tells two pools' clients apart).
+        for pool in self.pools.values():
+            client = pool.clients.get(pid)
+            if client is not None and client.cancel_secret == key:
+                break
+        else:
             return  # PostgreSQL too ignores cancel requests with a wrong key, silently
         server = client.server
         if server is None or not server.backend_pid:

@@ -37,7 +37,7 @@ class PoolCounts:
 
 def pool_counts(pool: Pool, now: float) -> PoolCounts:
     active = waiting = 0
-    for client in pool.clients:
+    for client in pool.clients.values():
         if client.state is ClientState.WAITING:
             waiting += 1
         elif client.state is not ClientState.CLOSED:

@@ -11,6 +11,7 @@ import pytest
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.devtools.testing import wait_until
 from pgfleet.pooler.protocol import extended, frontend
+from pgfleet.pooler.protocol.startup import build_cancel_request
 
 from .conftest import StartPooler
 from .rawpg import RawClient, kinds, rows
@@ -223,6 +224,44 @@ async def test_cancel_with_a_wrong_key_is_ignored(start_pooler: StartPooler) -> 
         assert await conn.fetchval("SELECT 1") == 1
     finally:
         await conn.close()
+
+
+async def test_cancel_finds_its_client_in_either_pool_and_only_with_its_own_secret(
+    start_pooler: StartPooler,
+) -> None:
+    # The pools' maps of clients are the map of cancel keys: a CancelRequest is looked up in
+    # each pool, and a process id is matched only together with its own secret.
+    pooler = await start_pooler(auth_type="trust")
+    conns = [
+        await psycopg.AsyncConnection.connect(
+            host="127.0.0.1", port=pooler.port, user="postgres", dbname=db, autocommit=True
+        )
+        for db in ("postgres", "app")
+    ]
+    try:
+        keys = [next(iter(pooler.pools[(db, "postgres")].clients.values())).cancel_key for db in ("postgres", "app")]
+        for victim in (1, 0):  # the pool looked up last, then first
+            queries = [asyncio.create_task(conn.execute("SELECT pg_sleep(30)")) for conn in conns]
+            await wait_until(lambda: all(s.outstanding for pool in pooler.pools.values() for s in pool.active))
+            # One client's process id with the other's secret cancels nothing.
+            for pid, secret in ((keys[0][0], keys[1][1]), (keys[1][0], keys[0][1])):
+                reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+                writer.write(build_cancel_request(pid, secret))
+                async with asyncio.timeout(5):
+                    assert await reader.read() == b""
+                writer.close()
+                await writer.wait_closed()
+            await conns[victim].cancel_safe()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                await queries[victim]
+            other = queries[1 - victim]
+            assert not other.done()  # the other pool's client still runs its query
+            await conns[1 - victim].cancel_safe()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                await other
+    finally:
+        for conn in conns:
+            await conn.close()
 
 
 async def test_a_queued_client_sending_much_is_paused_and_loses_nothing(start_pooler: StartPooler) -> None:
