@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from .allocate import FleetBudget, FleetSpec, PodState, ServerBudget, allocate_server
 from .fleet import PodClient, PodReport, PushOutcome, push_in_safe_order
 from .observe import DatabaseTarget, DatabaseUnreachable, ServerObserver, ServerSnapshot
+from .traffic import PauseReport
 
 log = logging.getLogger("pgfleet.budget")
 
@@ -55,6 +56,8 @@ class FleetReport:
     pods: dict[str, PodReport]
     push: PushOutcome
     fleet_backends: int | None  # its backends PostgreSQL shows, by PID (None: not observed)
+    # Its pods' pause after this period's PUT /pause (None: nothing declares one, standalone).
+    pause: PauseReport | None = None
 
     @property
     def limits(self) -> dict[str, int]:
@@ -164,7 +167,8 @@ class BudgetLoop:
         pods = await asyncio.gather(*(self._read_pods(fleet) for fleet in fleets))
         reports = {fleet.name: r for fleet, r in zip(fleets, pods, strict=True)}
         # Pausing comes before the budget's work: a pod that should not serve stops first.
-        await asyncio.gather(*(self._align_pause(fleet, reports[fleet.name]) for fleet in fleets))
+        paused = await asyncio.gather(*(self._align_pause(fleet, reports[fleet.name]) for fleet in fleets))
+        pauses = {fleet.name: pause for fleet, pause in zip(fleets, paused, strict=True)}
         pids: dict[str, set[int]] = {}
         live = {b.pid for b in snapshot.backends} if snapshot is not None else None
         lingering: dict[str, int] = {}
@@ -203,6 +207,7 @@ class BudgetLoop:
                 pods=reports[fleet.name],
                 push=push,
                 fleet_backends=snapshot.held_by(pids[fleet.name]) if snapshot is not None else None,
+                pause=pauses[fleet.name],
             )
         period = PeriodReport(
             at=time.time(),
@@ -223,25 +228,43 @@ class BudgetLoop:
             pods = {}
         return await self._client(fleet).statuses(pods)
 
-    async def _align_pause(self, fleet: Fleet, reports: dict[str, PodReport]) -> None:
+    async def _align_pause(self, fleet: Fleet, reports: dict[str, PodReport]) -> PauseReport | None:
         """PUT /pause to each pod whose pause differs from the fleet's: one that started from a
-        ConfigMap the kubelet had not updated yet, or that missed the reconcile's push."""
+        ConfigMap the kubelet had not updated yet, or that missed the reconcile's push.
+
+        Returns where the pods stand after it (TrafficPaused between full reconciles): the
+        servers each still holds as its /status said, its pause as its answer says.
+        """
         async with self.pause_lock(fleet.name):
             # The spec as it is now: a reconcile may have changed it while the pods were read.
             current = self.fleets.get(fleet.name)
             wanted = current.paused if current is not None else None
             if wanted is None:
-                return
-            # A draining pod stays paused whatever it is told (it answers 409).
-            stale = sorted(n for n, r in reports.items() if r.reachable and not r.draining and r.paused != wanted)
+                return None
+            # A draining pod stays paused whatever it is told (it answers 409), and is leaving:
+            # it is neither told nor counted.
+            staying = {name: r for name, r in reports.items() if not r.draining}
+            stale = sorted(n for n, r in staying.items() if r.reachable and r.paused != wanted)
             client = self._client(fleet)
             answers = await asyncio.gather(*(client.pause(reports[name].url, wanted) for name in stale))
-        for name, (now, error) in zip(stale, answers, strict=True):
+        pause = PauseReport(wanted=wanted)
+        for name, report in staying.items():
+            if report.reachable:
+                pause.servers[name], pause.paused[name] = report.held, report.paused
+            else:
+                pause.failed[name] = report.error or "unreachable"
+        for name, (now, servers, error) in zip(stale, answers, strict=True):
             if error:
                 log.warning("fleet %s: pod %s did not take paused=%s: %s", fleet.name, name, wanted, error)
-            elif now == wanted:
+                del pause.servers[name], pause.paused[name]
+                pause.failed[name] = error
+                continue
+            # Its answer is newer than its /status: a transaction begun in between holds a server.
+            pause.paused[name], pause.servers[name] = bool(now), servers
+            if now == wanted:
                 log.info("fleet %s: pod %s %s, as the spec says", fleet.name, name, "paused" if wanted else "resumed")
             # else: paused by hand on its console; the operator lifts only its own pause
+        return pause
 
     def _spec(self, fleet: Fleet, reports: dict[str, PodReport]) -> FleetSpec:
         memory = self._memory[fleet.name]

@@ -157,15 +157,17 @@ class PodClient:
             return replace(report, reachable=False, error=str(exc) or type(exc).__name__)
         return await self.status(report.name, report.url)
 
-    async def pause(self, url: str, paused: bool) -> tuple[bool | None, str]:
-        """PUT /pause: (whether the pod says it is paused now, "") or (None, why it did not answer)."""
+    async def pause(self, url: str, paused: bool) -> tuple[bool | None, int, str]:
+        """PUT /pause: (whether the pod says it is paused now, the servers it still holds, "")
+        or (None, 0, why it did not answer)."""
         try:
             async with self._open().put(f"{url}/pause", json={"paused": paused}) as response:
                 if response.status != 200:
-                    return None, f"HTTP {response.status}: {(await response.text())[:200]}"
-                return bool((await response.json())["paused"]), ""
+                    return None, 0, f"HTTP {response.status}: {(await response.text())[:200]}"
+                body = await response.json()
+                return bool(body["paused"]), int(body["servers"]), ""
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, TypeError) as exc:
-            return None, str(exc) or type(exc).__name__
+            return None, 0, str(exc) or type(exc).__name__
 
     async def close(self) -> None:
         if self._session is not None:

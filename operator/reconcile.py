@@ -371,7 +371,8 @@ async def _pause(ctx: Context, pgpool: model.PgPool, token: str) -> traffic.Paus
 
 
 def budget_report(loops: BudgetLoops, body: Obj) -> Outcome | None:
-    """status.budget and BudgetEnforced from the loop's last period, between full reconciles.
+    """status.budget, BudgetEnforced, TrafficPaused and pausedPods from the loop's last period,
+    between full reconciles.
 
     None when there is nothing new to say: no report yet, or the status already has it.
     Nothing else of the status is touched (observedGeneration stays the reconcile's).
@@ -387,21 +388,37 @@ def budget_report(loops: BudgetLoops, body: Obj) -> Outcome | None:
     condition = functools.partial(
         conditions.condition, generation=pgpool.status.observed_generation, at=conditions.now()
     )
-    enforced = _enforced(condition, period, report)
+    updates = [_enforced(condition, period, report)]
+    status: Obj = {"budget": budget_now}
+    pause = report.pause
+    # The pods' pause as the loop saw them, once the reconcile has taken the spec's generation
+    # and when the loop pushed the pause the spec asks for now (not one from before a change).
+    if (
+        pause is not None
+        and pgpool.generation == pgpool.status.observed_generation
+        and pause.wanted == pgpool.spec.pooler.paused
+    ):
+        updates.append(condition(traffic.TRAFFIC_PAUSED, *traffic.describe(pause)))
+        status["pausedPods"] = len(pause.fully_paused) if pause.wanted else 0
     # Only a change is written (observedAt alone moves with every full reconcile).
     written = pgpool.status.budget.model_dump(by_alias=True, mode="json")
-    previous = next((c for c in pgpool.status.conditions if c.type == conditions.BUDGET_ENFORCED), None)
     same_budget = all(written.get(k) == v for k, v in budget_now.items() if k != "observedAt")
-    same_condition = previous is not None and (previous.status.value, previous.reason, previous.message) == (
-        enforced["status"],
-        enforced["reason"],
-        enforced["message"],
-    )
-    if same_budget and same_condition:
+    same_paused = status.get("pausedPods", pgpool.status.paused_pods) == pgpool.status.paused_pods
+    if same_budget and same_paused and all(_unchanged(pgpool, cond) for cond in updates):
         return None
     events: list[Event] = []
     _budget_change_event(pgpool, budget_now["total"], events)
-    return _finish(pgpool, {"budget": budget_now}, [enforced], events)
+    return _finish(pgpool, status, updates, events)
+
+
+def _unchanged(pgpool: model.PgPool, cond: conditions.Condition) -> bool:
+    """Whether the status already says what `cond` says (its time and generation aside)."""
+    previous = next((c for c in pgpool.status.conditions if c.type == cond["type"]), None)
+    return previous is not None and (previous.status.value, previous.reason, previous.message) == (
+        cond["status"],
+        cond["reason"],
+        cond["message"],
+    )
 
 
 def _fleet(ctx: Context, pgpool: model.PgPool, role: str, token: str, floors: budget.Floors) -> Fleet:

@@ -9,23 +9,31 @@ pause state.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import os
+import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import kopf
+import pytest
 import yaml
 from pgfleet.devtools.fleetlab import FLEET_ROLE, TOKEN, LabPooler, start_fleet_pooler
 from pgfleet.devtools.tempdb import TempPostgres
+from pgfleet.devtools.testing import run_cmd
 from pgfleet.operator import traffic
 from pgfleet.operator.control import BudgetLoop, Fleet
 from pgfleet.operator.observe import ServerObserver
 
-from .conftest import condition_now, eventually, fleet_objects, lab_pgpool, pod_object
+from .conftest import POD_IPS, condition_now, eventually, fleet_objects, lab_pgpool, pod_object, running_operator
 from .test_operator_lifecycle import CONFIGMAPS, NS, PGPOOLS
 
 POD_PORT = int(os.environ["PGFLEET_POD_HTTP_PORT"])
+log = logging.getLogger(__name__)
 
 
 # -- the condition, as data ----------------------------------------------------------------------------
@@ -194,3 +202,117 @@ async def test_the_budget_loop_pauses_a_pod_that_missed_the_pause_within_a_perio
             assert (await pooler_status(ip))["paused"] is False
     finally:
         await loop.close()
+
+
+# -- the condition between full reconciles -------------------------------------------------------------
+
+
+@pytest.fixture
+async def operator_without_refresh(api: Any, kubeconfig: Any) -> AsyncIterator[Any]:
+    """The operator whose full reconcile runs only on a PgPool change (its `refresh` timer, every
+    PGFLEET_RECONCILE_INTERVAL, and at first) pushed back by an hour: what the status says between changes
+    comes from the budget loop's periods alone."""
+    from pgfleet.operator import handlers
+
+    registry = kopf.get_default_registry()._spawning._handlers
+    index = next(i for i, h in enumerate(registry) if h.id == "refresh" and h.fn is handlers.refresh)
+    original = registry[index]
+    registry[index] = dataclasses.replace(original, interval=3600.0, initial_delay=3600.0)
+    try:
+        kubeconfig(str(api.url))
+        async with running_operator(api) as runner:
+            yield runner
+    finally:
+        registry[index] = original
+
+
+async def test_traffic_paused_follows_the_pods_every_budget_period(
+    api: Any, operator_without_refresh: Any, pods_db: TempPostgres, lab_pods: list[LabPooler], tmp_path: Path
+) -> None:
+    """TrafficPaused and status.pausedPods move with the budget loop's reading of the pods, not
+    with the next full reconcile: a transaction in flight ending, a pod going away and a pod
+    restarting (serving, from a ConfigMap the kubelet had not refreshed) all show within periods."""
+    await fleet_objects(api)
+    client = await asyncpg.connect(host="127.0.0.1", port=lab_pods[0].port, user=FLEET_ROLE, database="app")
+    try:
+        tx = client.transaction()
+        await tx.start()
+        await client.fetchval("SELECT 1")
+        await api.put_object(PGPOOLS, lab_pgpool(pods_db, pooler={"paused": True}))
+        await eventually(lambda: traffic_condition(api, "Pausing", "1/2 pods paused"), what="Pausing at the reconcile")
+        await tx.commit()  # no PgPool change follows: only the budget loop sees the server close
+    finally:
+        await client.close()
+    paused = await eventually(lambda: traffic_condition(api, "Paused", "2/2 pods paused"), what="Paused by the loop")
+    assert paused["status"] == "True" and api.get(PGPOOLS, NS, "main")["status"]["pausedPods"] == 2
+
+    # Pod b goes away: the fleet is no longer known to be paused.
+    lab_pods[1].stop()
+    gone = await eventually(lambda: traffic_condition(api, "PauseNotPushed", "1/2 pods paused"), what="pod b lost")
+    assert gone["status"] == "False" and "main-b" in gone["message"]
+    assert api.get(PGPOOLS, NS, "main")["status"]["pausedPods"] == 1
+
+    # It comes back serving (a stale ConfigMap): the loop pauses it and the condition says so.
+    again = start_fleet_pooler(
+        pods_db, tmp_path, "pod1-again", workers=2, http_addr=POD_IPS[1], http_port=POD_PORT, floor=2
+    )
+    try:
+        await eventually(lambda: traffic_condition(api, "Paused", "2/2 pods paused"), what="pod b paused again")
+        assert api.get(PGPOOLS, NS, "main")["status"]["pausedPods"] == 2
+        assert (await pooler_status(POD_IPS[1]))["paused"] is True
+    finally:
+        again.stop()
+
+
+async def test_switchover_drill_through_the_operator_fails_no_transaction(
+    api: Any, operator_without_refresh: Any, pods_db: TempPostgres, lab_pods: list[LabPooler]
+) -> None:
+    """The drill as a user runs it: under pgbench on both pods (the second with two workers),
+    spec.pooler.paused true, wait for TrafficPaused=True, restart PostgreSQL, false: pgbench
+    fails no transaction. Between the two changes only the budget loop updates the condition."""
+    code, _, err = await run_cmd(
+        "pgbench", "-h", pods_db.host, "-p", str(pods_db.port), "-U", "postgres", "-i", "-q", "app"
+    )
+    assert code == 0, err
+    pods_db.sql(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {FLEET_ROLE}", dbname="app")
+    await fleet_objects(api)
+    await api.put_object(PGPOOLS, lab_pgpool(pods_db))
+    await eventually(lambda: traffic_condition(api, "Serving", "pooler.paused is false: 2 pods"), what="Serving")
+
+    def bench(pod: LabPooler) -> asyncio.Future[tuple[int, str, str]]:
+        argv = ("-h", "127.0.0.1", "-p", str(pod.port), "-U", FLEET_ROLE, "-c", "4", "-j", "1", "-T", "5", "app")
+        return asyncio.ensure_future(run_cmd("pgbench", *argv, timeout=120))
+
+    async def xacts() -> int:
+        total = 0
+        for ip in POD_IPS:
+            pools = (await pooler_status(ip))["pools"]
+            total += sum(p["totals"]["xact_count"] for p in pools if p["database"] == "app")
+        return total
+
+    async def at_least(count: int) -> bool:
+        return await xacts() >= count
+
+    benches = [bench(pod) for pod in lab_pods]
+    try:
+        await eventually_async(lambda: at_least(100), what="pgbench under way")
+        await api.patch_object(PGPOOLS, NS, "main", {"spec": {"pooler": {"paused": True}}})
+        await eventually(lambda: traffic_condition(api, "Paused", "2/2 pods paused"), what="TrafficPaused=True")
+        paused_at = await xacts()
+        await asyncio.to_thread(pods_db.stop, "fast")
+        await asyncio.to_thread(pods_db.restart_server)
+        assert await xacts() == paused_at  # nothing ran while paused
+        await api.patch_object(PGPOOLS, NS, "main", {"spec": {"pooler": {"paused": False}}})
+        results = await asyncio.wait_for(asyncio.gather(*benches), 120)
+    finally:
+        for task in benches:
+            task.cancel()
+        await asyncio.gather(*benches, return_exceptions=True)
+    processed = failed = 0
+    for code, out, err in results:
+        assert code == 0, out + err
+        processed += int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
+        failed += int(re.search(r"number of failed transactions: (\d+)", out).group(1))  # type: ignore[union-attr]
+    assert failed == 0 and await xacts() > paused_at  # traffic went on after RESUME, on the restarted server
+    # The drill's figures (the operator's runner holds stdout: logged, shown with --log-cli-level=INFO).
+    log.info("operator drill: %d transactions, %d failed; %d before the pause", processed, failed, paused_at)
