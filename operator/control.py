@@ -251,7 +251,9 @@ class BudgetLoop:
         for name, report in staying.items():
             if report.reachable:
                 pause.servers[name], pause.paused[name] = report.held, report.paused
-            else:
+            elif wanted:
+                # Not known to be paused. (While serving is wanted, a pod that does not answer,
+                # one starting say, serves nobody and starts serving: BudgetEnforced names it.)
                 pause.failed[name] = report.error or "unreachable"
         for name, (now, servers, error) in zip(stale, answers, strict=True):
             if error:

@@ -197,9 +197,24 @@ async def test_the_budget_loop_pauses_a_pod_that_missed_the_pause_within_a_perio
         for ip in ("127.0.0.2", "127.0.0.3"):
             assert (await pooler_status(ip))["paused"] is True
         loop.set_fleet(fleet(False))
-        await loop.step()
+        resumed = (await loop.step()).fleets["shop/main"].pause
         for ip in ("127.0.0.2", "127.0.0.3"):
             assert (await pooler_status(ip))["paused"] is False
+        # What the loop tells TrafficPaused: where the pods stand after its pushes.
+        assert resumed is not None
+        assert traffic.describe(resumed)[1:] == ("Serving", "pooler.paused is false: 2 pods serve")
+        loop.set_fleet(fleet(True))
+        paused = (await loop.step()).fleets["shop/main"].pause
+        assert paused is not None and paused.wanted and set(paused.paused.values()) == {True}
+        # A pod that does not answer is not known to be paused; while serving is wanted it is
+        # left out (one starting serves nobody yet; BudgetEnforced names it).
+        lab_pods[1].stop()
+        lost = (await loop.step()).fleets["shop/main"].pause
+        assert lost is not None and traffic.describe(lost)[1] == "PauseNotPushed"
+        loop.set_fleet(fleet(False))
+        serving = (await loop.step()).fleets["shop/main"].pause
+        assert serving is not None
+        assert traffic.describe(serving)[1:] == ("Serving", "pooler.paused is false: 1 pods serve")
     finally:
         await loop.close()
 
@@ -311,8 +326,10 @@ async def test_switchover_drill_through_the_operator_fails_no_transaction(
     processed = failed = 0
     for code, out, err in results:
         assert code == 0, out + err
-        processed += int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
-        failed += int(re.search(r"number of failed transactions: (\d+)", out).group(1))  # type: ignore[union-attr]
+        done = re.search(r"number of transactions actually processed: (\d+)", out)
+        lost = re.search(r"number of failed transactions: (\d+)", out)
+        assert done and lost, out
+        processed, failed = processed + int(done.group(1)), failed + int(lost.group(1))
     assert failed == 0 and await xacts() > paused_at  # traffic went on after RESUME, on the restarted server
     # The drill's figures (the operator's runner holds stdout: logged, shown with --log-cli-level=INFO).
     log.info("operator drill: %d transactions, %d failed; %d before the pause", processed, failed, paused_at)
