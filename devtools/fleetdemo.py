@@ -32,7 +32,9 @@ from .fleetlab import (
     Crowd,
     CrowdStats,
     Grabber,
+    Sample,
     Sampler,
+    budget_in_force,
     lab_database,
     start_fleet_pooler,
 )
@@ -55,12 +57,15 @@ class Story:
     periods: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
 
-    def budget_at(self, at: float) -> int | None:
-        """The larger of the budgets just before and just after `at` (a push takes a moment)."""
-        before = [p["fleets"]["fleet"]["budget"] for t, p in self.periods if t <= at]
-        after = [p["fleets"]["fleet"]["budget"] for t, p in self.periods if t > at]
-        near = before[-1:] + after[:1]
-        return max(near) if near else None
+    def budget_at(self, sample: Sample) -> int | None:
+        """The budget in force when `sample` counted, by the controller's clock (budget_in_force).
+
+        Each period's JSON says when it began (`at`, the wall clock of its observation),
+        which this machine's monotonic clock places among the samples.
+        """
+        offset = time.time() - time.monotonic()
+        starts = [(p["at"] - offset, p["fleets"]["fleet"]["budget"]) for _, p in self.periods]
+        return budget_in_force(sorted(starts, key=lambda s: s[0]), sample)
 
 
 def row(elapsed: float, period: dict[str, Any], fleet_backends: int, others: int, names: list[str]) -> str:
@@ -189,9 +194,9 @@ def _follow(story: Story, period: dict[str, Any], names: list[str], grabbed: int
 def _summary(story: Story, sampler: Sampler, stats: CrowdStats, args: argparse.Namespace) -> int:
     worst = (0, 0)
     over = 0
-    first = story.periods[0][0] if story.periods else 0.0
+    first = story.periods[0][1]["at"] - (time.time() - time.monotonic()) if story.periods else 0.0
     for sample in sampler.since(first):
-        budget = story.budget_at(sample.at)
+        budget = story.budget_at(sample)
         if budget is None:
             continue
         held = sample.count(FLEET_ROLE)

@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,10 @@ def start_fleet_pooler(
 
 @dataclass
 class Sample:
-    at: float  # time.monotonic()
+    at: float  # time.monotonic() when the answer was read
     by_role: dict[str, int]
+    # time.monotonic() when the query was sent: the count is of a moment between sent and at.
+    sent: float | None = None
 
     def count(self, role: str) -> int:
         return self.by_role.get(role, 0)
@@ -141,6 +144,25 @@ SELECT CASE WHEN application_name IN ('pgfleet-budget', 'pgfleet-operator') THEN
  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
  GROUP BY 1
 """
+
+
+def budget_in_force(periods: Sequence[tuple[float, int]], sample: Sample) -> int | None:
+    """The most a fleet may hold at the moment `sample` counted, by the budget loop's own clock.
+
+    `periods`: each period's start (time.monotonic(), PeriodReport.started) and the
+    fleet's budget then, in order. Every push of a period comes after its start, and a
+    raise only into room the other pods leave, so from a period's start on the fleet holds
+    at most its budget, or the previous period's while pods lowered at a squeeze close
+    their busy servers (as their transactions end). The sample counted at a moment
+    between sending its query and reading the answer: each period in force then, and the
+    one before the first of them, may bound it. None: before the first period.
+    """
+    starts = [start for start, _ in periods]
+    first = bisect.bisect_right(starts, sample.at if sample.sent is None else sample.sent) - 1
+    last = bisect.bisect_right(starts, sample.at) - 1
+    if last < 0:
+        return None
+    return max(budget for _, budget in periods[max(0, first - 1) : last + 1])
 
 
 class Sampler:
@@ -165,6 +187,7 @@ class Sampler:
                     self._conn = await asyncpg.connect(
                         self.pg.dsn(), server_settings={"application_name": "sampler"}, timeout=5
                     )
+                sent = time.monotonic()
                 rows = await self._conn.fetch(_SAMPLE_SQL)
             except Exception:
                 # PostgreSQL restarting (or the connection left mid-operation by it): no sample
@@ -174,7 +197,7 @@ class Sampler:
                 self._conn = None
                 self.gaps += 1
             else:
-                self.samples.append(Sample(time.monotonic(), {r["role"]: int(r["n"]) for r in rows}))
+                self.samples.append(Sample(time.monotonic(), {r["role"]: int(r["n"]) for r in rows}, sent))
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
@@ -187,6 +210,17 @@ class Sampler:
                 await self._conn.close(timeout=5)
             except Exception:  # cancelled mid-query (asyncpg: "another operation is in progress")
                 self._conn.terminate()
+
+    async def first(self, what: Callable[[Sample], bool], timeout: float = 60) -> float:
+        """Wait for a sample from now on that satisfies `what`; the moment it was read (monotonic)."""
+        start = time.monotonic()
+        while True:
+            for sample in self.since(start):
+                if what(sample):
+                    return sample.at
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"no sample in {timeout} s satisfied {what}")
+            await asyncio.sleep(self.interval / 2)
 
     def since(self, start: float, end: float | None = None) -> list[Sample]:
         return [s for s in self.samples if s.at >= start and (end is None or s.at <= end)]

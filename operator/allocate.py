@@ -15,9 +15,10 @@ One period, for one server (host, port):
    what is left. The sum over the server never exceeds usable - others.
 3. each fleet's budget is split over its pods: every pod a floor (its worker count, so
    every worker can serve), room for `surge` pods at the floor, the rest by demand
-   (servers busy + clients waiting) max-min fair, then evenly; an unreachable pod counts
-   at the limit it last confirmed. Hysteresis keeps a pod's limit when the new one is
-   within `hysteresis` of it and the budget still holds.
+   (servers busy + clients waiting): max-min fair when they ask for more than there is,
+   else each at least what it asks and the rest evenly; an unreachable pod counts at the
+   limit it last confirmed. Hysteresis keeps a pod's limit when the new one is within
+   `hysteresis` of it, the fleet's total unchanged.
 4. When the server could not be observed nothing may grow: budgets and limits can only
    go down from what is in force.
 
@@ -218,42 +219,86 @@ def split(budget: int, fleet: FleetSpec, *, hysteresis: int = 1, grow: bool = Tr
     free -= surge_room
     fed = [p for p in live if limits[p.name]]
     if free > 0 and fed:
-        # Above the floor: what waiting clients and busy servers ask for, max-min fair ...
-        wants = {p.name: max(0, p.demand - floor) for p in fed}
-        extra = water_fill(free, wants)
-        free -= sum(extra.values())
-        # ... and what nobody asks for, evenly (the odd ones by name), so a burst finds
-        # servers already allowed.
-        each, odd = divmod(free, len(fed))
-        for i, pod in enumerate(sorted(fed, key=lambda p: p.name)):
-            limits[pod.name] += extra[pod.name] + each + (1 if i < odd else 0)
+        extra = _above_floor(free, {p.name: max(0, p.demand - floor) for p in fed})
+        for pod in fed:
+            limits[pod.name] += extra[pod.name]
     if not grow:
         # The server is not observed: nothing may rise above what is in force.
         for pod in live:
             if pod.limit is not None:
                 limits[pod.name] = min(limits[pod.name], pod.limit)
-    _hold_steady(limits, live, budget - surge_room, hysteresis, floor)
+    _hold_steady(limits, live, hysteresis, floor)
     return limits, floor, surge_room
 
 
-def _hold_steady(limits: dict[str, int], live: Sequence[PodState], room: int, hysteresis: int, floor: int) -> None:
-    """Keep a pod's limit in force when the new one differs by at most `hysteresis`.
+def _above_floor(free: int, wants: Mapping[str, int]) -> dict[str, int]:
+    """Share `free` backends above the floors by what each pod asks (servers busy + clients waiting).
 
-    Keeping a higher limit is allowed only while the total stays within `room`, so the
-    budget always holds; keeping a lower one always fits.
+    Short (they ask for more than there is): max-min fair over what they ask. Otherwise every
+    pod gets at least what it asks, and the rest evenly, so that a burst finds servers
+    already allowed: a pod whose demand is below that even level gets exactly the level,
+    whatever its demand, so the noise in how busy a pod happens to be at a /status does not
+    move its limit.
     """
-    if hysteresis <= 0:
+    if sum(wants.values()) >= free:
+        return water_fill(free, wants)
+    out: dict[str, int] = {}
+    rest = sorted(wants, key=lambda n: (-wants[n], n))
+    # The busiest pods whose demand is above the even level of what is left keep their demand.
+    while rest and wants[rest[0]] * len(rest) > free:
+        out[rest[0]] = wants[rest[0]]
+        free -= wants[rest.pop(0)]
+    each, odd = divmod(free, len(rest)) if rest else (0, 0)
+    for i, name in enumerate(sorted(rest)):
+        out[name] = each + (1 if i < odd else 0)  # the odd ones by name: the same pods every period
+    return out
+
+
+def _hold_steady(limits: dict[str, int], live: Sequence[PodState], hysteresis: int, floor: int) -> None:
+    """Keep the limits in force where moving them serves nobody; the fleet's total as the split made it.
+
+    Every pod has what it needs (its demand, up to its new limit, and its floor) and the
+    total is the split's: nothing moves, however its demand swings between two /status
+    reads; the room of a pod whose demand dipped for a moment stays where the load is.
+    Otherwise each pod whose new limit is within `hysteresis` of the one in force keeps
+    it, and the total is made right again one backend at a time among those same pods,
+    toward their new limits: the budget holds, nothing is left unused, the fewest pods
+    move. Two pods whose new limits merely trade an odd backend keep theirs.
+    """
+    if hysteresis <= 0 or not live:
         return
-    total = sum(limits.values())
-    for pod in sorted(live, key=lambda p: p.name):
-        current, target = pod.limit, limits[pod.name]
-        if current is None or current == target or abs(current - target) > hysteresis:
-            continue
-        if min(current, target) < floor:
-            continue  # a pod's floor is never held back, nor kept past a squeeze
-        if current < target or total - target + current <= room:
-            limits[pod.name] = current
-            total += current - target
+    if all(p.limit is not None for p in live) and sum(p.limit or 0 for p in live) == sum(limits[p.name] for p in live):
+
+        def needs(pod: PodState) -> int:
+            target = limits[pod.name]
+            return max(floor, min(target, pod.demand)) if target >= floor else 0
+
+        if all((p.limit == 0 or (p.limit or 0) >= floor) and (p.limit or 0) >= needs(p) for p in live):
+            limits.update((p.name, p.limit or 0) for p in live)
+            return
+    band = [
+        p
+        for p in sorted(live, key=lambda p: p.name)
+        if p.limit is not None
+        and p.limit != limits[p.name]
+        and abs(p.limit - limits[p.name]) <= hysteresis
+        and min(p.limit, limits[p.name]) >= floor  # a pod's floor is never held back, nor kept past a squeeze
+    ]
+    target = {p.name: limits[p.name] for p in band}
+    residual = 0  # backends the kept limits leave unused (> 0) or take beyond the split's total (< 0)
+    for pod in band:
+        residual += limits[pod.name] - (pod.limit or 0)
+        limits[pod.name] = pod.limit or 0
+    while residual:
+        step = 1 if residual > 0 else -1
+        # Those furthest from their new limit move first; ties by name, so the same pods each period.
+        movers = sorted(
+            (n for n in target if (target[n] - limits[n]) * step > 0),
+            key=lambda n: (-abs(target[n] - limits[n]), n),
+        )
+        for name in movers[: abs(residual)]:
+            limits[name] += step
+            residual -= step
 
 
 # -- the whole server ----------------------------------------------------------------------------

@@ -75,8 +75,11 @@ class FleetReport:
 
 @dataclass(frozen=True, slots=True)
 class PeriodReport:
-    at: float  # wall clock of the observation
+    at: float  # wall clock of the observation (the period's start)
     took: float  # seconds the period's work took
+    # time.monotonic() of the period's start: every push of the period comes after it, so
+    # the period's budget bounds what the fleet may hold from then on.
+    started: float
     error: str  # why the server was not observed, or ""
     server: ServerBudget
     fleets: dict[str, FleetReport]
@@ -151,7 +154,7 @@ class BudgetLoop:
         return client
 
     async def step(self) -> PeriodReport:
-        started = time.monotonic()
+        started, observed_at = time.monotonic(), time.time()
         fleets = list(self.fleets.values())
         # The server first, the pods after: a server a pod opens in between is then
         # reported by the pod and simply not yet seen, rather than counted as others'.
@@ -210,8 +213,9 @@ class BudgetLoop:
                 pause=pauses[fleet.name],
             )
         period = PeriodReport(
-            at=time.time(),
+            at=observed_at,
             took=time.monotonic() - started,
+            started=started,
             error=error,
             server=server,
             fleets=out,

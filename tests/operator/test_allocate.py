@@ -255,3 +255,63 @@ def test_invariants_hold_for_random_servers(seed: int) -> None:
     for spec in confirmed:
         for pod in spec.pods:
             assert blind.fleets[spec.name].limits[pod.name] <= (pod.limit or 0)
+
+
+# -- hysteresis in the loop: each period's limits are the next period's limits in force ----------
+
+
+def run_periods(budget: int, demands: list[list[int]], *, workers: int = 1, surge: int = 0) -> list[dict[str, int]]:
+    """Each period's limits from `split`, fed back as the pods' confirmed limits, as the loop does.
+
+    `demands[t][i]` is pod i's busy servers as period t's /status reads them.
+    """
+    limits: dict[str, int | None] = {f"p{i}": None for i in range(len(demands[0]))}
+    out = []
+    for demand in demands:
+        fleet = FleetSpec(
+            "f",
+            workers=workers,
+            surge=surge,
+            pods=tuple(
+                PodState(
+                    name,
+                    limit=limit,
+                    held=limit or workers,
+                    active=min(d, limit or workers),
+                    waiting=max(0, d - (limit or workers)),
+                )
+                for (name, limit), d in zip(limits.items(), demand, strict=True)
+            ),
+        )
+        got, _, surge_room = split(budget, fleet)
+        assert sum(got.values()) + surge_room <= budget
+        limits = dict(got)
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("pods_", "budget", "demand"),
+    [(3, 38, 4), (3, 38, 12), (3, 38, 20), (2, 19, 6), (4, 30, 3), (3, 10, 2), (5, 23, 30)],
+)
+def test_limits_do_not_flap_under_steady_equal_demand(pods_: int, budget: int, demand: int) -> None:
+    """Equal, steady demand, a budget that does not divide evenly: after the first period no pod's
+    limit changes, though each /status catches one pod a server busier than the others (a sample
+    of a steady load is never exactly even), and the whole budget stays in use."""
+    jitter = [[demand + (i == t % pods_) for i in range(pods_)] for t in range(3 * pods_ + 2)]
+    for demands in ([[demand] * pods_] * len(jitter), jitter):
+        periods = run_periods(budget, demands)
+        assert all(p == periods[1] for p in periods[1:]), periods
+        assert sum(periods[-1].values()) == budget, periods[-1]
+
+
+def test_a_busy_pod_keeps_its_share_while_its_demand_swings_and_nobody_else_needs_it() -> None:
+    """Serverless load on one pod, the others idle: each /status catches it anywhere from 13 to
+    69 clients. Its limit stays where the load is; it does not drop to what one low reading asks."""
+    readings = [69, 21, 40, 13, 55, 30, 69, 16]
+    periods = run_periods(35, [[d, 0, 0] for d in readings], surge=0)
+    assert periods[0] == {"p0": 33, "p1": 1, "p2": 1}
+    assert all(p == periods[0] for p in periods), periods
+    # Clients start to wait at another pod: it gets its share in the next period.
+    after = run_periods(35, [[69, 0, 0], [69, 20, 0]])
+    assert after[1]["p1"] > 1 and sum(after[1].values()) == 35, after

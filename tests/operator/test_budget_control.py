@@ -22,12 +22,15 @@ from pathlib import Path
 import pytest
 from pgfleet.devtools.fleetlab import (
     FLEET_ROLE,
+    OTHER_ROLE,
     TOKEN,
     Crowd,
     CrowdStats,
     Grabber,
     LabPooler,
+    Sample,
     Sampler,
+    budget_in_force,
     start_fleet_pooler,
 )
 from pgfleet.devtools.tempdb import TempPostgres
@@ -47,11 +50,18 @@ class Run:
     def record(self, report: PeriodReport) -> None:
         self.reports.append((time.monotonic(), report))
 
-    def budget_at(self, name: str, at: float) -> int:
-        """The larger of the budgets in force just before and just after `at` (a push takes a moment)."""
-        before = [r.fleets[name].budget.budget for t, r in self.reports if t <= at and name in r.fleets]
-        after = [r.fleets[name].budget.budget for t, r in self.reports if t > at and name in r.fleets]
-        return max(before[-1:] + after[:1])
+    def budget_at(self, name: str, sample: Sample) -> int:
+        """The fleet's budget in force when `sample` counted, by the loop's own clock (budget_in_force)."""
+        periods = [(r.started, r.fleets[name].budget.budget) for _, r in self.reports if name in r.fleets]
+        budget = budget_in_force(periods, sample)
+        assert budget is not None, "a sample before the first period"
+        return budget
+
+    async def periods_to(self, what: Callable[[PeriodReport], bool], since: float, timeout: float = 60) -> int:
+        """How many periods that began after `since` it took until one satisfied `what` (1: the first)."""
+        await self.until(lambda r: r.started > since and what(r), timeout)
+        after = [r for _, r in self.reports if r.started > since]
+        return next(i for i, r in enumerate(after, 1) if what(r))
 
     async def until(self, what: Callable[[PeriodReport], bool], timeout: float = 60) -> float:
         """Wait for a report that satisfies `what`; seconds it took."""
@@ -109,10 +119,10 @@ def poolers(labdb: TempPostgres, tmp_path: Path) -> Iterator[Callable[[int], lis
 
 def fleet_within_budget(sampler: Sampler, run: Run, name: str, role: str = FLEET_ROLE) -> tuple[int, int]:
     """Check every sample since the first report; (backends, budget) where their ratio was highest."""
-    first = run.reports[0][0]
+    first = run.reports[0][1].started
     worst = (0, 0)
     for sample in sampler.since(first):
-        held, budget = sample.count(role), run.budget_at(name, sample.at)
+        held, budget = sample.count(role), run.budget_at(name, sample)
         assert held <= budget, f"the fleet held {held} backends against a budget of {budget}"
         if budget and (not worst[1] or held / budget > worst[0] / worst[1]):
             worst = (held, budget)
@@ -139,7 +149,8 @@ async def test_others_come_and_go_demand_moves_and_no_client_sees_53300(
 
         # Another application takes 30 backends: the fleet's budget follows, clients queue.
         assert await grabber.grab(30, time.monotonic() + 60) == 30  # generous: a loaded machine
-        shrink = await run.until(lambda r: r.fleets["fleet"].budget.budget <= 47 - 31 - 1)
+        grabbed = await sampler.first(lambda s: s.count(OTHER_ROLE) == 30)
+        shrink = await run.periods_to(lambda r: r.fleets["fleet"].budget.budget <= 47 - 31 - 1, grabbed)
         for crowd in crowds:
             crowd.add_steady(10)  # more demand than the budget: they wait in the poolers
         await run.until(lambda r: r.fleets["fleet"].budget.waiting > 0)
@@ -147,16 +158,17 @@ async def test_others_come_and_go_demand_moves_and_no_client_sees_53300(
         # Demand moves to one pooler: it gets the larger share.
         await crowds[1].stop()
         await crowds[2].stop()
-        moved_at = time.monotonic()
-        follow = await run.until(
-            lambda r: (lim := r.fleets["fleet"].limits)[fleet[0].name] > max(lim[fleet[1].name], lim[fleet[2].name])
+        follow = await run.periods_to(
+            lambda r: (lim := r.fleets["fleet"].limits)[fleet[0].name] > max(lim[fleet[1].name], lim[fleet[2].name]),
+            time.monotonic(),
         )
-        del moved_at
 
         # The other application lets go: the fleet grows back to its spec.
         await grabber.release()
-        grow = await run.until(lambda r: r.fleets["fleet"].budget.budget == 40)
-        await run.until(lambda r: sum(r.fleets["fleet"].limits.values()) == 40)
+        released = await sampler.first(lambda s: s.count(OTHER_ROLE) == 0)
+        grow = await run.periods_to(
+            lambda r: r.fleets["fleet"].budget.budget == 40 and sum(r.fleets["fleet"].limits.values()) == 40, released
+        )
     finally:
         for crowd in crowds:
             await crowd.stop()
@@ -166,13 +178,13 @@ async def test_others_come_and_go_demand_moves_and_no_client_sees_53300(
     assert stats.errors == {}, stats.errors  # no 53300, no failed transaction
     assert stats.transactions > 100
     print(
-        f"\nfleet backends at most {most} against a budget of {budget_then} (closest sample); transactions {stats.transactions}, "
-        f"failed {stats.failed}; shrink {shrink:.2f} s, follow demand {follow:.2f} s, grow back {grow:.2f} s "
-        f"(period {PERIOD} s)"
+        f"\nfleet backends at most {most} against a budget of {budget_then} (closest sample); transactions "
+        f"{stats.transactions}, failed {stats.failed}; periods to follow (period {PERIOD} s): the squeeze {shrink}, "
+        f"demand moving {follow}, others letting go {grow}"
     )
-    # Each change is seen within two periods, with slack for a loaded machine.
-    for seconds in (shrink, follow, grow):
-        assert seconds < 2 * PERIOD + 15  # the figures are printed; the bound only catches "never"
+    # Each change is followed within two periods of the loop seeing it (counted in periods, so
+    # that a loaded machine, whose periods stretch, does not change the verdict).
+    assert max(shrink, follow, grow) <= 2, (shrink, follow, grow)
 
 
 async def test_two_fleets_share_a_server(
@@ -206,9 +218,9 @@ async def test_two_fleets_share_a_server(
         for crowd in crowds:
             await crowd.stop()
         await sampler.stop()
-    first = run.reports[0][0]
+    first = run.reports[0][1].started
     for sample in sampler.since(first):
-        both = run.budget_at("a", sample.at) + run.budget_at("b", sample.at)
+        both = run.budget_at("a", sample) + run.budget_at("b", sample)
         assert sample.count(FLEET_ROLE) <= both
     assert stats.errors == {}, stats.errors
 
@@ -244,6 +256,50 @@ async def test_an_unreachable_pod_keeps_its_limit_and_the_database_going_away_le
         await crowd.stop()
         labdb.restart_server()
     await run.until(lambda r: r.observed)  # the kept connection is opened again
+
+
+async def test_a_pod_that_stops_answering_keeps_counting_at_its_limit_while_the_others_want_more(
+    labdb: TempPostgres, poolers: Callable[..., list[LabPooler]], control: Callable[..., Run]
+) -> None:
+    """A pod that holds most of the budget stops answering (SIGSTOP: its servers stay open) and
+    the load moves to the other pods: they may share only what it leaves, period after period."""
+    fleet = poolers(3)
+    sampler = Sampler(labdb)
+    await sampler.start()
+    stats = CrowdStats()
+    crowds = [Crowd(p.port, stats=stats) for p in fleet]
+    stalled = CrowdStats()  # the clients of the stopped pod wait for it; they are not counted
+    run = control(("fleet", fleet, {"max_backends": 30}))
+    frozen = fleet[2]
+    stopped = False
+    try:
+        crowds[2] = Crowd(frozen.port, stats=stalled)
+        crowds[2].add_steady(30)
+        await run.until(lambda r: r.fleets["fleet"].limits.get(frozen.name, 0) >= 20)
+        limit = run.reports[-1][1].fleets["fleet"].limits[frozen.name]
+        os.kill(frozen.process.pid, signal.SIGSTOP)
+        stopped = True
+        for crowd in crowds[:2]:
+            crowd.add_steady(12)  # demand that a loop counting the silent pod at 0 would serve
+        await run.until(lambda r: frozen.name in r.fleets["fleet"].unconfirmed)
+        since = time.monotonic()
+        await run.until(lambda r: sum(1 for _, x in run.reports if x.started > since) >= 4)
+        for _, report in run.reports:
+            if report.started > since:
+                live = sum(v for k, v in report.fleets["fleet"].limits.items() if k != frozen.name)
+                assert live + limit <= 30, report.fleets["fleet"].limits  # it counts at what it confirmed
+        os.kill(frozen.process.pid, signal.SIGCONT)
+        stopped = False
+        await run.until(lambda r: not r.fleets["fleet"].unconfirmed)
+    finally:
+        if stopped:
+            os.kill(frozen.process.pid, signal.SIGCONT)
+        for crowd in crowds:
+            await crowd.stop()
+        await sampler.stop()
+    fleet_within_budget(sampler, run, "fleet")
+    assert stats.errors == {}, stats.errors
+    assert "53300" not in stalled.errors, stalled.errors
 
 
 async def test_the_standalone_command(

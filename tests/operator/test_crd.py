@@ -55,6 +55,9 @@ def _schema_at(json_path: str) -> dict[str, Any]:
 def test_printer_columns_point_at_typed_fields() -> None:
     columns = committed_crd()["spec"]["versions"][0]["additionalPrinterColumns"]
     assert [c["name"].upper() for c in columns] == ["MODE", "READY", "REPLICAS", "BUDGET", "BACKENDS", "CLIENTS", "AGE"]
+    # BACKENDS is the fleet's own (its pods' PIDs), not every backend of its role.
+    paths = {c["name"].upper(): c["jsonPath"] for c in columns}
+    assert (paths["BUDGET"], paths["BACKENDS"]) == (".status.budget.total", ".status.budget.fleetBackends")
     for column in columns:
         if column["jsonPath"] == ".metadata.creationTimestamp":
             continue

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
-from pgfleet.operator.fleet import PodClient, pod_url, running_pod_addresses
+from pgfleet.operator.fleet import PodClient, PodReport, pod_url, push_in_safe_order, running_pod_addresses
 
 
 def pod(name: str, ip: str | None, phase: str = "Running", deleting: bool = False) -> dict[str, Any]:
@@ -84,3 +85,81 @@ async def test_an_unreachable_pod_is_reported(unused_tcp_port: int) -> None:
     finally:
         await client.close()
     assert not report.reachable and report.error and report.limit is None  # unknown, not zero
+
+
+# -- the safe order, as data: pods whose control port answers as told -------------------------------
+
+
+class Pods:
+    """Pods' control ports as PodClient.push sees them: each push recorded in order; a pod in
+    `deaf` does not take its new limit, one in `busy` keeps holding that many servers."""
+
+    def __init__(self, deaf: set[str] = frozenset(), busy: dict[str, int] | None = None) -> None:  # type: ignore[assignment]
+        self.pushed: list[tuple[str, int]] = []
+        self.deaf = deaf
+        self.busy = busy or {}
+
+    async def push(self, report: PodReport, limit: int) -> PodReport:
+        self.pushed.append((report.name, limit))
+        if report.name in self.deaf:
+            return report
+        return replace(report, limit=limit, held=max(self.busy.get(report.name, 0), min(report.held, limit)))
+
+
+def reports(**pods: tuple[int, int]) -> dict[str, PodReport]:
+    """name=(limit in force, servers held)."""
+    return {n: PodReport(n, f"http://{n}", reachable=True, limit=lim, held=held) for n, (lim, held) in pods.items()}
+
+
+async def test_lowering_comes_first_and_a_raise_only_after_every_lowered_pod_confirms() -> None:
+    pods = Pods()
+    out = await push_in_safe_order(
+        pods,
+        reports(a=(10, 10), b=(4, 4)),
+        {"a": 6, "b": 8},
+        budget=14,
+        confirmed={},  # type: ignore[arg-type]
+    )
+    assert pods.pushed == [("a", 6), ("b", 8)]
+    assert (out.lowered, out.raised, out.unconfirmed) == (["a"], ["b"], {})
+    # A lowered pod that does not confirm: nothing is raised this period.
+    pods = Pods(deaf={"a"})
+    confirmed: dict[str, int] = {}
+    out = await push_in_safe_order(
+        pods,
+        reports(a=(10, 10), b=(4, 4)),
+        {"a": 6, "b": 8},
+        budget=14,
+        confirmed=confirmed,  # type: ignore[arg-type]
+    )
+    assert pods.pushed == [("a", 6)] and out.held_back == {"b": 8} and "a" in out.unconfirmed
+    assert confirmed == {"a": 10, "b": 4}  # it counts at the limit it last confirmed
+
+
+async def test_a_raise_goes_only_into_room_that_is_free_now() -> None:
+    # a is lowered to 6 but still holds 9 busy servers (they close as their transactions end):
+    # b may grow only to 14 - 9.
+    pods = Pods(busy={"a": 9})
+    out = await push_in_safe_order(
+        pods,
+        reports(a=(10, 10), b=(4, 4)),
+        {"a": 6, "b": 8},
+        budget=14,
+        confirmed={},  # type: ignore[arg-type]
+    )
+    assert pods.pushed == [("a", 6), ("b", 5)] and out.held_back == {"b": 8}
+    # An unreachable pod counts at the limit it last confirmed, never at zero.
+    gone = {**reports(b=(4, 4)), "c": PodReport("c", "http://c", reachable=False, error="timed out")}
+    pods = Pods()
+    out = await push_in_safe_order(pods, gone, {"b": 12}, budget=14, confirmed={"c": 7})  # type: ignore[arg-type]
+    assert pods.pushed == [("b", 7)] and out.held_back == {"b": 12}
+    # Room for several raises is handed out once, the largest raise first.
+    pods = Pods()
+    out = await push_in_safe_order(
+        pods,
+        reports(a=(2, 2), b=(3, 3)),
+        {"a": 8, "b": 6},
+        budget=12,
+        confirmed={},  # type: ignore[arg-type]
+    )
+    assert pods.pushed == [("a", 8), ("b", 4)] and out.held_back == {"b": 6}

@@ -38,6 +38,7 @@ def period(facts: ServerFacts | None) -> PeriodReport:
     )
     return PeriodReport(
         at=0.0,
+        started=0.0,
         took=0.01,
         error="" if facts else "connection refused",
         server=server,
