@@ -19,9 +19,13 @@ from pathlib import Path
 from setuptools import setup
 
 # Per transaction: client and server state machines, the pool, statement tracking, the
-# SQL scan, statistics, the turns a long read yields. Per login (a serverless crowd logs in for every transaction or
-# two): password checks, parameters, hba rules, the worker's cancel keys and the
-# startup and backend messages. Nothing outside this list is compiled.
+# SQL scan, statistics, the turns a long read yields. Per login (a serverless crowd logs
+# in for every transaction or two): password checks, parameters, hba rules, the worker's
+# cancel keys, the startup and backend messages, and the pooler's client bookkeeping
+# (accept, limits, cancel keys, the pool lookup, logout). Nothing outside this list is
+# compiled. A compiled module checks the types it declares: a value the event loop
+# hands over whose class differs from the stubs' (uvloop's lists where asyncio's are
+# tuples) is read through Any.
 HOT_MODULES = (
     "client",
     "server",
@@ -34,6 +38,7 @@ HOT_MODULES = (
     "params",
     "hba",
     "shares",
+    "pooler",
     "protocol/startup",
     "protocol/backend",
     "protocol/framing",

@@ -12,7 +12,7 @@ import resource
 import socket
 from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .config import TIMEOUT_KEYS, ConfigError, PoolerConfig, PoolLimits, load_config, merge_limits
 from .credentials import Credentials
@@ -169,7 +169,9 @@ class Pooler:
     @property
     def port(self) -> int:
         for server in self._servers:
-            for sock in server.sockets:
+            # Any: uvloop's server gives a list where asyncio's (and the stubs) give a
+            # tuple, and the compiled build checks a tuple's type.
+            for sock in cast(Any, server).sockets:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     return int(sock.getsockname()[1])
         return self.config.listen_port
