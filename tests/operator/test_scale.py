@@ -74,3 +74,6 @@ async def test_the_operator_follows_the_scale_subresource(
         lambda: (api.get(PGPOOLS, NS, "main").get("status") or {}).get("budget", {}).get("total") == 40 - 4,
         what="status.budget.total with 6 replicas",
     )
+    # Without spec.autoscaling the count is the user's (or an HPA's): reconciles since left it.
+    assert api.get(PGPOOLS, NS, "main")["spec"]["replicas"] == 6
+    assert api.get(DEPLOYMENTS, NS, "main")["spec"]["replicas"] == 6

@@ -25,11 +25,20 @@ import yaml
 from pgfleet.devtools.fleetlab import FLEET_ROLE, TOKEN, LabPooler, start_fleet_pooler
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.devtools.testing import run_cmd
-from pgfleet.operator import traffic
+from pgfleet.operator import reconcile, traffic
 from pgfleet.operator.control import BudgetLoop, Fleet
 from pgfleet.operator.observe import ServerObserver
 
-from .conftest import POD_IPS, condition_now, eventually, fleet_objects, lab_pgpool, pod_object, running_operator
+from .conftest import (
+    POD_IPS,
+    condition_now,
+    eventually,
+    fleet_objects,
+    lab_pgpool,
+    pgpool_body,
+    pod_object,
+    running_operator,
+)
 from .test_operator_lifecycle import CONFIGMAPS, NS, PGPOOLS
 
 POD_PORT = int(os.environ["PGFLEET_POD_HTTP_PORT"])
@@ -174,6 +183,29 @@ async def eventually_async(check: Any, *, timeout: float = 15.0, what: str = "co
         await asyncio.sleep(0.05)
 
 
+def status_between_reconciles(
+    loop: BudgetLoop, *, paused: bool, generation: int, observed: int | None = None
+) -> tuple[str, str, int] | None:
+    """What the budget timer writes of TrafficPaused from the loop's last period (status,
+    reason, pausedPods) for PgPool shop/main as given, or None when it writes none."""
+
+    class Loops:
+        def report(self, name: str) -> Any:
+            assert loop.last is not None
+            return loop.last, loop.last.fleets[name]
+
+    body = pgpool_body(pooler={"paused": paused})
+    body["metadata"]["generation"] = generation
+    body["status"] = {"observedGeneration": generation if observed is None else observed}
+    outcome = reconcile.budget_report(Loops(), body)  # type: ignore[arg-type]
+    assert outcome is not None  # BudgetEnforced is new to this status in any case
+    found = [c for c in outcome.status["conditions"] if c["type"] == traffic.TRAFFIC_PAUSED]
+    if not found:
+        assert "pausedPods" not in outcome.status
+        return None
+    return found[0]["status"], found[0]["reason"], outcome.status["pausedPods"]
+
+
 async def test_the_budget_loop_pauses_a_pod_that_missed_the_pause_within_a_period(
     pods_db: TempPostgres, lab_pods: list[LabPooler]
 ) -> None:
@@ -206,6 +238,12 @@ async def test_the_budget_loop_pauses_a_pod_that_missed_the_pause_within_a_perio
         loop.set_fleet(fleet(True))
         paused = (await loop.step()).fleets["shop/main"].pause
         assert paused is not None and paused.wanted and set(paused.paused.values()) == {True}
+        # The budget timer writes it, for the spec the reconcile has taken and the loop pushed.
+        assert status_between_reconciles(loop, paused=True, generation=2) == ("True", "Paused", 2)
+        # Not before the reconcile has taken a new generation, nor from a period that pushed
+        # the previous spec (paused now false): a stale Paused never overwrites Serving.
+        assert status_between_reconciles(loop, paused=True, generation=2, observed=1) is None
+        assert status_between_reconciles(loop, paused=False, generation=2) is None
         # A pod that does not answer is not known to be paused; while serving is wanted it is
         # left out (one starting serves nobody yet; BudgetEnforced names it).
         lab_pods[1].stop()
