@@ -243,11 +243,14 @@ def _above_floor(free: int, wants: Mapping[str, int]) -> dict[str, int]:
     if sum(wants.values()) >= free:
         return water_fill(free, wants)
     out: dict[str, int] = {}
-    rest = sorted(wants, key=lambda n: (-wants[n], n))
+    order = sorted(wants, key=lambda n: (-wants[n], n))
     # The busiest pods whose demand is above the even level of what is left keep their demand.
-    while rest and wants[rest[0]] * len(rest) > free:
-        out[rest[0]] = wants[rest[0]]
-        free -= wants[rest.pop(0)]
+    i = 0
+    while i < len(order) and wants[order[i]] * (len(order) - i) > free:
+        out[order[i]] = wants[order[i]]
+        free -= wants[order[i]]
+        i += 1
+    rest = order[i:]
     each, odd = divmod(free, len(rest)) if rest else (0, 0)
     for i, name in enumerate(sorted(rest)):
         out[name] = each + (1 if i < odd else 0)  # the odd ones by name: the same pods every period
@@ -267,24 +270,26 @@ def _hold_steady(limits: dict[str, int], live: Sequence[PodState], hysteresis: i
     """
     if hysteresis <= 0 or not live:
         return
-    if all(p.limit is not None for p in live) and sum(p.limit or 0 for p in live) == sum(limits[p.name] for p in live):
-
-        def needs(pod: PodState) -> int:
-            target = limits[pod.name]
-            return max(floor, min(target, pod.demand)) if target >= floor else 0
-
-        if all((p.limit == 0 or (p.limit or 0) >= floor) and (p.limit or 0) >= needs(p) for p in live):
-            limits.update((p.name, p.limit or 0) for p in live)
-            return
-    band = [
-        p
-        for p in sorted(live, key=lambda p: p.name)
-        if p.limit is not None
-        and p.limit != limits[p.name]
-        and abs(p.limit - limits[p.name]) <= hysteresis
-        and min(p.limit, limits[p.name]) >= floor  # a pod's floor is never held back, nor kept past a squeeze
-    ]
-    target = {p.name: limits[p.name] for p in band}
+    # One pass: whether every pod has what it needs, the totals, and the pods within the band.
+    satisfied, before, after = True, 0, 0
+    band: list[PodState] = []
+    for pod in live:
+        current, target = pod.limit, limits[pod.name]
+        after += target
+        if current is None:
+            satisfied = False
+            continue
+        before += current
+        if satisfied:
+            need = max(floor, min(target, pod.demand)) if target >= floor else 0
+            satisfied = current >= need and (current == 0 or current >= floor)
+        if current != target and abs(current - target) <= hysteresis and min(current, target) >= floor:
+            band.append(pod)  # a pod's floor is never held back, nor kept past a squeeze
+    if satisfied and before == after:
+        limits.update((p.name, p.limit or 0) for p in live)
+        return
+    band.sort(key=lambda p: p.name)
+    wanted = {p.name: limits[p.name] for p in band}
     residual = 0  # backends the kept limits leave unused (> 0) or take beyond the split's total (< 0)
     for pod in band:
         residual += limits[pod.name] - (pod.limit or 0)
@@ -293,8 +298,8 @@ def _hold_steady(limits: dict[str, int], live: Sequence[PodState], hysteresis: i
         step = 1 if residual > 0 else -1
         # Those furthest from their new limit move first; ties by name, so the same pods each period.
         movers = sorted(
-            (n for n in target if (target[n] - limits[n]) * step > 0),
-            key=lambda n: (-abs(target[n] - limits[n]), n),
+            (n for n in wanted if (wanted[n] - limits[n]) * step > 0),
+            key=lambda n: (-abs(wanted[n] - limits[n]), n),
         )
         for name in movers[: abs(residual)]:
             limits[name] += step
