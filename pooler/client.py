@@ -38,6 +38,8 @@ from .protocol.startup import (
 from .server import ServerConnection, ServerLoginError
 
 if TYPE_CHECKING:
+    from mypy_extensions import i32
+
     from .pool import Pool
     from .pooler import Pooler
 
@@ -172,9 +174,12 @@ class _Login:
     """What a client holds only while it logs in: dropped with it at ReadyForQuery (10,000
     idle clients would otherwise carry 10,000 sets of empty fields)."""
 
-    __slots__ = ("opened", "password", "reader", "task", "timer", "waiter")
+    __slots__ = ("opened", "password", "peer", "reader", "task", "timer", "waiter")
 
     def __init__(self) -> None:
+        # The peer's (host, port) as the transport gave it; once logged in the client asks
+        # its transport again (see ClientConnection.address).
+        self.peer: tuple[str, int] = ("", 0)
         self.reader: StartupReader | MessageReader | None = StartupReader()
         # A first packet has been read: a TLS handshake record can only open the connection.
         self.opened = False
@@ -187,20 +192,45 @@ class _Login:
         self.password: _PasswordExchange | None = None
 
 
+class _LongMessage:
+    """A long message still coming in: its chunks, joined once it is whole (`chunks`), or,
+    passed straight through to the server as it comes (`chunks` None), only its count."""
+
+    __slots__ = ("chunks", "rest")
+
+    def __init__(self, chunks: list[bytes] | None, rest: int) -> None:
+        self.chunks = chunks
+        self.rest = rest  # its bytes still to come
+
+
+class _Aside:
+    """What few clients have, kept apart so that the others do not carry its fields: created
+    on the first need (a TLS upgrade, a unix socket, startup settings to pass on)."""
+
+    __slots__ = ("peer", "startup_sets", "tls")
+
+    def __init__(self) -> None:
+        self.tls = ""  # "TLSv1.3/<cipher>" once upgraded (SHOW CLIENTS)
+        # The peer's address where the transport cannot tell it after the close (a TLS
+        # transport forgets it; a unix socket has none).
+        self.peer: tuple[str, int] | None = None
+        # Startup settings other than the tracked parameters (name -> value).
+        self.startup_sets: Mapping[str, str] = _NO_SETTINGS
+
+
 class ClientConnection:
     """The asyncio protocol of one client connection (an asyncio.Protocol in all but name:
     not derived from it, so that the compiled build's object carries no __dict__ and
     __weakref__ pointers, which a class derived from a Python class has; see `as_protocol`)."""
 
     __slots__ = (
+        "_aside",
         "_clock",
-        "_held",
         "_logging_in",
-        "_need",
+        "_long",
         "_pending",
         "_reading_paused",
         "_sets_checked",
-        "_skip",
         "_write_paused",
         "_yielding",
         "batch_binds",
@@ -214,22 +244,17 @@ class ClientConnection:
         "last_activity",
         "maps_statements",
         "params",
-        "peer_host",
-        "peer_port",
         "pins",
         "pool",
         "pooler",
         "request_time",
         "server",
-        "startup_sets",
         "state",
         "statements",
-        "tls",
         "transport",
         "unsynced",
         "user",
         "wait_notified",
-        "wait_start",
     )
 
     def __init__(self, pooler: Pooler) -> None:
@@ -257,35 +282,24 @@ class ClientConnection:
         self.params: Mapping[str, str] = _NO_SETTINGS
         self.user = ""
         self.database = ""
-        # BackendKeyData's two numbers, and the peer's address: fields rather than tuples
-        # (the compiled build keeps the numbers unboxed), as the `cancel_key` and `address`
-        # properties give them.
-        self.cancel_pid = 0
-        self.cancel_secret = 0
-        self.peer_host = ""
-        self.peer_port = 0
-        self.tls = ""  # "TLSv1.3/<cipher>" once upgraded (SHOW CLIENTS)
+        # BackendKeyData's two numbers (Int32 each): fields rather than a tuple, as the
+        # `cancel_key` property gives them; the compiled build keeps both in one word.
+        self.cancel_pid: i32 = 0
+        self.cancel_secret: i32 = 0
         now = pooler.loop.time()
         self.connect_time = now
         self.last_activity = now
         self.request_time = now
-        self.wait_start = 0.0
         # Named prepared statements: client name -> shared server-side statement.
         self.statements = prepared.NO_STATEMENTS  # shared until its first (prepared.on_parse)
         # Server names bound since the last Sync (a stale plan among them gets renewed).
         self.batch_binds: list[str] | None = None
         # Why this client keeps its server past transaction end (sqlscan's reasons).
         self.pins = _NO_PINS
-        # Startup settings other than the tracked parameters (name -> value).
-        self.startup_sets = _NO_SETTINGS
         self._pending = b""
-        # A long message being received: its chunks (joined once it is whole), and the
-        # bytes of it still to come.
-        self._held: list[bytes] | None = None
-        self._need = 0
-        # Bytes of a long message still to pass straight through to the server.
-        self._skip = 0
+        self._long: _LongMessage | None = None  # a long message being received
         self._logging_in: _Login | None = _Login()  # None once logged in
+        self._aside: _Aside | None = None  # see _Aside
 
     @property
     def cancel_key(self) -> tuple[int, int]:
@@ -298,8 +312,46 @@ class ClientConnection:
 
     @property
     def address(self) -> tuple[str, int]:
-        """(host, port) of the peer; ("unix", 0) over a unix socket."""
-        return self.peer_host, self.peer_port
+        """(host, port) of the peer; ("unix", 0) over a unix socket. Not kept by an idle
+        client: a TCP transport keeps the peer's address, also after the close."""
+        login = self._logging_in
+        if login is not None:
+            return login.peer
+        aside = self._aside
+        if aside is not None and aside.peer is not None:
+            return aside.peer
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if isinstance(peer, tuple):
+            return str(peer[0]), int(peer[1])
+        return "", 0
+
+    @property
+    def wait_start(self) -> float:
+        """When this client began to wait for a server (Pool.acquire), while it waits."""
+        return self.request_time
+
+    @property
+    def peer_host(self) -> str:
+        return self.address[0]
+
+    @property
+    def tls(self) -> str:
+        """ "TLSv1.3/<cipher>" once upgraded (SHOW CLIENTS); "" in the clear."""
+        aside = self._aside
+        return aside.tls if aside is not None else ""
+
+    @property
+    def startup_sets(self) -> Mapping[str, str]:
+        """Startup settings other than the tracked parameters (name -> value)."""
+        aside = self._aside
+        return aside.startup_sets if aside is not None else _NO_SETTINGS
+
+    def _set_aside(self) -> _Aside:
+        aside = self._aside
+        if aside is None:
+            aside = self._aside = _Aside()
+        return aside
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def as_protocol(self) -> asyncio.Protocol:
@@ -310,17 +362,16 @@ class ClientConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
+        login = self._logging_in
+        assert login is not None
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self.peer_host = sys.intern(str(peer[0]))  # the clients of one host share the string
-            self.peer_port = int(peer[1])
+            login.peer = (str(peer[0]), int(peer[1]))
         else:
-            self.peer_host = "unix"
+            login.peer = self._set_aside().peer = ("unix", 0)
         if not self.pooler.client_connected(self):
             self.terminate(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
             return
-        login = self._logging_in
-        assert login is not None
         timeout = self.pooler.config.client_login_timeout
         if timeout:
             login.timer = self.pooler.loop.call_later(timeout, self._login_timed_out)
@@ -331,19 +382,11 @@ class ClientConnection:
             self.last_activity = self._clock()
             if len(data) >= turns.YIELD_AFTER:  # a long read ends this client's turn
                 turns.yield_turn(self, self.pooler.loop.call_soon)
-            if self._skip:
-                data = self._pass_through(data)
+            long = self._long
+            if long is not None:
+                data = self._long_message(long, data)
                 if not data:
                     return
-            held = self._held
-            if held is not None:
-                held.append(data)
-                self._need -= len(data)
-                if self._need > 0:
-                    return  # each chunk is copied once, when the message is whole
-                data = b"".join(held)
-                self._held = None
-                self._need = 0
             elif self._pending:
                 data, self._pending = self._pending + data, b""
             self._forward(data)
@@ -750,7 +793,11 @@ class ClientConnection:
             if self.state is not ClientState.CLOSED:
                 self.connection_lost(exc)
             raise asyncio.CancelledError from None
-        self.tls = tls.describe(self.transport)
+        aside = self._set_aside()
+        aside.tls = tls.describe(self.transport)
+        login = self._logging_in
+        if login is not None:
+            aside.peer = login.peer  # a TLS transport forgets it at the close
 
     def _peer_is_this_os_user(self) -> bool:
         assert self.transport is not None
@@ -796,7 +843,7 @@ class ClientConnection:
             elif name.lower() not in ignored:
                 others[name.lower()] = value
         if others:
-            self.startup_sets = others
+            self._set_aside().startup_sets = others
         return tracked
 
     def _authenticate_inline(self) -> bytes | _PasswordExchange | None:
@@ -969,7 +1016,8 @@ class ClientConnection:
                 sync = params.sync_statement(client_params, server.params)
             else:
                 server.synced_params = client_params  # the next link of these params: an identity test
-        sets = self.startup_sets
+        aside = self._aside
+        sets = aside.startup_sets if aside is not None else _NO_SETTINGS
         if sets:
             # Reset by Pool.release when the client leaves this server.
             server.startup_sets = tuple(sets)
@@ -1062,7 +1110,7 @@ class ClientConnection:
                         out.append(data[seg:pos])
                         out.append(head)
                         seg = seg_after
-                    self._skip = end - n
+                    self._long = _LongMessage(None, end - n)
                     pos = n
                     break
                 new: bytes | None = None
@@ -1168,8 +1216,7 @@ class ClientConnection:
             if hold > _STREAM_AFTER:
                 # A long message that must be whole (a mapped Parse): gathered in chunks.
                 rest = data[pos:]
-                self._held = [rest]
-                self._need = hold - len(rest)
+                self._long = _LongMessage([rest], hold - len(rest))
             else:
                 self._pending = data[pos:]
         if answered:
@@ -1179,20 +1226,29 @@ class ClientConnection:
         """The client's exchange once more, as it sent it (a statement was missing; prepared.retry_due)."""
         self._forward(data)
 
-    def _pass_through(self, data: bytes) -> bytes:
-        """Send on the rest of a long message; return what follows it in `data`."""
+    def _long_message(self, long: _LongMessage, data: bytes) -> bytes:
+        """The next chunk of a long message: b"" while more of it is to come, else the
+        whole message and what follows it (gathered), or what follows it (passed through)."""
+        rest = long.rest
+        chunks = long.chunks
+        if chunks is not None:
+            chunks.append(data)
+            if len(data) < rest:
+                long.rest = rest - len(data)
+                return b""  # each chunk is copied once, when the message is whole
+            self._long = None
+            return b"".join(chunks)
         server = self.server
         assert server is not None and self.pool is not None
-        skip = self._skip
-        if len(data) <= skip:
-            self._skip = skip - len(data)
+        if len(data) < rest:
+            long.rest = rest - len(data)
             server.write(data)
             self.pool.stats.bytes_received += len(data)
             return b""
-        self._skip = 0
-        server.write(data[:skip])
-        self.pool.stats.bytes_received += skip
-        return data[skip:]
+        self._long = None
+        server.write(data[:rest])
+        self.pool.stats.bytes_received += rest
+        return data[rest:]
 
     def _stream_head(
         self, data: bytes, pos: int, end: int, server: ServerConnection, replies: int
@@ -1274,7 +1330,7 @@ class ClientConnection:
         pool = self.pool
         assert pool is not None
         pool.stats.query_count += 1
-        if server.outstanding > 0 or self.unsynced or server.busy_internally or self._held is not None or self._skip:
+        if server.outstanding > 0 or self.unsynced or server.busy_internally or self._long is not None:
             return  # (a long message still coming in keeps its server too)
         if server.tx_status != _IDLE:
             if pool.refuses_blocks:

@@ -224,7 +224,7 @@ class Pool:
             client.terminate(sqlstate.PROTOCOL_VIOLATION, "server shutting down")
             return
         now = self._clock()
-        client.wait_start = now
+        client.request_time = now  # its wait_start: the request waits from now
         client.wait_notified = False
         if self.last_error is not None and now < self.error_until and not self.connecting and not self.usable:
             client.fatal_fields(self.last_error.fields)

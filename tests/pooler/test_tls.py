@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import shutil
 import signal
+import socket
 import ssl
 import struct
 from collections.abc import Callable, Iterator
@@ -314,6 +316,26 @@ def test_direct_tls_under_the_production_loop(certs: Certs, pooler_process: Call
     ) as conn:  # fmt: skip
         assert conn.info.pgconn.ssl_in_use
         assert conn.execute("SELECT 1 + 1").fetchone() == (2,)
+
+
+async def test_login_and_logout_lines_name_each_clients_address_under_the_production_loop(
+    certs: Certs, pooler_process: Callable[..., PoolerProcess]
+) -> None:
+    """An idle client does not keep its peer's address: the logout line asks the transport,
+    which a TLS transport can no longer answer after the close (it is kept aside for TLS)."""
+    proc = pooler_process(**client_tls(certs, "allow"), log_connections=True, log_disconnections=True)
+    ports = []
+    for sslmode in ("require", "disable"):
+        async with await psycopg.AsyncConnection.connect(
+            host="127.0.0.1", port=proc.port, user="md5user", password="md5pass", dbname="app", sslmode=sslmode
+        ) as conn:
+            assert conn.info.pgconn.ssl_in_use == (sslmode == "require")
+            assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+            with socket.socket(fileno=os.dup(conn.info.pgconn.socket)) as sock:
+                ports.append(sock.getsockname()[1])
+    for port in ports:
+        for line in (f"login: md5user@app from 127.0.0.1:{port}", f"logout: md5user@app from 127.0.0.1:{port}"):
+            await wait_until(lambda line=line: line in proc.log())  # type: ignore[misc]
 
 
 # -- the server leg ----------------------------------------------------------------------------
