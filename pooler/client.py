@@ -174,9 +174,13 @@ class _Login:
     """What a client holds only while it logs in: dropped with it at ReadyForQuery (10,000
     idle clients would otherwise carry 10,000 sets of empty fields)."""
 
-    __slots__ = ("opened", "password", "peer", "reader", "task", "timer", "waiter")
+    __slots__ = ("database", "opened", "password", "peer", "reader", "task", "timer", "user", "waiter")
 
     def __init__(self) -> None:
+        # The startup packet's user and database; once logged in the pool's (see
+        # ClientConnection.user).
+        self.user = ""
+        self.database = ""
         # The peer's (host, port) as the transport gave it; once logged in the client asks
         # its transport again (see ClientConnection.address).
         self.peer: tuple[str, int] = ("", 0)
@@ -207,7 +211,7 @@ class _Aside:
     """What few clients have, kept apart so that the others do not carry its fields: created
     on the first need (a TLS upgrade, a unix socket, startup settings to pass on)."""
 
-    __slots__ = ("peer", "startup_sets", "tls")
+    __slots__ = ("peer", "startup_sets", "tls", "user")
 
     def __init__(self) -> None:
         self.tls = ""  # "TLSv1.3/<cipher>" once upgraded (SHOW CLIENTS)
@@ -216,6 +220,8 @@ class _Aside:
         self.peer: tuple[str, int] | None = None
         # Startup settings other than the tracked parameters (name -> value).
         self.startup_sets: Mapping[str, str] = _NO_SETTINGS
+        # The user logged in as, where the pool's is another (a database's forced user).
+        self.user = ""
 
 
 class ClientConnection:
@@ -238,7 +244,6 @@ class ClientConnection:
         "cancel_secret",
         "close_at_boundary",
         "connect_time",
-        "database",
         "id",
         "is_admin",
         "last_activity",
@@ -253,7 +258,6 @@ class ClientConnection:
         "statements",
         "transport",
         "unsynced",
-        "user",
         "wait_notified",
     )
 
@@ -280,8 +284,6 @@ class ClientConnection:
         # The tracked parameters as this client sees them: shared by clients that see the
         # same (Pool.shared_params), so replaced on change, never changed in place.
         self.params: Mapping[str, str] = _NO_SETTINGS
-        self.user = ""
-        self.database = ""
         # BackendKeyData's two numbers (Int32 each): fields rather than a tuple, as the
         # `cancel_key` property gives them; the compiled build keeps both in one word.
         self.cancel_pid: i32 = 0
@@ -325,6 +327,27 @@ class ClientConnection:
         if isinstance(peer, tuple):
             return str(peer[0]), int(peer[1])
         return "", 0
+
+    @property
+    def user(self) -> str:
+        """The user this client logs in or logged in as ("" before its startup packet)."""
+        login = self._logging_in
+        if login is not None:
+            return login.user
+        aside = self._aside
+        if aside is not None and aside.user:
+            return aside.user
+        pool = self.pool
+        return pool.user if pool is not None else ""
+
+    @property
+    def database(self) -> str:
+        """The database this client logs in or logged in to (its pool's: not kept twice)."""
+        login = self._logging_in
+        if login is not None:
+            return login.database
+        pool = self.pool
+        return pool.database if pool is not None else ""
 
     @property
     def wait_start(self) -> float:
@@ -690,7 +713,9 @@ class ClientConnection:
             raise ClientError(sqlstate.INVALID_AUTHORIZATION, "SSL required")
         self.state = ClientState.LOGIN
         # Interned: the clients of one user and database share the strings.
-        self.user, self.database = sys.intern(packet.user), sys.intern(packet.database)
+        login = self._logging_in
+        assert login is not None
+        login.user, login.database = sys.intern(packet.user), sys.intern(packet.database)
         if self.pooler.draining and self.database != _ADMIN_DATABASE:
             raise ClientError(sqlstate.CANNOT_CONNECT_NOW, "pgfleet is shutting down")
         if self.database != _ADMIN_DATABASE and self.pooler.over_client_limit():
@@ -755,6 +780,10 @@ class ClientConnection:
         self.cancel_pid, self.cancel_secret = self.pooler.register_cancel_key(self)
         key_data = backend.backend_key_data(self.cancel_pid, self.cancel_secret)
         transport.write(b"".join((greeting, frames, key_data, _READY_IDLE)))
+        login = self._logging_in
+        assert login is not None
+        if login.user != pool.user:  # a database's forced user: the pool's is another
+            self._set_aside().user = login.user
         self._logging_in = None
         self.state = ClientState.IDLE
         pool.client_logged_in(self)
@@ -1017,7 +1046,7 @@ class ClientConnection:
             else:
                 server.synced_params = client_params  # the next link of these params: an identity test
         aside = self._aside
-        sets = aside.startup_sets if aside is not None else _NO_SETTINGS
+        sets = aside.startup_sets if aside is not None else None
         if sets:
             # Reset by Pool.release when the client leaves this server.
             server.startup_sets = tuple(sets)

@@ -304,6 +304,11 @@ async def test_a_forced_users_pool_takes_the_forced_users_settings(pg: TempPostg
         pids = {await conn.fetchval("SELECT pg_backend_pid()") for conn in md5}
         assert len(pids) == 3
         assert list(pooler.pools) == [("forced", "postgres")]
+        # Each client is still its login user's (SHOW CLIENTS, max_user_client_connections).
+        clients = pooler.pools[("forced", "postgres")].clients.values()
+        assert sorted(client.user for client in clients) == ["md5user"] * 3 + ["scramuser"]
+        assert {client.database for client in clients} == {"forced"}
+        assert (pooler.user_clients["md5user"], pooler.user_clients["scramuser"]) == (3, 1)
         waiting = asyncio.create_task(scram.fetchval("SELECT 1"))  # the same pool, full
         await wait_until(lambda: len(pooler.pools[("forced", "postgres")].waiting) == 1)
         await txs[0].commit()
