@@ -180,16 +180,21 @@ def py_spy_recorder(out: Path, duration: float) -> tuple[Callable[[int], None], 
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("auth: SCRAM", ("authenticate_scram", "ScramServerExchange", "scram_verifier", "learned", "sasl_initial_response")),
     ("auth", ("_authenticate", "_auth_begin", "_auth_step", "_password_inline", "_hba_method", "_read_password", "check_md5", "check_plain")),
-    ("startup packet", ("parse_startup_packet", "_read_startup_packet", "_check_startup_params", "StartupReader")),
+    ("startup packet", ("parse_startup_packet", "_read_startup_packet", "_check_startup_params", "StartupReader", "_begin_login", "_startup_of")),
     (
         "welcome (params, key, frames)",
-        ("welcome_frames", "welcome_params", "register_cancel_key", "client_logged_in", "client_refused", "reported_value", "get_pool"),
+        ("welcome_frames", "welcome_params", "register_cancel_key", "client_logged_in", "client_refused", "reported_value", "get_pool",
+         "_welcome", "_login_pool", "client_welcome", "_logged_in_inline"),
     ),
-    ("first query: to the server", ("_forward", "___link", ".link", "acquire", "_need_server")),
     ("first query: reply, server back", ("ServerConnection", "server_ready", "_release", "Pool___release", "Pool.release")),
-    ("Terminate, teardown", ("connection_lost", "client_disconnected", "_call_connection_lost", "UVHandle__close", "client_gone")),
-    ("accept", ("uv__server_io", "connection_made", "ClientConnection_____init__", "ClientConnection.__init__", "client_connected")),
+    ("first query: to the server", ("_forward", "___link", ".link", "acquire", "_need_server")),
+    ("Terminate, teardown", ("connection_lost", "client_disconnected", "_call_connection_lost", "UVHandle__close", "client_gone",
+                             "UVStream__close", "uv_close", "close_handle_cb", "UVHandle__free")),
+    ("accept", ("uv__server_io", "connection_made", "ClientConnection_____init__", "ClientConnection.__init__", "client_connected",
+                "streamserver_on_listen", "on_listen", "_accept", "accept4", "TCPTransport__new", "TCPTransport_new", "factory")),
+    ("login inline (SSLRequest 'N', dispatch)", ("_login_inline",)),
     ("login coroutine (task, timeout, SSLRequest 'N', writes)", ("_login", "_run_handshake", "task_step", "_wait_for_data")),
+    ("read wake-up (loop to data_received)", ("uv__read", "stream_on_read", "uv__stream_io")),
 )  # fmt: skip
 SYSCALLS = frozenset(
     ("write", "writev", "read", "accept4", "close", "syscall", "setsockopt", "epoll_ctl", "getpid", "getsockname",
@@ -206,12 +211,16 @@ def phase_of(frames: list[str]) -> str:
     return "event loop, other"
 
 
-def perf_recorder(out: Path, duration: float) -> tuple[Callable[[int], None], Callable[[], None]]:
-    """Start `perf record` (on-CPU samples, user and kernel) on a pid; a function to wait for it."""
+def perf_recorder(out: Path, duration: float, stacks: bool = False) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """Start `perf record` (on-CPU samples, user and kernel) on a pid; a function to wait for it.
+    `stacks`: with call stacks (DWARF unwinding), for the phases of a login (perf_phases)."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def record(pid: int) -> None:
-        argv = ["perf", "record", "-F", "997", "-o", str(out), "-p", str(pid), "--", "sleep", str(int(duration))]
+        argv = ["perf", "record", "-F", "997", "-o", str(out), "-p", str(pid)]
+        if stacks:
+            argv += ["--call-graph", "dwarf,16384"]
+        argv += ["--", "sleep", str(int(duration))]
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def wait() -> None:
@@ -226,12 +235,59 @@ def perf_profile(data: Path, top: int = 40) -> list[str]:
     lines: list[str] = []
     for key, limit in (("dso", 15), ("dso,symbol", top)):
         out = subprocess.run(
-            ["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", key, "--percent-limit", "0.4"],
+            [
+                "perf",
+                "report",
+                "-i",
+                str(data),
+                "--stdio",
+                "--no-children",
+                "-g",
+                "none",
+                "--sort",
+                key,
+                "--percent-limit",
+                "0.4",
+            ],
             capture_output=True,
             text=True,
         ).stdout
         rows = [line.strip() for line in out.splitlines() if line.strip() and not line.startswith("#")]
         lines += ["```", *rows[:limit], "```", ""]
+    return lines
+
+
+def perf_phases(data: Path, logins: int, cpu_seconds: float) -> list[str]:
+    """A login's phases from perf's on-CPU samples with call stacks: each sample goes to the
+    innermost pooler or event-loop function of its stack that names a phase (PHASES), its
+    kernel part (the system calls under it, their wake-ups) kept apart; µs per login are
+    the phase's share of the pooler's CPU over the run times CPU per login."""
+    out = subprocess.run(
+        ["perf", "script", "-i", str(data), "-F", "ip,sym,dso", "--no-inline"], capture_output=True, text=True
+    ).stdout
+    phases: collections.Counter[str] = collections.Counter()
+    kernel: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for block in out.split("\n\n"):
+        frames = [line.strip() for line in block.splitlines() if line.strip()]
+        if not frames:
+            continue
+        samples += 1
+        names = [frame.split(" ", 1)[1] if " " in frame else frame for frame in frames]  # leaf first
+        phase = phase_of(names[::-1])
+        phases[phase] += 1
+        if "kernel.kallsyms" in names[0] or "[unknown]" in names[0]:
+            kernel[phase] += 1
+    if not samples:
+        return ["no samples"]
+    per_login = cpu_seconds * 1e6 / logins if logins else 0.0
+    lines = [f"{samples} on-CPU samples; {per_login:.1f} µs of pooler CPU per login over this run", ""]
+    lines += ["| phase | % of samples | µs per login | of which in the kernel |", "|---|---|---|---|"]
+    for phase, count in phases.most_common():
+        share = count / samples
+        lines.append(
+            f"| {phase} | {100 * share:.1f} | {share * per_login:.1f} | {kernel[phase] / samples * per_login:.1f} |"
+        )
     return lines
 
 
@@ -312,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--py-spy", type=Path, help="directory for a py-spy profile of each pgfleet combination")
     parser.add_argument("--perf", type=Path, help="directory for a perf profile (on-CPU) of each pgfleet combination")
+    parser.add_argument(
+        "--perf-stacks",
+        action="store_true",
+        help="with --perf: record call stacks too and break the pooler's CPU per login into a login's phases",
+    )
     parser.add_argument("--out", type=Path, help="markdown report (default: stdout only)")
     opts = parser.parse_args(argv)
 
@@ -377,11 +438,14 @@ def main(argv: list[str] | None = None) -> int:
             for combo in combos:
                 slug = combo.name.replace(" ", "_").replace("=", "-")
                 data = opts.perf / f"{slug}.data"
-                record, wait = perf_recorder(data, opts.duration)
-                storm(Combo(combo.variant, combo.build, combo.auth, combo.log_connections, combo.proc), args, record)
+                record, wait = perf_recorder(data, opts.duration, opts.perf_stacks and combo.build != "pgbouncer")
+                run = Combo(combo.variant, combo.build, combo.auth, combo.log_connections, combo.proc)
+                storm(run, args, record)
                 wait()
                 if data.exists():
                     profiles[f"perf: {combo.name}"] = perf_profile(data)
+                    if opts.perf_stacks and combo.build != "pgbouncer":
+                        profiles[f"perf phases: {combo.name}"] = perf_phases(data, run.logins, run.cpu)
     finally:
         for combo in combos:
             if combo.proc is not None:

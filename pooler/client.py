@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, cast
 
 from . import auth, hba, params, prepared, sqlscan, tls, turns
-from .config import AuthType
+from .config import AuthType, PoolerConfig
 from .protocol import backend
 from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
@@ -168,6 +168,87 @@ def _sasl_initial_response(body: bytes) -> bytes:
     if length != len(client_first):
         raise ProtocolError("malformed SASLInitialResponse length")
     return client_first
+
+
+class _Startup:
+    """What a StartupMessage says, as a login reads it under one config: its user and
+    database, its tracked parameters and other settings, the NegotiateProtocolVersion it
+    asks for. It depends on the packet's bytes and the config alone, so it is read once
+    per distinct packet (_STARTUPS): a storm's clients send the same packet again and
+    again. Shared by those clients, so never changed in place. The checks that depend on
+    the moment (TLS, draining, the client limit) are _begin_login's, at every login."""
+
+    __slots__ = ("config", "database", "error", "negotiation", "sets", "tracked", "user")
+
+    def __init__(self, config: PoolerConfig, packet: StartupMessage) -> None:
+        self.config = config
+        # Interned: the clients of one user and database share the strings.
+        self.user = sys.intern(packet.user)
+        self.database = sys.intern(packet.database)
+        # As PostgreSQL: go on with 3.0, naming the protocol options not taken.
+        self.negotiation = (
+            backend.negotiate_protocol_version(0, packet.protocol_options) if packet.needs_negotiation else b""
+        )
+        # A setting the login cannot go on with: refused after the other checks, as before
+        # this reading was kept (never kept itself).
+        self.error: ClientError | None = None
+        self.tracked: dict[str, str] = {}
+        self.sets: Mapping[str, str] = _NO_SETTINGS
+        try:
+            self.tracked, self.sets = _startup_params(packet.params, config.ignore_startup_parameters)
+        except ClientError as exc:
+            self.error = exc
+
+
+# Startup packets read (bytes -> their reading). Bounded: clients that each send another
+# packet (an application_name per process) empty it now and then rather than grow it.
+_STARTUPS: Final[dict[bytes, _Startup]] = {}
+_STARTUPS_LIMIT: Final = 256
+_STARTUP_KEY_LIMIT: Final = 1024  # longer packets are read each time rather than kept
+
+
+def _startup_params(startup: dict[str, str], ignore: list[str]) -> tuple[dict[str, str], Mapping[str, str]]:
+    """The tracked parameters of a startup packet, and its other settings.
+
+    Settings drivers send at startup (node-postgres' statement_timeout, libpq's
+    `options=-c ...`) are set on every server the client gets and reset when it leaves
+    it (see `link`, Pool.release); names in ignore_startup_parameters are dropped, as
+    PgBouncer does.
+    """
+    tracked: dict[str, str] = {}
+    others: dict[str, str] = {}
+    ignored = {name.lower() for name in ignore}
+    settings: list[tuple[str, str]] = []
+    for name, value in startup.items():
+        lower = name.lower()
+        if name in ("user", "database") or lower in ignored:
+            continue
+        if lower == "options":
+            try:
+                settings.extend(params.split_options(value))
+            except ValueError as exc:
+                raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, f"pgfleet: {exc}") from None
+        elif lower == "replication" or lower.startswith("_pq_."):
+            raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"unsupported startup parameter: {name}")
+        else:
+            settings.append((name, value))
+    for name, value in settings:
+        canonical = params.canonical(name)
+        if canonical is not None:
+            tracked[canonical] = value
+        elif name.lower() not in ignored:
+            others[name.lower()] = value
+    return tracked, (others or _NO_SETTINGS)
+
+
+def _read_startup(config: PoolerConfig, body: bytes, packet: StartupMessage) -> _Startup:
+    """The reading of a StartupMessage, kept for the next client that sends these bytes."""
+    startup = _Startup(config, packet)
+    if startup.error is None and len(body) <= _STARTUP_KEY_LIMIT:
+        if len(_STARTUPS) >= _STARTUPS_LIMIT:
+            _STARTUPS.clear()
+        _STARTUPS[body] = startup
+    return startup
 
 
 class _Login:
@@ -507,6 +588,9 @@ class ClientConnection:
                     return
                 login.opened = True
                 body, self._pending = got
+                startup = _STARTUPS.get(body)  # a packet read before: not parsed again
+                if startup is not None and startup.config is self.pooler.config:
+                    break
                 packet = parse_startup_packet(body)
                 if isinstance(packet, SSLRequest) and tls_context is not None and not self.tls:
                     self._hand_off_tls(direct=False)
@@ -514,14 +598,16 @@ class ClientConnection:
                 if isinstance(packet, SSLRequest | GSSENCRequest):
                     transport.write(b"N")  # go on in the clear (or give up)
                     continue
+                if isinstance(packet, CancelRequest):
+                    self._login_over()
+                    self.pooler.forward_cancel(packet.process_id, packet.secret_key)
+                    transport.close()
+                    return
+                assert isinstance(packet, StartupMessage)
+                startup = _read_startup(self.pooler.config, body, packet)
                 break
-            if isinstance(packet, CancelRequest):
-                self._login_over()
-                self.pooler.forward_cancel(packet.process_id, packet.secret_key)
-                transport.close()
-                return
-            assert isinstance(packet, StartupMessage)
-            startup_params = self._begin_login(packet)
+            assert startup is not None
+            startup_params = self._begin_login(startup)
             if self.database == _ADMIN_DATABASE:
                 self._hand_off(startup_params, None)
                 return
@@ -703,19 +789,17 @@ class ClientConnection:
         if self.state is ClientState.CLOSED:  # before, or while this coroutine waited
             raise asyncio.CancelledError
 
-    def _begin_login(self, packet: StartupMessage) -> dict[str, str]:
+    def _begin_login(self, startup: _Startup) -> dict[str, str]:
         """Checks on the startup packet before authentication; returns its tracked parameters."""
         assert self.transport is not None
-        if packet.needs_negotiation:
-            # As PostgreSQL: go on with 3.0, naming the protocol options not taken.
-            self.transport.write(backend.negotiate_protocol_version(0, packet.protocol_options))
+        if startup.negotiation:
+            self.transport.write(startup.negotiation)
         if not self.tls and self.pooler.tls.client_mode.demands_tls and self.peer_host != "unix":
             raise ClientError(sqlstate.INVALID_AUTHORIZATION, "SSL required")
         self.state = ClientState.LOGIN
-        # Interned: the clients of one user and database share the strings.
         login = self._logging_in
         assert login is not None
-        login.user, login.database = sys.intern(packet.user), sys.intern(packet.database)
+        login.user, login.database = startup.user, startup.database
         if self.pooler.draining and self.database != _ADMIN_DATABASE:
             raise ClientError(sqlstate.CANNOT_CONNECT_NOW, "pgfleet is shutting down")
         if self.database != _ADMIN_DATABASE and self.pooler.over_client_limit():
@@ -723,7 +807,11 @@ class ClientConnection:
             # disconnect_client() default, 08P01): clients and alerts written for it match.
             self.pooler.client_limit_hit()
             raise ClientError(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
-        return self._check_startup_params(packet.params)
+        if startup.error is not None:
+            raise startup.error
+        if startup.sets:
+            self._set_aside().startup_sets = startup.sets
+        return startup.tracked
 
     async def _login_rest(self, startup_params: dict[str, str]) -> None:
         """Authentication and the welcome (or the admin console)."""
@@ -839,41 +927,6 @@ class ClientConnection:
             return False
         _pid, uid, _gid = struct.unpack("3i", creds)
         return bool(uid == os.getuid())
-
-    def _check_startup_params(self, startup: dict[str, str]) -> dict[str, str]:
-        """The tracked parameters of a startup packet; the other settings go to `startup_sets`.
-
-        Settings drivers send at startup (node-postgres' statement_timeout, libpq's
-        `options=-c ...`) are set on every server the client gets and reset when it
-        leaves it (see `link`, Pool.release); names in ignore_startup_parameters are
-        dropped, as PgBouncer does.
-        """
-        tracked: dict[str, str] = {}
-        others: dict[str, str] = {}
-        ignored = {name.lower() for name in self.pooler.config.ignore_startup_parameters}
-        settings: list[tuple[str, str]] = []
-        for name, value in startup.items():
-            lower = name.lower()
-            if name in ("user", "database") or lower in ignored:
-                continue
-            if lower == "options":
-                try:
-                    settings.extend(params.split_options(value))
-                except ValueError as exc:
-                    raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, f"pgfleet: {exc}") from None
-            elif lower == "replication" or lower.startswith("_pq_."):
-                raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"unsupported startup parameter: {name}")
-            else:
-                settings.append((name, value))
-        for name, value in settings:
-            canonical = params.canonical(name)
-            if canonical is not None:
-                tracked[canonical] = value
-            elif name.lower() not in ignored:
-                others[name.lower()] = value
-        if others:
-            self._set_aside().startup_sets = others
-        return tracked
 
     def _authenticate_inline(self) -> bytes | _PasswordExchange | None:
         """AuthenticationOk when this login needs no password (trust); the exchange begun

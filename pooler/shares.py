@@ -20,6 +20,41 @@ from pathlib import Path
 _PID_LIMIT = 1 << 31  # BackendKeyData's process id is an Int32 that clients treat as positive
 
 
+# Random bytes for cancel keys are drawn from the OS this many at a time: one getrandom
+# per 64 logins rather than one per login (a storm logs in thousands of times a second).
+_RANDOM_BATCH = 512
+
+
+class _RandomBytes:
+    """The OS's random bytes, drawn ahead in batches and handed out 8 at a time, each once.
+
+    A forked worker must never hand out bytes its parent or a sibling also holds (two
+    clients would get the same secret): the child forgets the batch at fork."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self) -> None:
+        self._data = b""
+        self._pos = 0
+
+    def take64(self) -> int:
+        pos = self._pos
+        data = self._data
+        if pos + 8 > len(data):
+            data = self._data = os.urandom(_RANDOM_BATCH)
+            pos = 0
+        self._pos = pos + 8
+        return int.from_bytes(data[pos : pos + 8], "big")
+
+    def forget(self) -> None:
+        self._data = b""
+        self._pos = 0
+
+
+_RANDOM = _RandomBytes()
+os.register_at_fork(after_in_child=_RANDOM.forget)
+
+
 def share(limit: int, index: int, count: int) -> int:
     """Worker `index`'s part of `limit` among `count` workers; 0 (unlimited or none) stays 0."""
     if count == 1 or limit == 0:
@@ -48,10 +83,10 @@ class WorkerSlot:
 
     def new_cancel_key(self) -> tuple[int, int]:
         """BackendKeyData's (process id, secret key): a random nonzero process id that names
-        this worker (pid % count == index) and a random signed 32-bit secret, both from one
-        draw of the OS's random source (a connection storm asks for one per login)."""
+        this worker (pid % count == index) and a random signed 32-bit secret, both from 8
+        bytes of the OS's random source (a connection storm asks for one per login)."""
         while True:
-            draw = int.from_bytes(os.urandom(8), "big")
+            draw = _RANDOM.take64()
             pid = ((draw >> 32) % (_PID_LIMIT // self.count)) * self.count + self.index
             if pid:
                 return pid, (draw & 0xFFFFFFFF) - (1 << 31)

@@ -19,22 +19,31 @@ class StartupReader:
     __slots__ = ("_buf",)
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        # Only while a packet arrives in pieces: most come whole in one read, and are
+        # sliced from it without a buffer.
+        self._buf: bytearray | None = None
 
     def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
         """Return (packet body, bytes left over) once the packet is complete."""
-        self._buf += data
-        if len(self._buf) < 4:
+        buf = self._buf
+        if buf is not None:
+            buf += data
+            data = bytes(buf)
+        if len(data) < 4:
+            self._hold(data)
             return None
-        length = int.from_bytes(self._buf[:4], "big")
+        length = (data[0] << 24) | (data[1] << 16) | (data[2] << 8) | data[3]
         if length < 8 or length > MAX_STARTUP_LENGTH:
             raise StartupLengthError(f"invalid length of startup packet: {length}")
-        if len(self._buf) < length:
+        if len(data) < length:
+            self._hold(data)
             return None
-        body = bytes(self._buf[4:length])
-        rest = bytes(self._buf[length:])
-        self._buf.clear()
-        return body, rest
+        self._buf = None
+        return data[4:length], data[length:]
+
+    def _hold(self, data: bytes) -> None:
+        if self._buf is None:
+            self._buf = bytearray(data)  # (else it holds `data` already)
 
 
 class MessageReader:

@@ -157,6 +157,23 @@ async def test_startup_parameters_not_tracked_are_applied_unless_ignored(start_p
         await connect(pooler.port, server_settings={"replication": "database"})
 
 
+async def test_a_reload_applies_to_a_startup_packet_seen_before(start_pooler: StartPooler) -> None:
+    """A startup packet's reading is kept for the next client that sends the same bytes
+    (a storm's clients all do); a reload that changes ignore_startup_parameters applies
+    to the next login all the same."""
+    pooler = await start_pooler(
+        auth_type="trust", default_pool_size=1, ignore_startup_parameters=["extra_float_digits"]
+    )
+    for _ in range(2):
+        conn = await connect(pooler.port, server_settings={"extra_float_digits": "2"})
+        assert await conn.fetchval("SHOW extra_float_digits") == "1"  # ignored
+        await conn.close()
+    pooler.apply_config(pooler.config.model_copy(update={"ignore_startup_parameters": []}))
+    conn = await connect(pooler.port, server_settings={"extra_float_digits": "2"})
+    assert await conn.fetchval("SHOW extra_float_digits") == "2"
+    await conn.close()
+
+
 async def test_pipelined_extended_queries_keep_their_server(start_pooler: StartPooler) -> None:
     pooler = await start_pooler(auth_type="trust", default_pool_size=1)
     conn = await connect(pooler.port)

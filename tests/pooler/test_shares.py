@@ -6,6 +6,8 @@ follow, which must hold for every combination, not just the ones a process test 
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,28 @@ def test_cancel_keys_name_their_worker(count: int) -> None:
             assert slot.owner_of(pid) == index
             assert -(2**31) <= secret < 2**31
         assert len({secret for _, secret in keys}) > 190  # random, not a counter or a constant
+
+
+def test_a_forked_worker_draws_other_cancel_keys_than_its_parent() -> None:
+    """Cancel keys come from random bytes drawn ahead in batches: a worker forked after
+    its parent drew some must not hand out the rest of the parent's batch."""
+    slot = WorkerSlot()
+    slot.new_cancel_key()  # the parent holds a batch now
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        try:
+            os.close(read_end)
+            keys = [slot.new_cancel_key() for _ in range(20)]
+            os.write(write_end, json.dumps(keys).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child_keys = {tuple(key) for key in json.loads(pipe.read())}
+    os.waitpid(child, 0)
+    parent_keys = {slot.new_cancel_key() for _ in range(20)}
+    assert len(child_keys) == 20 and not child_keys & parent_keys
 
 
 def test_worker_argument_is_checked() -> None:
