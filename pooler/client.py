@@ -618,7 +618,7 @@ class ClientConnection:
             if isinstance(begun, _PasswordExchange):
                 begun.startup_params = startup_params
                 login.password = begun
-                login.reader = MessageReader(max_length=_SMALL_LIMIT)
+                login.reader = None  # (see _login_message)
                 return  # the client's answer comes to data_received
             self._logged_in_inline(startup_params, begun)
         except Exception as exc:
@@ -769,10 +769,16 @@ class ClientConnection:
         login = self._logging_in
         assert login is not None
         reader = login.reader
+        data, self._pending = self._pending, b""
         if not isinstance(reader, MessageReader):
+            # The usual answer, one whole message in one read, is sliced from it: a reader
+            # (a buffer, a list) is made only for one that comes in pieces or with more.
+            if len(data) >= 5:
+                length = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
+                if 4 <= length <= _SMALL_LIMIT and len(data) == 1 + length:
+                    return data[0], data[5:]
             reader = login.reader = MessageReader(max_length=_SMALL_LIMIT)
-        reader.feed(self._pending)
-        self._pending = b""
+        reader.feed(data)
         messages = reader.messages()
         if not messages:
             return None
