@@ -7,6 +7,13 @@ the whole.
 
     .venv/bin/python benchmarks/hotpath.py [--transactions N] [--clients N]
     make compiled && PYTHONPATH=build/compiled .venv/bin/python benchmarks/hotpath.py   # the compiled build
+
+Instructions per transaction, which the machine's load does not change: the difference
+of two lengths under callgrind, e.g. (N = 2000, then 12000; divide by 10000)
+
+    PYTHONPATH=build/compiled valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        .venv/bin/python -P benchmarks/hotpath.py --queued-only --modes extended \
+        --queued-clients 200 --repeat 1 --transactions N
 """
 
 from __future__ import annotations
@@ -105,12 +112,60 @@ async def measure(transactions: int, clients: int, mode: str) -> float:
     )
     request = extended_request(sql) if mode == "extended" else frontend.query(sql)
     response = extended_response() if mode == "extended" else select_response()
-    started = time.perf_counter()
+    started = time.process_time()
     for i in range(transactions):
         client = conns[i % clients]
         client.data_received(request)
         server.data_received(response)
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
+    assert pool.stats.xact_count == transactions, pool.stats.xact_count
+    await pooler.stop()
+    return elapsed / transactions * 1e6
+
+
+async def measure_queued(transactions: int, clients: int, servers: int, mode: str) -> float:
+    """As `measure`, with `servers` servers shared by more clients: every transaction queues
+    (pgbench -c 50/200 through a pool of 20), the answered client asking again at once."""
+    config = parse_config({"auth_type": "trust", "default_pool_size": servers, "databases": {"app": {}}})
+    pooler = Pooler(config)
+    pool = pooler.get_pool("app", "postgres")
+    pool.server_params = dict(SERVER_PARAMS)
+    links = []
+    for _ in range(servers):
+        server = ServerConnection(pool)
+        server.connection_made(NullTransport())  # type: ignore[arg-type]
+        server._login_reader = None
+        server.params = dict(SERVER_PARAMS)
+        server.tracked_params = {k: v for k, v in SERVER_PARAMS.items() if k != "server_version"}
+        server.state = ServerState.IDLE
+        pool.idle.append(server)
+        links.append(server)
+    shared = dict(links[0].tracked_params)
+    conns = []
+    for _ in range(clients):
+        client = ClientConnection(pooler)
+        client.transport = NullTransport()  # type: ignore[assignment]
+        client.state = ClientState.IDLE
+        client.pool = pool
+        client.params = shared
+        conns.append(client)
+    sql = (
+        "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+        if mode == "extended"
+        else "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;"
+    )
+    request = extended_request(sql) if mode == "extended" else frontend.query(sql)
+    response = extended_response() if mode == "extended" else select_response()
+    for client in conns:
+        client.data_received(request)
+    started = time.process_time()
+    for i in range(transactions):
+        server = links[i % servers]
+        answered = server.client
+        assert answered is not None
+        server.data_received(response)
+        answered.data_received(request)
+    elapsed = time.process_time() - started
     assert pool.stats.xact_count == transactions, pool.stats.xact_count
     await pooler.stop()
     return elapsed / transactions * 1e6
@@ -120,11 +175,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transactions", type=int, default=200_000)
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--servers", type=int, default=20, help="pool size of the queued case")
+    parser.add_argument("--queued-clients", default="50,200", help="client counts of the queued case")
+    parser.add_argument("--modes", default="simple,extended")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per cell, the best reported")
+    parser.add_argument(
+        "--queued-only", action="store_true", help="only the queued case (for instruction counts under callgrind)"
+    )
     args = parser.parse_args()
-    print(f"| protocol | µs of Python per transaction ({BUILD}) |\n|---|---|")
-    for mode in ("simple", "extended"):
-        best = min(asyncio.run(measure(args.transactions, args.clients, mode)) for _ in range(3))
-        print(f"| {mode} | {best:.2f} |")
+    queued = [int(c) for c in args.queued_clients.split(",") if c]
+    head = " | ".join(f"{c} clients, {args.servers} servers" for c in queued)
+    print(f"| protocol | µs of Python per transaction ({BUILD}) | {head} |\n|---|---|{'---|' * len(queued)}")
+    for mode in args.modes.split(","):
+        best = (
+            None
+            if args.queued_only
+            else min(asyncio.run(measure(args.transactions, args.clients, mode)) for _ in range(args.repeat))
+        )
+        cells = [
+            min(asyncio.run(measure_queued(args.transactions, c, args.servers, mode)) for _ in range(args.repeat))
+            for c in queued
+        ]
+        first = "—" if best is None else f"{best:.2f}"
+        print(f"| {mode} | {first} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
 
 
 if __name__ == "__main__":

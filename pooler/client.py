@@ -27,7 +27,7 @@ from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
 from .protocol.errors import ProtocolError, StartupLengthError
 from .protocol.extended import STATEMENT
-from .protocol.framing import MAX_MESSAGE_LENGTH, MessageReader, StartupReader
+from .protocol.framing import MAX_MESSAGE_LENGTH, MessageReader, StartupReader, type_table
 from .protocol.startup import (
     CancelRequest,
     GSSENCRequest,
@@ -59,9 +59,10 @@ _C: Final = ord("C")
 _STATEMENT: Final = STATEMENT
 _IDLE: Final = IDLE
 # Extended-protocol messages: after one of them the server is busy until the next Sync.
-_EXTENDED: Final = frozenset(map(ord, "PBDEC"))
-_COPY: Final = frozenset(map(ord, "dcf"))
-_KIND_AND_NAME: Final = frozenset(map(ord, "CD"))  # Close, Describe
+# Tables indexed by message type (framing.type_table): compiled, a load, not a set probe.
+_EXTENDED: Final = type_table(b"PBDEC")
+_COPY: Final = type_table(b"dcf")
+_KIND_AND_NAME: Final = type_table(b"CD")  # Close, Describe
 _ADMIN_DATABASE = "pgbouncer"
 _HBA_METHODS = {
     "trust": AuthType.TRUST,
@@ -90,8 +91,8 @@ _QUEUED_BUFFER_LIMIT: Final = 64 * 1024
 _STREAM_AFTER: Final = 256 * 1024
 # PostgreSQL refuses these message types beyond 10000 bytes (PQ_SMALL_MESSAGE_LIMIT).
 _SMALL_LIMIT: Final = 10_000
-_SMALL_ONLY: Final = frozenset(map(ord, "CDEHSXcf"))
-_QUERY_OR_CALL: Final = frozenset(map(ord, "QF"))
+_SMALL_ONLY: Final = type_table(b"CDEHSXcf")
+_QUERY_OR_CALL: Final = type_table(b"QF")
 # What most clients hold, shared rather than allocated per client (10,000 idle clients
 # are 10,000 copies of each): they are only ever replaced, never changed in place.
 _NO_PINS: Final[frozenset[str]] = frozenset()
@@ -495,9 +496,9 @@ class ClientConnection:
                 data, self._pending = self._pending + data, b""
             self._forward(data)
         elif state is ClientState.IDLE:
-            self.last_activity = self._clock()
+            now = self.last_activity = self._clock()
             self._pending += data
-            self._need_server()
+            self._need_server(now)
         elif state is ClientState.WAITING:
             self.last_activity = self._clock()
             self._pending += data
@@ -884,7 +885,7 @@ class ClientConnection:
         if self.pooler.config.log_connections:
             log.info("login: %s@%s from %s:%s", self.user, self.database, *self.address)
         if self._pending:
-            self._need_server()
+            self._need_server(self._clock())
 
     async def _direct_tls(self, ctx: ssl.SSLContext) -> None:
         """A first byte that opens a TLS handshake is PostgreSQL 17's direct negotiation:
@@ -1069,8 +1070,8 @@ class ClientConnection:
         return ClientError(sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"')
 
     # -- hot path ---------------------------------------------------------------------------
-    def _need_server(self) -> None:
-        """IDLE with bytes pending: get a server (or close on Terminate)."""
+    def _need_server(self, now: float) -> None:
+        """IDLE with bytes pending: get a server (or close on Terminate); `now` is the loop's time."""
         pending = self._pending
         if len(pending) < 5:
             return
@@ -1085,7 +1086,7 @@ class ClientConnection:
         assert pool is not None
         self.request_time = self.last_activity
         self.state = ClientState.WAITING
-        pool.acquire(self)
+        pool.acquire(self, now)
         if self.state is ClientState.WAITING and len(self._pending) > _QUEUED_BUFFER_LIMIT:
             self.pause_reading()
 
@@ -1179,7 +1180,7 @@ class ClientConnection:
                 length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
                 if length < 4 or length > MAX_MESSAGE_LENGTH:
                     raise _Violation(f"invalid message length {length}")
-                if length > _SMALL_LIMIT and msg_type in _SMALL_ONLY:
+                if length > _SMALL_LIMIT and _SMALL_ONLY[msg_type]:
                     raise _Violation(f"invalid message length {length}")
                 end = pos + 1 + length
                 if end > n:
@@ -1211,7 +1212,7 @@ class ClientConnection:
                     elif server.replies:
                         prepared.track(server, prepared.SYNC_REPLY, replies)
                     replies += 1
-                elif msg_type in _EXTENDED:
+                elif _EXTENDED[msg_type]:
                     self.unsynced = True
                     if msg_type == _P:
                         # PgBouncer's parse and bind counters count tracked named statements only.
@@ -1239,7 +1240,7 @@ class ClientConnection:
                             if portal_end < end - 1 and data[portal_end + 1] != 0:
                                 stats.bind_count += 1
                                 new = prepared.on_bind(self, server, data[pos + 5 : end], portal_end - pos - 5, replies)
-                    elif msg_type in _KIND_AND_NAME and (length < 6 or data[end - 1] != 0):
+                    elif _KIND_AND_NAME[msg_type] and (length < 6 or data[end - 1] != 0):
                         raise _Violation("invalid message format")  # a kind and a name
                     elif msg_type == _C:
                         if maps and data[pos + 5] == _STATEMENT and data[pos + 6] != 0:
@@ -1266,7 +1267,7 @@ class ClientConnection:
                         server.write(data[:pos] if out is None else b"".join(out) + data[seg:pos])
                     self.close()
                     return
-                elif msg_type != _H and msg_type not in _COPY:
+                elif msg_type != _H and not _COPY[msg_type]:
                     raise _Violation(f"invalid frontend message type {msg_type}")
                 if new is not None:
                     if out is None:
@@ -1352,7 +1353,7 @@ class ClientConnection:
         pool = self.pool
         assert pool is not None
         stats = pool.stats
-        if msg_type in _QUERY_OR_CALL:
+        if _QUERY_OR_CALL[msg_type]:
             if server.replies:
                 prepared.track(server, prepared.SYNC_REPLY, replies)
             return None, pos, replies + 1
@@ -1383,7 +1384,7 @@ class ClientConnection:
                 if head is not None:
                     return head, name_end + 1, replies
             return None, pos, replies
-        if msg_type in _COPY:
+        if _COPY[msg_type]:
             return None, pos, replies
         raise _Violation(f"invalid frontend message type {msg_type}")
 
@@ -1424,7 +1425,8 @@ class ClientConnection:
             if pool.refuses_blocks:
                 pool.refuse_transaction_block(self, server)
             return
-        if pool.session_mode or self.pins:
+        # (pins: the shared empty set, else a client's own, never empty; see apply_effect)
+        if pool.session_mode or self.pins is not _NO_PINS:
             if server.close_needed and pool.fast_close:
                 # server_fast_close: the session ends with its transaction, not at logout.
                 self.terminate(sqlstate.ADMIN_SHUTDOWN, "server_fast_close: the server connection is closing")
@@ -1440,7 +1442,7 @@ class ClientConnection:
         if self.close_at_boundary:
             self.terminate(sqlstate.ADMIN_SHUTDOWN, "pgfleet is shutting down; reconnect")
         elif self._pending:
-            self._need_server()
+            self._need_server(self._clock())
 
     def send(self, data: bytes) -> None:
         transport = self.transport

@@ -199,8 +199,11 @@ class Pool:
             self.pooler.user_clients[client.user] -= 1
         # Waiting clients that left are skipped when their turn comes (O(1) here).
 
-    def acquire(self, client: ClientConnection) -> None:
-        """Link `client` to an idle server now, or queue it (FIFO) until one frees up."""
+    def acquire(self, client: ClientConnection, now: float) -> None:
+        """Link `client` to an idle server now, or queue it (FIFO) until one frees up.
+
+        `now` is the loop's time, which the caller has read (as the loop's time stays the
+        same all through a callback, the clock is not read twice)."""
         if not self.paused:
             lifetime = self.server_lifetime
             while self.idle:
@@ -223,7 +226,6 @@ class Pool:
             # SHUTDOWN WAIT_FOR_SERVERS: PgBouncer's answer, at once rather than never.
             client.terminate(sqlstate.PROTOCOL_VIOLATION, "server shutting down")
             return
-        now = self._clock()
         client.request_time = now  # its wait_start: the request waits from now
         client.wait_notified = False
         if self.last_error is not None and now < self.error_until and not self.connecting and not self.usable:

@@ -22,7 +22,7 @@ from .passthrough import ScramKeys, ScramKeysExchange
 from .protocol import backend, frontend
 from .protocol.backend import IDLE
 from .protocol.errors import CONNECTION_FAILURE, INVALID_AUTHORIZATION, ProtocolError
-from .protocol.framing import MessageReader, frame
+from .protocol.framing import MessageReader, frame, type_table
 from .protocol.startup import build_startup_message
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ _C: Final = ord("C")
 _IDLE: Final = IDLE
 # Server messages the forwarding scan must look at (ParseComplete and CloseComplete:
 # some answer the proxy's own Parse/Close and go no further, see prepared.py).
-_WATCHED: Final = frozenset((_Z, _S, _E, statements.PARSE, statements.CLOSE))
+_WATCHED: Final = type_table(bytes((_Z, _S, _E, statements.PARSE, statements.CLOSE)))
 _CACHE_WIPED = frozenset((b"DISCARD ALL\x00", b"DEALLOCATE ALL\x00"))
 
 
@@ -118,8 +118,9 @@ class ServerConnection(asyncio.Protocol):
         # held back meanwhile (sent after all if the retry cannot be).
         self.retry: tuple[str, bytes] | None = None
         self.retry_error: bytes | None = None
-        # Internal queries whose replies are swallowed, one callback per ReadyForQuery.
-        self._swallow: collections.deque[Callable[[], None] | None] = collections.deque()
+        # Internal queries whose replies are swallowed, one callback per ReadyForQuery (a
+        # few at most: a list, whose emptiness compiled code reads inline, unlike a deque's).
+        self._swallow: list[Callable[[], None] | None] = []
         self._partial = b""
         self._skip = 0
         self._reading_paused = False
@@ -321,7 +322,7 @@ class ServerConnection(asyncio.Protocol):
                 self._emit(data[seg:pos])
                 seg = end
                 self._swallowed(msg_type, data, pos, end)
-            elif msg_type in _WATCHED:
+            elif _WATCHED[msg_type]:
                 if end > n:
                     break
                 if msg_type == _Z:
@@ -371,12 +372,13 @@ class ServerConnection(asyncio.Protocol):
                 else:
                     statements.on_unexpected(self, msg_type)
             pos = end
+        # The chunk as it came when all of it goes on (compiled, a slice is always a copy).
         if pos > n:
             # A long message (rows, COPY data) continues in the next chunk.
             self._skip = pos - n
-            self._emit(data[seg:])
+            self._emit(data[seg:] if seg else data)
         else:
-            self._emit(data[seg:pos])
+            self._emit(data[seg:pos] if seg or pos < n else data)
             if pos < n:
                 self._partial = data[pos:]
         if saw_ready and self.client is not None:
@@ -406,7 +408,7 @@ class ServerConnection(asyncio.Protocol):
     def _swallowed(self, msg_type: int, data: bytes, pos: int, end: int) -> None:
         if msg_type == _Z:
             self.tx_status = data[pos + 5]
-            then = self._swallow.popleft()
+            then = self._swallow.pop(0)
             if then is not None:
                 then()
         elif msg_type == _S:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from . import params
+from .protocol.framing import type_table
 
 # Reasons a client keeps its server (transaction mode turns into session mode for it).
 LISTEN = "LISTEN"
@@ -25,21 +26,23 @@ ALL_PINS = frozenset((LISTEN, SET, ADVISORY, HOLD_CURSOR, TEMP_TABLE))
 
 _KEYWORDS = rb"(?:prepare|deallocate|discard|listen|unlisten|set|reset|declare|create|close)\b"
 _SKIP = rb"(?:\s+|\(|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
-_LEAD = re.compile(_SKIP + _KEYWORDS, re.I | re.S)
-_AFTER_SEMICOLON = re.compile(rb";" + _SKIP + _KEYWORDS, re.I | re.S)
+# Final: compiled (mypyc), C statics rather than lookups in the module's dict.
+_LEAD: Final = re.compile(_SKIP + _KEYWORDS, re.I | re.S)
+_AFTER_SEMICOLON: Final = re.compile(rb";" + _SKIP + _KEYWORDS, re.I | re.S)
 
 # The first four letters of each keyword but "set", lower-cased.
-_HEADS = frozenset((b"prep", b"deal", b"disc", b"list", b"unli", b"rese", b"decl", b"crea", b"clos"))
-# The keywords' first letters but SET's (lower case, as ints): a statement starting
+_HEADS: Final = frozenset((b"prep", b"deal", b"disc", b"list", b"unli", b"rese", b"decl", b"crea", b"clos"))
+# The keywords' first letters but SET's (lower case), as a table indexed by byte
+# (framing.type_table: compiled, a load rather than a set probe): a statement starting
 # otherwise needs no closer look at its head.
-_INITIALS: Final = frozenset(b"pdlurc")
+_INITIALS: Final = type_table(b"pdlurc")
 _LOWER_S: Final = ord("s")
 _LOWER_T: Final = ord("t")
 _SEMICOLON: Final = ord(";")
 _LOWER_V: Final = ord("v")
 _UPPER_V: Final = ord("V")
-_LETTERS = frozenset(string.ascii_letters.encode())
-_WORD_BYTES = frozenset((string.ascii_letters + string.digits + "_").encode())
+_LETTERS: Final = type_table(string.ascii_letters.encode())
+_WORD_BYTES: Final = type_table((string.ascii_letters + string.digits + "_").encode())
 
 
 def worth_a_look(data: bytes, start: int, end: int) -> bool:
@@ -51,23 +54,23 @@ def worth_a_look(data: bytes, start: int, end: int) -> bool:
     if start >= end:
         return False
     first = data[start]
-    if first in _LETTERS:
+    if _LETTERS[first]:
         # Most statements start with their keyword: a few bytes answer without the regex.
         lower = first | 0x20
         # SELECT, the commonest of all, is told apart from SET at its third letter.
         third_t = end - start >= 3 and data[start + 2] | 0x20 == _LOWER_T
-        if lower in _INITIALS or (lower == _LOWER_S and third_t):
+        if _INITIALS[lower] or (lower == _LOWER_S and third_t):
             head = data[start : min(start + 4, end)].lower()
-            if head in _HEADS or (head[:3] == b"set" and (len(head) == 3 or head[3] not in _WORD_BYTES)):
+            if head in _HEADS or (head[:3] == b"set" and (len(head) == 3 or not _WORD_BYTES[head[3]])):
                 return True
     elif _LEAD.match(data, start, end):
         return True
     # One copy of the SQL, then a byte's presence asked first (`int in bytes` is a memchr;
-    # `bytes in bytes` and bytes.find cost far more in calls than in searching).
-    sql = data[start:end]
-    # A statement after a semicolon (any match starts at one); one ending the SQL, as
-    # pgbench's and many a driver's do, leaves nothing after it to look at.
-    if _SEMICOLON in sql[:-1] and _AFTER_SEMICOLON.search(sql):
+    # `bytes in bytes` and bytes.find cost far more in calls than in searching). A
+    # semicolon ending the SQL, as pgbench's and many a driver's do, is left out of the
+    # copy: nothing follows it to look at, and a statement after one starts at one.
+    sql = data[start : end - 1] if data[end - 1] == _SEMICOLON else data[start:end]
+    if _SEMICOLON in sql and _AFTER_SEMICOLON.search(sql):
         return True
     if _LOWER_V in sql and sql.find(b"dvisory") >= 0:
         return True

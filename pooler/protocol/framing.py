@@ -13,6 +13,15 @@ MAX_STARTUP_LENGTH = 10_000
 MAX_MESSAGE_LENGTH: Final = 1 << 30  # Final: a constant in compiled (mypyc) callers
 
 
+def type_table(types: bytes) -> bytes:
+    """A 256-byte table, 1 at each message type in `types`: `table[msg_type]` tells membership.
+
+    Compiled (mypyc), indexing bytes with a native int is a bounds check and a load, where
+    `msg_type in frozenset` boxes the int, hashes it and probes the set.
+    """
+    return bytes(1 if i in types else 0 for i in range(256))
+
+
 class StartupReader:
     """Collects the one untyped packet a connection starts with (length + body)."""
 
