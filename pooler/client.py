@@ -291,9 +291,10 @@ class _LongMessage:
 
 class _Aside:
     """What few clients have, kept apart so that the others do not carry its fields: created
-    on the first need (a TLS upgrade, a unix socket, startup settings to pass on)."""
+    on the first need (a TLS upgrade, a unix socket, startup settings to pass on, a forced
+    user, a long message)."""
 
-    __slots__ = ("peer", "startup_sets", "tls", "user")
+    __slots__ = ("long", "peer", "startup_sets", "tls", "user")
 
     def __init__(self) -> None:
         self.tls = ""  # "TLSv1.3/<cipher>" once upgraded (SHOW CLIENTS)
@@ -304,6 +305,7 @@ class _Aside:
         self.startup_sets: Mapping[str, str] = _NO_SETTINGS
         # The user logged in as, where the pool's is another (a database's forced user).
         self.user = ""
+        self.long: _LongMessage | None = None  # a long message being received
 
 
 class ClientConnection:
@@ -313,9 +315,7 @@ class ClientConnection:
 
     __slots__ = (
         "_aside",
-        "_clock",
         "_logging_in",
-        "_long",
         "_pending",
         "_reading_paused",
         "_sets_checked",
@@ -358,7 +358,6 @@ class ClientConnection:
         self._yielding = False  # reading paused until the loop's next turn (turns.py)
         self.pooler = pooler
         self.id = next(pooler.client_ids)
-        self._clock = pooler.clock  # bound once, shared: read on every message
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
         self.pool: Pool | None = None
@@ -381,7 +380,6 @@ class ClientConnection:
         # Why this client keeps its server past transaction end (sqlscan's reasons).
         self.pins = _NO_PINS
         self._pending = b""
-        self._long: _LongMessage | None = None  # a long message being received
         self._logging_in: _Login | None = _Login()  # None once logged in
         self._aside: _Aside | None = None  # see _Aside
 
@@ -452,6 +450,10 @@ class ClientConnection:
         aside = self._aside
         return aside.startup_sets if aside is not None else _NO_SETTINGS
 
+    def _receiving_long(self) -> bool:
+        aside = self._aside
+        return aside is not None and aside.long is not None
+
     def _set_aside(self) -> _Aside:
         aside = self._aside
         if aside is None:
@@ -484,10 +486,11 @@ class ClientConnection:
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state is ClientState.ACTIVE:
-            self.last_activity = self._clock()
+            self.last_activity = self.pooler.clock()
             if len(data) >= turns.YIELD_AFTER:  # a long read ends this client's turn
                 turns.yield_turn(self, self.pooler.loop.call_soon)
-            long = self._long
+            aside = self._aside
+            long = aside.long if aside is not None else None
             if long is not None:
                 data = self._long_message(long, data)
                 if not data:
@@ -496,11 +499,11 @@ class ClientConnection:
                 data, self._pending = self._pending + data, b""
             self._forward(data)
         elif state is ClientState.IDLE:
-            now = self.last_activity = self._clock()
+            now = self.last_activity = self.pooler.clock()
             self._pending += data
             self._need_server(now)
         elif state is ClientState.WAITING:
-            self.last_activity = self._clock()
+            self.last_activity = self.pooler.clock()
             self._pending += data
             if len(self._pending) > _QUEUED_BUFFER_LIMIT:
                 self.pause_reading()
@@ -675,7 +678,7 @@ class ClientConnection:
             return None
         timer.cancel()
         limit = self.pooler.config.client_login_timeout
-        return max(0.0, limit - (self._clock() - self.connect_time))
+        return max(0.0, limit - (self.pooler.clock() - self.connect_time))
 
     def _login_timed_out(self) -> None:
         if self._logging_in is not None:
@@ -734,7 +737,7 @@ class ClientConnection:
         if self.state is not ClientState.STARTUP:
             return
         if timeout is not None:
-            remaining = self.pooler.config.client_login_timeout - (self._clock() - self.connect_time)
+            remaining = self.pooler.config.client_login_timeout - (self.pooler.clock() - self.connect_time)
             login.timer = self.pooler.loop.call_later(max(0.0, remaining), self._login_timed_out)
         if self._pending:
             self._login_inline()  # the startup packet came with the handshake's end
@@ -885,7 +888,7 @@ class ClientConnection:
         if self.pooler.config.log_connections:
             log.info("login: %s@%s from %s:%s", self.user, self.database, *self.address)
         if self._pending:
-            self._need_server(self._clock())
+            self._need_server(self.pooler.clock())
 
     async def _direct_tls(self, ctx: ssl.SSLContext) -> None:
         """A first byte that opens a TLS handshake is PostgreSQL 17's direct negotiation:
@@ -1199,7 +1202,7 @@ class ClientConnection:
                         out.append(data[seg:pos])
                         out.append(head)
                         seg = seg_after
-                    self._long = _LongMessage(None, end - n)
+                    self._set_aside().long = _LongMessage(None, end - n)
                     pos = n
                     break
                 new: bytes | None = None
@@ -1305,7 +1308,7 @@ class ClientConnection:
             if hold > _STREAM_AFTER:
                 # A long message that must be whole (a mapped Parse): gathered in chunks.
                 rest = data[pos:]
-                self._long = _LongMessage([rest], hold - len(rest))
+                self._set_aside().long = _LongMessage([rest], hold - len(rest))
             else:
                 self._pending = data[pos:]
         if answered:
@@ -1314,6 +1317,11 @@ class ClientConnection:
     def send_again(self, data: bytes) -> None:
         """The client's exchange once more, as it sent it (a statement was missing; prepared.retry_due)."""
         self._forward(data)
+
+    def _end_long(self) -> None:
+        aside = self._aside
+        assert aside is not None
+        aside.long = None
 
     def _long_message(self, long: _LongMessage, data: bytes) -> bytes:
         """The next chunk of a long message: b"" while more of it is to come, else the
@@ -1325,7 +1333,7 @@ class ClientConnection:
             if len(data) < rest:
                 long.rest = rest - len(data)
                 return b""  # each chunk is copied once, when the message is whole
-            self._long = None
+            self._end_long()
             return b"".join(chunks)
         server = self.server
         assert server is not None and self.pool is not None
@@ -1334,7 +1342,7 @@ class ClientConnection:
             server.write(data)
             self.pool.stats.bytes_received += len(data)
             return b""
-        self._long = None
+        self._end_long()
         server.write(data[:rest])
         self.pool.stats.bytes_received += rest
         return data[rest:]
@@ -1419,7 +1427,7 @@ class ClientConnection:
         pool = self.pool
         assert pool is not None
         pool.stats.query_count += 1
-        if server.outstanding > 0 or self.unsynced or server.busy_internally or self._long is not None:
+        if server.outstanding > 0 or self.unsynced or server.busy_internally or self._receiving_long():
             return  # (a long message still coming in keeps its server too)
         if server.tx_status != _IDLE:
             if pool.refuses_blocks:
@@ -1442,7 +1450,7 @@ class ClientConnection:
         if self.close_at_boundary:
             self.terminate(sqlstate.ADMIN_SHUTDOWN, "pgfleet is shutting down; reconnect")
         elif self._pending:
-            self._need_server(self._clock())
+            self._need_server(self.pooler.clock())
 
     def send(self, data: bytes) -> None:
         transport = self.transport
