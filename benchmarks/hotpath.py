@@ -85,11 +85,8 @@ def extended_response() -> bytes:
     )
 
 
-async def measure(transactions: int, clients: int, mode: str) -> float:
-    config = parse_config({"auth_type": "trust", "default_pool_size": 1, "databases": {"app": {}}})
-    pooler = Pooler(config)
-    pool = pooler.get_pool("app", "postgres")
-    pool.server_params = dict(SERVER_PARAMS)
+def idle_server(pool: Any) -> ServerConnection:
+    """A logged-in server in the pool's idle list, writing to nowhere."""
     server = ServerConnection(pool)
     server.connection_made(NullTransport())  # type: ignore[arg-type]
     server._login_reader = None
@@ -97,6 +94,15 @@ async def measure(transactions: int, clients: int, mode: str) -> float:
     server.tracked_params = {k: v for k, v in SERVER_PARAMS.items() if k != "server_version"}
     server.state = ServerState.IDLE
     pool.idle.append(server)
+    return server
+
+
+async def measure(transactions: int, clients: int, mode: str) -> float:
+    config = parse_config({"auth_type": "trust", "default_pool_size": 1, "databases": {"app": {}}})
+    pooler = Pooler(config)
+    pool = pooler.get_pool("app", "postgres")
+    pool.server_params = dict(SERVER_PARAMS)
+    server = idle_server(pool)
     conns = []
     for _ in range(clients):
         client = ClientConnection(pooler)
@@ -132,14 +138,7 @@ async def measure_queued(transactions: int, clients: int, servers: int, mode: st
     pool.server_params = dict(SERVER_PARAMS)
     links = []
     for _ in range(servers):
-        server = ServerConnection(pool)
-        server.connection_made(NullTransport())  # type: ignore[arg-type]
-        server._login_reader = None
-        server.params = dict(SERVER_PARAMS)
-        server.tracked_params = {k: v for k, v in SERVER_PARAMS.items() if k != "server_version"}
-        server.state = ServerState.IDLE
-        pool.idle.append(server)
-        links.append(server)
+        links.append(idle_server(pool))
     shared = dict(links[0].tracked_params)
     conns = []
     for _ in range(clients):
