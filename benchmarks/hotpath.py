@@ -97,65 +97,56 @@ def idle_server(pool: Any) -> ServerConnection:
     return server
 
 
+class Bench:
+    """A pooler with `servers` idle servers in one pool and `clients` idle clients of it,
+    and the request and answer of one transaction in `mode` (simple or extended)."""
+
+    def __init__(self, clients: int, servers: int, mode: str) -> None:
+        config = parse_config({"auth_type": "trust", "default_pool_size": servers, "databases": {"app": {}}})
+        self.pooler = Pooler(config)
+        self.pool = pool = self.pooler.get_pool("app", "postgres")
+        pool.server_params = dict(SERVER_PARAMS)
+        self.links = [idle_server(pool) for _ in range(servers)]
+        shared = dict(self.links[0].tracked_params)
+        self.conns = []
+        for _ in range(clients):
+            client = ClientConnection(self.pooler)
+            client.transport = NullTransport()  # type: ignore[assignment]
+            client.state = ClientState.IDLE
+            client.pool = pool
+            client.params = shared
+            self.conns.append(client)
+        if mode == "extended":
+            self.request = extended_request("SELECT abalance FROM pgbench_accounts WHERE aid = $1;")
+            self.response = extended_response()
+        else:
+            self.request = frontend.query("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;")
+            self.response = select_response()
+
+    async def per_transaction(self, transactions: int, elapsed: float) -> float:
+        """µs per transaction, once every transaction is counted; the pooler is stopped."""
+        assert self.pool.stats.xact_count == transactions, self.pool.stats.xact_count
+        await self.pooler.stop()
+        return elapsed / transactions * 1e6
+
+
 async def measure(transactions: int, clients: int, mode: str) -> float:
-    config = parse_config({"auth_type": "trust", "default_pool_size": 1, "databases": {"app": {}}})
-    pooler = Pooler(config)
-    pool = pooler.get_pool("app", "postgres")
-    pool.server_params = dict(SERVER_PARAMS)
-    server = idle_server(pool)
-    conns = []
-    for _ in range(clients):
-        client = ClientConnection(pooler)
-        client.transport = NullTransport()  # type: ignore[assignment]
-        client.state = ClientState.IDLE
-        client.pool = pool
-        client.params = dict(server.tracked_params)
-        conns.append(client)
-    sql = (
-        "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
-        if mode == "extended"
-        else ("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;")
-    )
-    request = extended_request(sql) if mode == "extended" else frontend.query(sql)
-    response = extended_response() if mode == "extended" else select_response()
+    bench = Bench(clients, 1, mode)
+    conns, server, request, response = bench.conns, bench.links[0], bench.request, bench.response
     started = time.process_time()
     for i in range(transactions):
         client = conns[i % clients]
         client.data_received(request)
         server.data_received(response)
-    elapsed = time.process_time() - started
-    assert pool.stats.xact_count == transactions, pool.stats.xact_count
-    await pooler.stop()
-    return elapsed / transactions * 1e6
+    return await bench.per_transaction(transactions, time.process_time() - started)
 
 
 async def measure_queued(transactions: int, clients: int, servers: int, mode: str) -> float:
     """As `measure`, with `servers` servers shared by more clients: every transaction queues
     (pgbench -c 50/200 through a pool of 20), the answered client asking again at once."""
-    config = parse_config({"auth_type": "trust", "default_pool_size": servers, "databases": {"app": {}}})
-    pooler = Pooler(config)
-    pool = pooler.get_pool("app", "postgres")
-    pool.server_params = dict(SERVER_PARAMS)
-    links = []
-    for _ in range(servers):
-        links.append(idle_server(pool))
-    shared = dict(links[0].tracked_params)
-    conns = []
-    for _ in range(clients):
-        client = ClientConnection(pooler)
-        client.transport = NullTransport()  # type: ignore[assignment]
-        client.state = ClientState.IDLE
-        client.pool = pool
-        client.params = shared
-        conns.append(client)
-    sql = (
-        "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
-        if mode == "extended"
-        else "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;"
-    )
-    request = extended_request(sql) if mode == "extended" else frontend.query(sql)
-    response = extended_response() if mode == "extended" else select_response()
-    for client in conns:
+    bench = Bench(clients, servers, mode)
+    links, request, response = bench.links, bench.request, bench.response
+    for client in bench.conns:
         client.data_received(request)
     started = time.process_time()
     for i in range(transactions):
@@ -164,10 +155,7 @@ async def measure_queued(transactions: int, clients: int, servers: int, mode: st
         assert answered is not None
         server.data_received(response)
         answered.data_received(request)
-    elapsed = time.process_time() - started
-    assert pool.stats.xact_count == transactions, pool.stats.xact_count
-    await pooler.stop()
-    return elapsed / transactions * 1e6
+    return await bench.per_transaction(transactions, time.process_time() - started)
 
 
 def main() -> None:
