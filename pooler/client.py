@@ -500,11 +500,12 @@ class ClientConnection:
             self._forward(data)
         elif state is ClientState.IDLE:
             now = self.last_activity = self.pooler.clock()
-            self._pending += data
+            # Nothing pending is the rule: the read itself is kept (compiled, += always copies).
+            self._pending = self._pending + data if self._pending else data
             self._need_server(now)
         elif state is ClientState.WAITING:
             self.last_activity = self.pooler.clock()
-            self._pending += data
+            self._pending = self._pending + data if self._pending else data
             if len(self._pending) > _QUEUED_BUFFER_LIMIT:
                 self.pause_reading()
         elif state is not ClientState.CLOSED:
