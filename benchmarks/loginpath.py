@@ -10,6 +10,12 @@ is left out of the time.
 
     .venv/bin/python -P benchmarks/loginpath.py [--logins N]
     make compiled && PYTHONPATH=build/compiled .venv/bin/python -P benchmarks/loginpath.py
+
+Instructions per login, which the machine's load does not change: the difference of two
+lengths under callgrind, e.g. (N = 2000, then 12000; divide by 10000)
+
+    PYTHONPATH=build/compiled valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        .venv/bin/python -P benchmarks/loginpath.py --auth trust --repeat 1 --logins N
 """
 
 from __future__ import annotations
@@ -269,6 +275,7 @@ def main() -> None:
     parser.add_argument("--logins", type=int, default=20_000)
     parser.add_argument("--auth", default="trust,scram")
     parser.add_argument("--log-connections", default="off", help="off, on (comma-separated)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case, the best one reported")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (pure build)")
     parser.add_argument(
         "--phases",
@@ -279,7 +286,7 @@ def main() -> None:
     if args.phases:
         for auth in args.auth.split(","):
             best: dict[str, float] = {}
-            for _ in range(3):
+            for _ in range(args.repeat):
                 run: dict[str, float] = {}
                 _run(measure(args.logins, auth, False, phases=run))
                 best = {k: min(v, best.get(k, v)) for k, v in run.items()}
@@ -291,7 +298,7 @@ def main() -> None:
     print(f"| auth | log_connections | µs of Python per login ({BUILD}) |\n|---|---|---|")
     for auth in args.auth.split(","):
         for log in args.log_connections.split(","):
-            best = min(_run(measure(args.logins, auth, log == "on")) for _ in range(3))
+            best = min(_run(measure(args.logins, auth, log == "on")) for _ in range(args.repeat))
             print(f"| {auth} | {log} | {best:.1f} |")
             if args.profile:
                 out = Path(tempfile.mkdtemp()) / "login.prof"

@@ -725,7 +725,7 @@ class AdminSession:
                     int(config.server_lifetime),
                     db.pool_mode.value if db.pool_mode is not None else None, None,
                     limits.max_db_connections, pooler.database_server_count(name),
-                    config.client_limits_for(name, "")[0], pooler.database_clients[name],
+                    config.client_limits_for(name, "")[0], pooler.database_clients.get(name, 0),
                     int(self.console.is_paused(name)), int(name in pooler.disabled_databases),
                 ]
             )  # fmt: skip
@@ -752,7 +752,7 @@ class AdminSession:
                     entry.pool_mode.value if entry and entry.pool_mode is not None else None,
                     limits.max_user_connections,
                     self.pooler.user_server_count(name),
-                    config.client_limits_for("*", name)[1], self.pooler.user_clients[name],
+                    config.client_limits_for("*", name)[1], self.pooler.user_clients.get(name, 0),
                 ]
             )  # fmt: skip
         return result_set(USERS_COLUMNS, rows)

@@ -256,7 +256,7 @@ class _Login:
     """What a client holds only while it logs in: dropped with it at ReadyForQuery (10,000
     idle clients would otherwise carry 10,000 sets of empty fields)."""
 
-    __slots__ = ("database", "opened", "password", "peer", "reader", "task", "timer", "user", "waiter")
+    __slots__ = ("database", "opened", "password", "peer", "reader", "task", "user", "waiter")
 
     def __init__(self) -> None:
         # The startup packet's user and database; once logged in the pool's (see
@@ -269,10 +269,10 @@ class _Login:
         self.reader: StartupReader | MessageReader | None = StartupReader()
         # A first packet has been read: a TLS handshake record can only open the connection.
         self.opened = False
-        # The login's task, once it has to wait for something (see _login_inline); until
-        # then client_login_timeout is this timer.
+        # The login's task, once it has to wait for something (see _login_inline), under
+        # its own client_login_timeout; until then the pooler's one timer ends the login
+        # at its deadline (Pooler._sweep_logins).
         self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.waiter: asyncio.Future[None] | None = None
         # A password exchange run inline (see _login_inline), between the client's messages.
         self.password: _PasswordExchange | None = None
@@ -476,12 +476,8 @@ class ClientConnection:
             login.peer = (str(peer[0]), int(peer[1]))
         else:
             login.peer = self._set_aside().peer = ("unix", 0)
-        if not self.pooler.client_connected(self):
+        if not self.pooler.client_connected(self):  # (which also times its login)
             self.terminate(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
-            return
-        timeout = self.pooler.config.client_login_timeout
-        if timeout:
-            login.timer = self.pooler.loop.call_later(timeout, self._login_timed_out)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -533,7 +529,6 @@ class ClientConnection:
         if login is not None:
             if login.task is not None and not login.task.done():
                 login.task.cancel()
-            self._login_over()
             waiter = login.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
@@ -582,7 +577,7 @@ class ClientConnection:
         assert isinstance(reader, StartupReader)
         tls_context = self.pooler.tls.client
         try:
-            while True:
+            while self._pending:
                 if not login.opened and tls_context is not None and self._pending[:1] == _TLS_HANDSHAKE:
                     # PostgreSQL 17's direct negotiation: a ClientHello opens the connection.
                     self._hand_off_tls(direct=True)
@@ -600,17 +595,19 @@ class ClientConnection:
                 if isinstance(packet, SSLRequest) and tls_context is not None and not self.tls:
                     self._hand_off_tls(direct=False)
                     return
-                if isinstance(packet, SSLRequest | GSSENCRequest):
+                # Two tests: compiled, each a type check, where a union is made per call.
+                if isinstance(packet, SSLRequest) or isinstance(packet, GSSENCRequest):  # noqa: SIM101
                     transport.write(b"N")  # go on in the clear (or give up)
                     continue
                 if isinstance(packet, CancelRequest):
-                    self._login_over()
                     self.pooler.forward_cancel(packet.process_id, packet.secret_key)
                     transport.close()
                     return
                 assert isinstance(packet, StartupMessage)
                 startup = _read_startup(self.pooler.config, body, packet)
                 break
+            else:
+                return  # all read (an SSLRequest answered): the startup packet comes next
             assert startup is not None
             startup_params = self._begin_login(startup)
             if self.database == _ADMIN_DATABASE:
@@ -662,35 +659,32 @@ class ClientConnection:
         """Go on with the login in a task, within what is left of client_login_timeout."""
         login = self._logging_in
         assert login is not None
-        remaining = self._stop_login_timer(login)
+        remaining = self._login_time_left()
         login.task = self.pooler.loop.create_task(self._run_handshake(startup_params, greeting, remaining))
 
     def _hand_off_tls(self, direct: bool) -> None:
         """The TLS handshake in a task (it waits for the client); the login then comes back inline."""
         login = self._logging_in
         assert login is not None
-        remaining = self._stop_login_timer(login)
+        remaining = self._login_time_left()
         login.task = self.pooler.loop.create_task(self._run_tls(direct, remaining))
 
-    def _stop_login_timer(self, login: _Login) -> float | None:
-        """Cancel client_login_timeout's timer; what is left of it (None: no limit)."""
-        timer, login.timer = login.timer, None
-        if timer is None:
+    def _login_time_left(self) -> float | None:
+        """What is left of client_login_timeout for this login (None: no limit)."""
+        limit = self.pooler.login_timeout
+        if not limit:
             return None
-        timer.cancel()
-        limit = self.pooler.config.client_login_timeout
         return max(0.0, limit - (self.pooler.clock() - self.connect_time))
 
-    def _login_timed_out(self) -> None:
-        if self._logging_in is not None:
-            self._logging_in.timer = None
-        self.terminate(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout (server down or wrong password?)")
-
-    def _login_over(self) -> None:
+    def logging_in_inline(self) -> bool:
+        """Logging in without a task of its own: the pooler's client_login_timeout timer
+        is the one to end it (Pooler._sweep_logins)."""
         login = self._logging_in
-        if login is not None and login.timer is not None:
-            login.timer.cancel()
-            login.timer = None
+        # (An admin console session keeps its _Login: its cancel key says it is logged in.)
+        return login is not None and login.task is None and not self.cancel_pid and self.state is not ClientState.CLOSED
+
+    def login_timed_out(self) -> None:
+        self.terminate(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout (server down or wrong password?)")
 
     def take_login_leftover(self) -> bytes:
         """Logged in to the admin console: the bytes read past the login. The console's
@@ -737,9 +731,7 @@ class ClientConnection:
             login.task = None
         if self.state is not ClientState.STARTUP:
             return
-        if timeout is not None:
-            remaining = self.pooler.config.client_login_timeout - (self.pooler.clock() - self.connect_time)
-            login.timer = self.pooler.loop.call_later(max(0.0, remaining), self._login_timed_out)
+        self.pooler.login_resumed(self)
         if self._pending:
             self._login_inline()  # the startup packet came with the handshake's end
 
@@ -805,7 +797,7 @@ class ClientConnection:
         assert self.transport is not None
         if startup.negotiation:
             self.transport.write(startup.negotiation)
-        if not self.tls and self.pooler.tls.client_mode.demands_tls and self.peer_host != "unix":
+        if self.pooler.client_tls_demanded and not self.tls and self.peer_host != "unix":
             raise ClientError(sqlstate.INVALID_AUTHORIZATION, "SSL required")
         self.state = ClientState.LOGIN
         login = self._logging_in
@@ -854,15 +846,17 @@ class ClientConnection:
     def _login_pool(self, greeting: bytes) -> Pool:
         """The pool of an authenticated client's database and user (ClientError: none for it)."""
         assert self.transport is not None
+        database = self.database
         try:
-            if self.pooler.config.database(self.database) is None:
-                raise ClientError(sqlstate.INVALID_CATALOG_NAME, f'no such database: "{self.database}"')
-            if self.database in self.pooler.disabled_databases:
-                raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"database does not allow connections: {self.database}")
+            pool = self.pooler.login_pool(database, self.user)
+            if pool is None:
+                raise ClientError(sqlstate.INVALID_CATALOG_NAME, f'no such database: "{database}"')
+            if database in self.pooler.disabled_databases:
+                raise ClientError(sqlstate.PROTOCOL_VIOLATION, f"database does not allow connections: {database}")
         except ClientError:
             self.transport.write(greeting)  # as PostgreSQL: authenticated, then refused
             raise
-        return self.pooler.get_pool(self.database, self.user)
+        return pool
 
     def _welcome(self, pool: Pool, welcome: dict[str, str], startup_params: dict[str, str], greeting: bytes) -> None:
         """Logged in: AuthenticationOk (unless sent), ParameterStatus, BackendKeyData and
@@ -873,7 +867,6 @@ class ClientConnection:
         if refused is not None:
             transport.write(greeting)
             raise ClientError(sqlstate.TOO_MANY_CONNECTIONS, refused)
-        self._login_over()
         self.pool = pool
         self.params, frames = pool.client_welcome(startup_params)
         self.cancel_pid, self.cancel_secret = self.pooler.register_cancel_key(self)
@@ -885,8 +878,8 @@ class ClientConnection:
             self._set_aside().user = login.user
         self._logging_in = None
         self.state = ClientState.IDLE
-        pool.client_logged_in(self)
-        if self.pooler.config.log_connections:
+        pool.client_logged_in(self, login.user)
+        if self.pooler.log_connections:
             log.info("login: %s@%s from %s:%s", self.user, self.database, *self.address)
         if self._pending:
             self._need_server(self.pooler.clock())
@@ -943,12 +936,12 @@ class ClientConnection:
         """AuthenticationOk when this login needs no password (trust); the exchange begun
         when it needs one that auth_file holds (its request is sent); None when it has to
         look the user up first (auth_query: then _authenticate goes on in a task)."""
-        config = self.pooler.config
-        method = config.auth_type
+        pooler = self.pooler
+        method = pooler.auth_type
         if method is AuthType.HBA:
             method = self._hba_method()
-        secret = self.pooler.userlist.get(self.user)
-        if secret is None and config.auth_user and method is not AuthType.ANY:
+        secret = pooler.userlist.get(self.user)
+        if secret is None and pooler.auth_user and method is not AuthType.ANY:
             return None  # auth_query may know the user
         return self._auth_begin(method, secret)
 
@@ -985,7 +978,7 @@ class ClientConnection:
         if method is AuthType.ANY:
             return _AUTH_OK
         if method is AuthType.TRUST:
-            if secret is None and self.pooler.config.auth_file:
+            if secret is None and self.pooler.auth_file:
                 raise ClientError(sqlstate.INVALID_AUTHORIZATION, f'no such user: "{self.user}"')
             return _AUTH_OK
         # A user not in auth_file, or with an empty password, is asked for a password

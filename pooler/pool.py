@@ -183,11 +183,15 @@ class Pool:
         return True
 
     # -- serving clients --------------------------------------------------------------------
-    def client_logged_in(self, client: ClientConnection) -> None:
+    def client_logged_in(self, client: ClientConnection, user: str) -> None:
+        """`client`, logged in as `user` (the pool's own unless the database forces one)."""
         self.clients[client.cancel_pid] = client
-        self.pooler.clients.pooled(client)
-        self.pooler.database_clients[client.database] += 1
-        self.pooler.user_clients[client.user] += 1
+        pooler = self.pooler
+        pooler.clients.pooled(client)
+        counts = pooler.database_clients
+        counts[self.database] = counts.get(self.database, 0) + 1
+        counts = pooler.user_clients
+        counts[user] = counts.get(user, 0) + 1
 
     def has_client(self, client: ClientConnection) -> bool:
         return self.clients.get(client.cancel_pid) is client
@@ -195,8 +199,9 @@ class Pool:
     def client_gone(self, client: ClientConnection) -> None:
         if self.clients.get(client.cancel_pid) is client:
             del self.clients[client.cancel_pid]
-            self.pooler.database_clients[client.database] -= 1
-            self.pooler.user_clients[client.user] -= 1
+            pooler = self.pooler
+            pooler.database_clients[self.database] -= 1
+            pooler.user_clients[client.user] -= 1
         # Waiting clients that left are skipped when their turn comes (O(1) here).
 
     def acquire(self, client: ClientConnection, now: float) -> None:

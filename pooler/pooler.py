@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import itertools
 import logging
@@ -14,7 +13,7 @@ from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .config import TIMEOUT_KEYS, ConfigError, PoolerConfig, PoolLimits, load_config, merge_limits
+from .config import TIMEOUT_KEYS, AuthType, ConfigError, PoolerConfig, PoolLimits, load_config, merge_limits
 from .credentials import Credentials
 from .hba import rules_for
 from .pool import Pool
@@ -38,6 +37,10 @@ ADMIN_DATABASE = "pgbouncer"
 # the admin console and CancelRequests, which the limit does not apply to.
 _ACCEPT_MARGIN = 16
 _LIMIT_LOG_INTERVAL = 10.0
+_LOGIN_POOLS_LIMIT = 4096
+# client_login_timeout's timer fires this much before a deadline at the latest (uvloop's
+# timers count whole milliseconds): a client due within it is timed out in that sweep.
+_LOGIN_TIMER_SLACK = 0.001
 
 # Settings that cannot change without a restart (the sockets are already bound).
 RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "http_listen_addr", "http_listen_port")
@@ -66,6 +69,10 @@ class Clients:
         yield from self._unpooled
         for pool in self._pools.values():
             yield from pool.clients.values()
+
+    def logging_in(self) -> Iterator[ClientConnection]:
+        """The clients not in a pool (logging in, on the admin console), oldest first."""
+        return iter(self._unpooled)
 
     def add(self, client: ClientConnection) -> None:
         self._unpooled[client] = None
@@ -98,6 +105,7 @@ class Pooler:
         self.clock = self.loop.time
         self.userlist: dict[str, str] = load_userlist(config.auth_file) if config.auth_file else {}
         self.tls: TlsContexts = build_contexts(config)
+        self.client_tls_demanded = self.tls.client_mode.demands_tls  # (kept with self.tls)
         self._tls_files = file_signature(config)
         self.credentials = Credentials(self)
         self.hba = rules_for(config)
@@ -109,8 +117,16 @@ class Pooler:
         self._limit_logged_at = float("-inf")
         self._fd_logged_at = float("-inf")
         # Logged-in clients per database and per (login) user: max_*_client_connections.
-        self.database_clients: collections.Counter[str] = collections.Counter()
-        self.user_clients: collections.Counter[str] = collections.Counter()
+        # Plain dicts (read with .get(name, 0)): compiled, two native dict operations per
+        # login and per logout, where a Counter's are generic calls.
+        self.database_clients: dict[str, int] = {}
+        self.user_clients: dict[str, int] = {}
+        # (database, login user) -> its pool, under the config of the moment (see login_pool).
+        self._login_pools: dict[tuple[str, str], Pool] = {}
+        # client_login_timeout's one timer (see _sweep_logins), armed while a client logs in.
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._login_timer_at = 0.0
+        self._config_applied(config)
         self.draining = False
         self.disabled_databases: set[str] = set()  # DISABLE: new clients refused
         self.client_ids = itertools.count(1)  # SHOW CLIENTS' id, KILL_CLIENT's argument
@@ -201,6 +217,9 @@ class Pooler:
                 log.warning("TLS server connections still closing at exit")
         if self._janitor is not None:
             self._janitor.cancel()
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         if not self._stopped.done():
             self._stopped.set_result(None)
 
@@ -275,18 +294,41 @@ class Pooler:
         for key in pending:
             log.warning("%s changed: takes effect after a restart", key)
         self.config = new
+        self._config_applied(new)
         self.userlist = userlist
         self.hba = rules
         self._client_timeouts = new.has_client_timeouts()
         self.credentials.forget()
         if tls is not None:
             self.tls = tls
+            self.client_tls_demanded = tls.client_mode.demands_tls
             self._tls_files = file_signature(new)
         for pool in list(self.pools.values()):
             pool.configure(new)
         self._open_forced_pools()
         self._schedule_janitor()
+        if self.login_timeout:
+            self._arm_login_timer(self.loop.time())  # a limit set by this reload applies to logins under way
         return pending
+
+    def _config_applied(self, config: PoolerConfig) -> None:
+        """What every login reads of the config, kept as plain fields: compiled, a field is
+        a load, where a read of the config model is a generic attribute lookup."""
+        self.login_timeout: float = config.client_login_timeout
+        self.log_connections: bool = config.log_connections
+        self.log_disconnections: bool = config.log_disconnections
+        self.auth_type: AuthType = config.auth_type
+        self.auth_file: str = config.auth_file or ""
+        self.auth_user: str = config.auth_user or ""
+        self._client_limit: int = self.slot.portion(config.max_client_conn)
+        # Any max_db_client_connections or max_user_client_connections: client_refused looks.
+        self._client_limits = bool(
+            config.max_db_client_connections
+            or config.max_user_client_connections
+            or any(db.max_db_client_connections for db in config.databases.values())
+            or any(user.max_user_client_connections for user in config.users.values())
+        )
+        self._login_pools = {}
 
     def set_limits(self, changes: dict[str, Any]) -> PoolerConfig:
         """Merge `changes` (config terms) into the running config and apply them now."""
@@ -295,6 +337,20 @@ class Pooler:
         return new
 
     # -- pools --------------------------------------------------------------------------------------
+    def login_pool(self, database: str, user: str) -> Pool | None:
+        """The pool of a client logging in as `user` to `database`; None: no such database.
+        Found once per (database, user) and config: a storm's logins look up the same one."""
+        key = (database, user)
+        pool = self._login_pools.get(key)
+        if pool is None:
+            if self.config.database(database) is None:
+                return None
+            pool = self.get_pool(database, user)
+            if len(self._login_pools) >= _LOGIN_POOLS_LIMIT:
+                self._login_pools.clear()
+            self._login_pools[key] = pool
+        return pool
+
     def get_pool(self, database: str, user: str) -> Pool:
         """The pool serving `user` on `database`: a database with a forced user has one
         pool, the forced user's, whoever logs in (as PgBouncer)."""
@@ -373,13 +429,58 @@ class Pooler:
         read, so that silent connections cannot take every file descriptor.
         """
         self.clients.add(client)
-        if len(self.clients) > self.client_limit + _ACCEPT_MARGIN:
+        if len(self.clients) > self._client_limit + _ACCEPT_MARGIN:
             self.client_limit_hit()
             return False
+        if self.login_timeout and self._login_timer is None:
+            self._arm_login_timer(client.connect_time + self.login_timeout)
         return True
 
+    def login_resumed(self, client: ClientConnection) -> None:
+        """`client`'s login goes on inline again (after a TLS handshake in a task, under
+        its own timeout): client_login_timeout's timer covers it again from here."""
+        if self.login_timeout:
+            self._arm_login_timer(client.connect_time + self.login_timeout)
+
+    def _arm_login_timer(self, deadline: float) -> None:
+        """client_login_timeout: one timer for every client logging in inline, at the
+        earliest deadline (as PgBouncer, which checks logins in its janitor, rather than a
+        timer per login: a storm's logins are each over long before theirs)."""
+        timer = self._login_timer
+        if timer is not None:
+            if self._login_timer_at <= deadline:
+                return
+            timer.cancel()
+        self._login_timer_at = deadline
+        self._login_timer = self.loop.call_at(deadline, self._sweep_logins)
+
+    def _sweep_logins(self) -> None:
+        """End the logins past client_login_timeout; arm the timer for the next deadline.
+
+        The clients not in a pool are kept in the order they connected, so the deadlines
+        come in that order too: the sweep stops at the first one not yet due. A login
+        waiting in a task (a TLS handshake, auth_query, a pool's first server, the admin
+        console) is under that task's own timeout and is passed over, as is a client
+        logged in to the admin console."""
+        self._login_timer = None
+        timeout = self.login_timeout
+        if not timeout:
+            return
+        now = self.loop.time()
+        due: list[ClientConnection] = []
+        for client in self.clients.logging_in():
+            if not client.logging_in_inline():
+                continue
+            deadline = client.connect_time + timeout
+            if deadline > now + _LOGIN_TIMER_SLACK:
+                self._arm_login_timer(deadline)
+                break
+            due.append(client)
+        for client in due:
+            client.login_timed_out()
+
     def over_client_limit(self) -> bool:
-        return len(self.clients) > self.client_limit
+        return len(self.clients) > self._client_limit
 
     def client_limit_hit(self) -> None:
         """Log a refusal for max_client_conn, at most once per interval (a flood would flood the log)."""
@@ -400,7 +501,7 @@ class Pooler:
             self.logged_in_clients -= 1
         if client.pool is not None:
             client.pool.client_gone(client)
-        if self.config.log_disconnections and client.cancel_pid:
+        if self.log_disconnections and client.cancel_pid:
             log.info("logout: %s@%s from %s:%s", client.user, client.database, *client.address)
         self._check_drained()
 
@@ -410,17 +511,19 @@ class Pooler:
 
     def client_refused(self, database: str, user: str) -> str | None:
         """Why one more client of `user` on `database` would exceed a client limit (None: it would not)."""
+        if not self._client_limits:
+            return None  # none configured (the usual case): nothing to look up
         per_db, per_user = self.config.client_limits_for(database, user)
-        if per_db and self.database_clients[database] >= self.slot.portion(per_db):
+        if per_db and self.database_clients.get(database, 0) >= self.slot.portion(per_db):
             return "no more connections allowed (max_db_client_connections)"
-        if per_user and self.user_clients[user] >= self.slot.portion(per_user):
+        if per_user and self.user_clients.get(user, 0) >= self.slot.portion(per_user):
             return "no more connections allowed (max_user_client_connections)"
         return None
 
     @property
     def client_limit(self) -> int:
         """This process's part of max_client_conn."""
-        return self.slot.portion(self.config.max_client_conn)
+        return self._client_limit
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         """A new cancel key for `client`; its pool (`client.pool`, set) takes it into its map,
@@ -577,6 +680,7 @@ class Pooler:
         self._tls_files = signature  # one message per change, not one per janitor turn
         try:
             self.tls = build_contexts(self.config)
+            self.client_tls_demanded = self.tls.client_mode.demands_tls
         except ConfigError as exc:
             log.error("TLS files changed but cannot be used, keeping the running ones: %s", exc)
             return

@@ -171,6 +171,42 @@ async def test_client_login_timeout_before_the_startup_packet(start_pooler: Star
     writer.close()
 
 
+async def test_client_login_timeout_ends_each_login_at_its_own_deadline(start_pooler: StartPooler) -> None:
+    """Logins that began at different times end each at its own client_login_timeout (one
+    timer serves them all): not the later one at the earlier one's deadline, nor ever;
+    a client that logged in meanwhile, and an admin console session, stay."""
+    timeout = 1.0
+    pooler = await start_pooler(client_login_timeout=timeout, admin_users=["md5user"])
+    loop = asyncio.get_running_loop()
+    admin = await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=pooler.port, user="md5user", password="md5pass", dbname="pgbouncer", autocommit=True
+    )
+    first_at = loop.time()
+    first_reader, first_writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+    try:
+        await asyncio.sleep(timeout / 2)  # the second login begins half a timeout later
+        second_at = loop.time()
+        second_reader, second_writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+        try:
+            second_writer.write(build_startup_message({"user": "md5user", "database": "app"}))  # asked for a password
+            logged_in = await connect(pooler.port, "md5user", "md5pass")
+            try:
+                assert b"client_login_timeout" in await read_until_closed(first_reader)
+                assert loop.time() - first_at >= timeout - 0.05
+                assert not second_reader.at_eof()
+                assert b"client_login_timeout" in await read_until_closed(second_reader)
+                assert loop.time() - second_at >= timeout - 0.05
+                assert await logged_in.fetchval("SELECT 1") == 1
+                assert await (await admin.execute("SHOW VERSION")).fetchall()
+            finally:
+                await logged_in.close()
+        finally:
+            second_writer.close()
+    finally:
+        first_writer.close()
+        await admin.close()
+
+
 async def test_trust_login_in_pieces_is_greeted_once_whole(start_pooler: StartPooler) -> None:
     """A startup packet that arrives a few bytes at a time logs in; the greeting is
     AuthenticationOk, ParameterStatus..., BackendKeyData, ReadyForQuery, in that order."""
