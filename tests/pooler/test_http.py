@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
+import random
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -106,6 +108,22 @@ async def test_metrics_scrape_parses_with_exporter_names(http_pooler: StartHttp,
     assert ("pgfleet_prepared_statements_cache_misses_total", pool) in samples
     for conn in conns:
         await conn.close()
+
+
+def test_wait_histogram_puts_every_wait_where_a_walk_over_all_bounds_does() -> None:
+    """observe() starts its walk past the bounds a wait's whole 100 µs units clear: on a
+    bound, just either side of one, and anywhere between, it must pick the bucket that
+    comparing with every bound picks."""
+    rng = random.Random(16)
+    waits = [0.0, 1e-9, 0.00009999, 0.0001, 0.1, 0.1000001, 99.0, 1e9]
+    for bound in WAIT_BUCKETS:
+        waits += [bound, math.nextafter(bound, 0.0), math.nextafter(bound, math.inf), bound * 1.01, bound * 0.99]
+    waits += [rng.uniform(0, 0.12) for _ in range(5_000)] + [rng.expovariate(50) for _ in range(5_000)]
+    for seconds in waits:
+        histogram = WaitHistogram()
+        histogram.observe(seconds)
+        expected = next((i for i, bound in enumerate(WAIT_BUCKETS) if seconds <= bound), len(WAIT_BUCKETS))
+        assert histogram.counts.index(1) == expected, seconds
 
 
 def test_wait_histogram_buckets_are_prometheus_le() -> None:
