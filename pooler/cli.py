@@ -11,8 +11,8 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .compiled import BUILD
 from .config import ConfigError, PoolerConfig, load_config
@@ -116,7 +116,7 @@ def _starts_paused(config: PoolerConfig, slot: WorkerSlot) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgfleet-pooler", description="PostgreSQL transaction-pooling proxy")
-    parser.add_argument("--version", "-V", action="version", version=_version())
+    parser.add_argument("--version", "-V", action=_VersionAction)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--config", "-c", metavar="FILE", help="run with this config (YAML, or PgBouncer .ini)")
     group.add_argument("--check-config", metavar="FILE", help="validate a config file and exit")
@@ -183,6 +183,28 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"pgfleet-pooler: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: argparse's own, but the version is looked up only when asked for.
+
+    The lookup (importlib.metadata) scans the installation and parses the package's
+    metadata; every worker forked from the supervisor made it again on its way through
+    main(), about 0.65 MB of private pages each (benchmarks/results/2026-12-03-workers-memory.md).
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, nargs=0, help="show the version and exit")
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        print(_version())
+        parser.exit()
 
 
 def _version() -> str:

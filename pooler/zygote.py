@@ -31,6 +31,15 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+_set_title: Callable[[str], None] | None
+try:
+    # Imported here, before the zygote is forked, like everything else a worker runs: a
+    # worker importing it itself walked the import machinery anew, about 0.2 MB of
+    # private pages (benchmarks/results/2026-12-03-workers-memory.md).
+    from setproctitle import setproctitle as _set_title
+except ImportError:
+    _set_title = None
+
 # Signals the supervisor passes on to the workers itself: the zygote ignores them (a ^C to
 # the process group must not end it), the workers get the handlers back.
 _SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -235,11 +244,9 @@ def _run_worker(
         gc.freeze()  # what the worker shares is never collected (and so never copied)
         # cli._die_with_parent: the parent is the zygote, which dies with the supervisor.
         os.environ["PGFLEET_SUPERVISOR_PID"] = str(zygote)
-        with contextlib.suppress(ImportError):
-            import setproctitle
-
+        if _set_title is not None:
             # `ps` (and the tests) tell the workers apart by their command line.
-            setproctitle.setproctitle(" ".join([*sys.orig_argv, *argv[-4:]]))  # + --worker, --control-dir
+            _set_title(" ".join([*sys.orig_argv, *argv[-4:]]))  # + --worker, --control-dir
         code = main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
