@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .compiled import BUILD
-from .config import ConfigError, PoolerConfig, load_config
+from .config import ConfigError, PoolerConfig, load_config, read_config_text
 from .hba import rules_for
 from .logoutput import BatchingStreamHandler, StampCachingFormatter
 from .shares import WorkerSlot
@@ -31,6 +31,13 @@ log = logging.getLogger("pgfleet")
 # Extra start-up steps (the HTTP control port) register here, so the core never imports them.
 Startup = Callable[["Pooler"], Awaitable[None]]
 STARTUP_HOOKS: list[Startup] = []
+
+# The supervisor of `workers` > 1 reads the config for its workers before it forks them
+# (zygote.py): (the workers' config path, the file's text, the config a worker makes of
+# it). A worker whose file still holds that text takes this config: parsing the text
+# again (yaml, pydantic) touched pages shared with the supervisor and so copied them,
+# about 0.6 MB of each worker's private memory (benchmarks/results/2026-12-03-workers-memory.md).
+_read_for_workers: tuple[str, str, PoolerConfig] | None = None
 
 
 def _raise_fd_limit(config: PoolerConfig) -> None:
@@ -105,6 +112,22 @@ async def serve(config: PoolerConfig, config_path: str | None, slot: WorkerSlot 
     return 0
 
 
+def _config(path: str, text: str, slot: WorkerSlot | None) -> PoolerConfig:
+    """The config `text` of the file at `path` makes; for a worker, the supervisor's reading of it."""
+    if slot is None:
+        return load_config(path, text=text)
+    known = _read_for_workers
+    if known is not None and known[:2] == (path, text) and known[2].workers == slot.count:
+        return known[2]
+    # A worker (re)started by the supervisor runs as one of the workers already running.
+    return load_config(path, workers=slot.count, text=text)
+
+
+def _self_contained(path: str) -> bool:
+    """Whether a config file's text alone makes the config: PgBouncer's INI can %include others."""
+    return os.path.splitext(path)[1] != ".ini"
+
+
 def _starts_paused(config: PoolerConfig, slot: WorkerSlot) -> bool:
     """start_paused; for a worker, its supervisor's pause in force (a pause or resume through the
     control port since the config was read wins over the file's setting)."""
@@ -132,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         slot = WorkerSlot.parse(args.worker, args.control_dir)
         _die_with_parent()
     try:
-        # A worker (re)started by the supervisor runs as one of the workers already running.
-        config = load_config(path, workers=slot.count if slot is not None else None)
+        text = read_config_text(path)
+        config = _config(path, text, slot)
         build_contexts(config)  # key, certificate and CA files can be read and fit together
         rules_for(config)  # auth_hba_file can be read and every line understood
     except ConfigError as exc:
@@ -160,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         # What every worker runs, loaded once here: the workers are forked from it
         # (zygote.py) and share these pages instead of each loading its own copy.
         from . import client, pooler  # noqa: F401
+
+        global _read_for_workers
+        worker_path = _worker_command(args)[1]
+        if _self_contained(worker_path):
+            with contextlib.suppress(ConfigError):  # then each worker reads it, and says what is wrong
+                _read_for_workers = (worker_path, text, load_config(worker_path, workers=config.workers, text=text))
         from .supervisor import supervise
         from .zygote import Zygote
 

@@ -439,18 +439,24 @@ def merge_limits(config: PoolerConfig, changes: dict[str, Any]) -> PoolerConfig:
     return parse_config(data, "limits")
 
 
-def load_config(path: str | Path, *, workers: int | None = None) -> PoolerConfig:
+def read_config_text(path: str | Path) -> str:
+    """The text of a config file; ConfigError if it cannot be read."""
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def load_config(path: str | Path, *, workers: int | None = None, text: str | None = None) -> PoolerConfig:
     """Read a YAML config file (or a PgBouncer INI file, by its extension).
 
     `workers`: the number of worker processes running now. The limits must suit them, not
     a count the file sets for the next start, so the file is checked (and read) as if it
-    said that.
+    said that. `text`: the file's text, read already (read_config_text).
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if text is None:
+        text = read_config_text(path)
     if path.suffix == ".ini":
         from .ini import ini_to_dict  # PgBouncer drop-in; kept apart from the YAML path
 

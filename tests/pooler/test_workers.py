@@ -687,6 +687,41 @@ async def test_sighup_reloads_every_worker(
         await conn.close()
 
 
+async def test_a_worker_started_again_after_a_reload_runs_the_file_as_reloaded(
+    fleet: StartFleet, pg: TempPostgres, fresh_db: str, http: aiohttp.ClientSession
+) -> None:
+    """Workers take the config the supervisor read at start while the file still says that: one
+    that dies after the file changed and was reloaded comes back with the reloaded settings."""
+    f = fleet(default_pool_size=4, databases=own_app(pg, fresh_db))
+
+    async def pool_sizes() -> list[int]:
+        status = await get_json(http, f"{f.base}/status")
+        return [app_pool(w["status"])["limits"]["pool_size"] for w in status["workers"] if w["status"] is not None]
+
+    await on_each_worker(f.connect, asyncpg_pid, 1)  # the app pool exists on both workers
+    assert await pool_sizes() == [2, 2]
+    settings = yaml.safe_load(f.proc.config_path.read_text())
+    settings["default_pool_size"] = 8
+    f.proc.config_path.write_text(yaml.safe_dump(settings))
+    f.proc.signal(signal.SIGHUP)
+
+    async def reloaded() -> bool:
+        return await pool_sizes() == [4, 4]
+
+    await eventually(reloaded, what="both workers at pool_size 4 (8 / 2)")
+    old_pid, _ = f.workers()[1]
+    os.kill(old_pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        worker = (await get_json(http, f"{f.base}/status"))["workers"][1]
+        return bool(worker["restarts"] == 1 and worker["status"] is not None)
+
+    await eventually(restarted, timeout=60, what="worker 1 started again")
+    await on_each_worker(f.connect, asyncpg_pid, 1)
+    assert await pool_sizes() == [4, 4]
+    await f.close_clients()
+
+
 def gone(pid: int) -> bool:
     """True once a process has exited (a zombie nobody reaped counts as gone)."""
     fields = stat_fields(pid)
