@@ -29,6 +29,7 @@ from .protocol.errors import ProtocolError, StartupLengthError
 from .protocol.extended import STATEMENT
 from .protocol.framing import MAX_MESSAGE_LENGTH, MessageReader, StartupReader, type_table
 from .protocol.startup import (
+    SSL_REQUEST_CODE,
     CancelRequest,
     GSSENCRequest,
     SSLRequest,
@@ -71,6 +72,15 @@ _HBA_METHODS = {
     "scram-sha-256": AuthType.SCRAM_SHA_256,
 }
 _NO_MORE_CONNECTIONS = "no more connections allowed (max_client_conn)"
+# The methods, as C statics (compiled): a member read of the enum is a generic lookup.
+_HBA: Final = AuthType.HBA
+_ANY: Final = AuthType.ANY
+_TRUST: Final = AuthType.TRUST
+_PLAIN: Final = AuthType.PLAIN
+_MD5: Final = AuthType.MD5
+_SCRAM: Final = AuthType.SCRAM_SHA_256
+# An SSLRequest's body: answered 'N' without parsing it when TLS is not offered.
+_SSL_REQUEST_BODY: Final = SSL_REQUEST_CODE.to_bytes(4, "big")
 # Built once: every login sends them.
 _AUTH_OK: Final = backend.authentication_ok()
 _AUTH_SASL: Final = backend.authentication_sasl([auth.SCRAM])
@@ -505,7 +515,7 @@ class ClientConnection:
             if len(self._pending) > _QUEUED_BUFFER_LIMIT:
                 self.pause_reading()
         elif state is not ClientState.CLOSED:
-            self._pending += data
+            self._pending = self._pending + data if self._pending else data
             login = self._logging_in
             assert login is not None  # (logged in and not IDLE: the admin console's session)
             if login.task is None:
@@ -575,7 +585,7 @@ class ClientConnection:
         assert login is not None
         reader = login.reader
         assert isinstance(reader, StartupReader)
-        tls_context = self.pooler.tls.client
+        tls_context = self.pooler.client_tls_context
         try:
             while self._pending:
                 if not login.opened and tls_context is not None and self._pending[:1] == _TLS_HANDSHAKE:
@@ -588,6 +598,9 @@ class ClientConnection:
                     return
                 login.opened = True
                 body, self._pending = got
+                if tls_context is None and body == _SSL_REQUEST_BODY:
+                    transport.write(b"N")  # no TLS here: go on in the clear
+                    continue
                 startup = _STARTUPS.get(body)  # a packet read before: not parsed again
                 if startup is not None and startup.config is self.pooler.config:
                     break
@@ -938,10 +951,10 @@ class ClientConnection:
         look the user up first (auth_query: then _authenticate goes on in a task)."""
         pooler = self.pooler
         method = pooler.auth_type
-        if method is AuthType.HBA:
+        if method is _HBA:
             method = self._hba_method()
         secret = pooler.userlist.get(self.user)
-        if secret is None and pooler.auth_user and method is not AuthType.ANY:
+        if secret is None and pooler.auth_user and method is not _ANY:
             return None  # auth_query may know the user
         return self._auth_begin(method, secret)
 
@@ -950,14 +963,14 @@ class ClientConnection:
         with the welcome, as PostgreSQL flushes them together."""
         config = self.pooler.config
         method = config.auth_type
-        if method is AuthType.HBA:
+        if method is _HBA:
             method = self._hba_method()
         user = self.user
         secret = self.pooler.userlist.get(user)
         if (
             secret is None
             and config.auth_user
-            and method is not AuthType.ANY
+            and method is not _ANY
             and self.database != _ADMIN_DATABASE
             and config.database(config.auth_dbname or self.database) is not None  # (else: mock, then refused)
         ):
@@ -975,9 +988,9 @@ class ClientConnection:
         begun (its request sent), which `_auth_step` carries on with each client message."""
         transport = self.transport
         assert transport is not None
-        if method is AuthType.ANY:
+        if method is _ANY:
             return _AUTH_OK
-        if method is AuthType.TRUST:
+        if method is _TRUST:
             if secret is None and self.pooler.auth_file:
                 raise ClientError(sqlstate.INVALID_AUTHORIZATION, f'no such user: "{self.user}"')
             return _AUTH_OK
@@ -986,17 +999,17 @@ class ClientConnection:
         # not tell which user names exist (PostgreSQL's mock authentication), and an
         # empty password never logs in (PgBouncer).
         known = secret or None
-        if method is AuthType.PLAIN:
+        if method is _PLAIN:
             transport.write(backend.authentication_cleartext())
-            return _PasswordExchange(AuthType.PLAIN, known)
-        if method is AuthType.MD5 and (known is None or not auth.is_scram(known)):
-            exchange = _PasswordExchange(AuthType.MD5, known)
+            return _PasswordExchange(_PLAIN, known)
+        if method is _MD5 and (known is None or not auth.is_scram(known)):
+            exchange = _PasswordExchange(_MD5, known)
             exchange.salt = os.urandom(4)
             transport.write(backend.authentication_md5(exchange.salt))
             return exchange
         # SCRAM-SHA-256 (also md5 against a SCRAM secret, as PostgreSQL); without a
         # secret, a mock exchange that fails at its end.
-        exchange = _PasswordExchange(AuthType.SCRAM_SHA_256, known)
+        exchange = _PasswordExchange(_SCRAM, known)
         try:
             exchange.scram = (
                 auth.ScramServerExchange.for_secret(known)
@@ -1016,11 +1029,11 @@ class ClientConnection:
         if msg_type != _PASSWORD:
             raise ProtocolError(f"expected password message, got {chr(msg_type)!r}")
         known = exchange.secret
-        if exchange.method is AuthType.PLAIN:
+        if exchange.method is _PLAIN:
             if known is None or not auth.check_plain_password(self.user, known, body.rstrip(b"\x00")):
                 raise self._auth_failed()
             return _AUTH_OK
-        if exchange.method is AuthType.MD5:
+        if exchange.method is _MD5:
             given = body.rstrip(b"\x00")
             if known is None or not auth.check_md5_password(self.user, known, exchange.salt, given):
                 raise self._auth_failed()
@@ -1060,7 +1073,7 @@ class ClientConnection:
                 raise ClientError(
                     sqlstate.INVALID_AUTHORIZATION, f'certificate authentication failed for user "{self.user}"'
                 )
-            return AuthType.ANY
+            return _ANY
         return _HBA_METHODS[found]
 
     def _auth_failed(self) -> ClientError:

@@ -79,6 +79,10 @@ class Pool:
         # Per startup packet's tracked parameters: what the client sees and its ParameterStatus
         # messages, for the server parameters they were made from (see client_welcome).
         self._welcomes: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], Mapping[str, str], bytes]] = {}
+        # The last welcome made, by the identity of the startup parameters it was made for
+        # (a startup packet's reading is shared by the clients sending it, see client._Startup):
+        # a storm's next login of the same kind takes it without building a key.
+        self._last_welcome: tuple[dict[str, str], dict[str, str], Mapping[str, str], bytes] | None = None
         self.paused = False
         # After a login that cannot succeed (login_refused) the pool answers with the
         # server's error at once, for server_login_retry, instead of hammering the server.
@@ -592,9 +596,13 @@ class Pool:
         """
         welcome = self.server_params
         assert welcome is not None
+        last = self._last_welcome
+        if last is not None and last[0] is startup_params and last[1] is welcome:
+            return last[2], last[3]
         key = tuple(startup_params.items())
         cached = self._welcomes.get(key)
         if cached is not None and cached[0] is welcome:
+            self._last_welcome = (startup_params, welcome, cached[1], cached[2])
             return cached[1], cached[2]
         seen = {name: value for name, value in welcome.items() if name in params.TRACKED}
         for name, value in startup_params.items():
@@ -605,6 +613,7 @@ class Pool:
         if len(self._welcomes) >= _SHARED_PARAMS_LIMIT:
             self._welcomes.clear()
         self._welcomes[key] = (welcome, shared, b"".join(frames))
+        self._last_welcome = (startup_params, welcome, shared, self._welcomes[key][2])
         return shared, self._welcomes[key][2]
 
     async def welcome_params(self) -> dict[str, str]:

@@ -9,6 +9,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -105,7 +106,9 @@ class Pooler:
         self.clock = self.loop.time
         self.userlist: dict[str, str] = load_userlist(config.auth_file) if config.auth_file else {}
         self.tls: TlsContexts = build_contexts(config)
-        self.client_tls_demanded = self.tls.client_mode.demands_tls  # (kept with self.tls)
+        # Of self.tls, what every login reads, as plain fields (see _config_applied).
+        self.client_tls_demanded = self.tls.client_mode.demands_tls
+        self.client_tls_context: ssl.SSLContext | None = self.tls.client
         self._tls_files = file_signature(config)
         self.credentials = Credentials(self)
         self.hba = rules_for(config)
@@ -302,6 +305,7 @@ class Pooler:
         if tls is not None:
             self.tls = tls
             self.client_tls_demanded = tls.client_mode.demands_tls
+            self.client_tls_context = tls.client
             self._tls_files = file_signature(new)
         for pool in list(self.pools.values()):
             pool.configure(new)
@@ -681,6 +685,7 @@ class Pooler:
         try:
             self.tls = build_contexts(self.config)
             self.client_tls_demanded = self.tls.client_mode.demands_tls
+            self.client_tls_context = self.tls.client
         except ConfigError as exc:
             log.error("TLS files changed but cannot be used, keeping the running ones: %s", exc)
             return

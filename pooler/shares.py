@@ -37,14 +37,18 @@ class _RandomBytes:
         self._data = b""
         self._pos = 0
 
-    def take64(self) -> int:
+    def take64(self) -> tuple[int, int]:
+        """Eight bytes as two unsigned 32-bit numbers (big-endian): byte by byte, compiled,
+        native reads and small integers, no call and no 64-bit integer object."""
         pos = self._pos
         data = self._data
         if pos + 8 > len(data):
             data = self._data = os.urandom(_RANDOM_BATCH)
             pos = 0
         self._pos = pos + 8
-        return int.from_bytes(data[pos : pos + 8], "big")
+        high = (data[pos] << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+        low = (data[pos + 4] << 24) | (data[pos + 5] << 16) | (data[pos + 6] << 8) | data[pos + 7]
+        return high, low
 
     def forget(self) -> None:
         self._data = b""
@@ -86,10 +90,10 @@ class WorkerSlot:
         this worker (pid % count == index) and a random signed 32-bit secret, both from 8
         bytes of the OS's random source (a connection storm asks for one per login)."""
         while True:
-            draw = _RANDOM.take64()
-            pid = ((draw >> 32) % (_PID_LIMIT // self.count)) * self.count + self.index
+            high, low = _RANDOM.take64()
+            pid = (high % (_PID_LIMIT // self.count)) * self.count + self.index
             if pid:
-                return pid, (draw & 0xFFFFFFFF) - (1 << 31)
+                return pid, low - (1 << 31)
 
     def owner_of(self, pid: int) -> int:
         return pid % self.count
