@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from scramp import ScramClient, ScramException, ScramMechanism
 
+from .shares import random_bytes
+
 SCRAM = "SCRAM-SHA-256"
 # Per process: the mock SCRAM salts of unknown users derive from it (ScramServerExchange.mock).
 _MOCK_SECRET = secrets.token_bytes(32)
@@ -132,13 +134,15 @@ class ScramServerExchange:
             raise AuthFailed("malformed SCRAM client-first message") from exc
         if flag not in ("n", "y") or authzid:
             raise AuthFailed("SCRAM channel binding and authorization identities are not supported")
-        attributes = dict(part.split("=", 1) for part in bare.split(",") if "=" in part)
-        client_nonce = attributes.get("r", "")
+        client_nonce = ""
+        for part in bare.split(","):  # (the last r= counts, as in a dict of the attributes)
+            if part.startswith("r="):
+                client_nonce = part[2:]
         if not client_nonce or len(client_nonce) > 1024:
             raise AuthFailed("malformed SCRAM client nonce")
         verifier = self._verifier
         self._gs2_header = f"{flag},{authzid},"
-        self._nonce = client_nonce + base64.b64encode(secrets.token_bytes(18)).decode()
+        self._nonce = client_nonce + base64.b64encode(random_bytes(18)).decode()
         server_first = f"r={self._nonce},s={base64.b64encode(verifier.salt).decode()},i={verifier.iterations}"
         self._auth_prefix = f"{bare},{server_first},"
         return server_first.encode()
@@ -147,12 +151,23 @@ class ScramServerExchange:
         try:
             text = client_final.decode()
             without_proof, proof_part = text.rsplit(",p=", 1)
-            attributes = dict(part.split("=", 1) for part in without_proof.split(","))
+            nonce: str | None = None
+            channel: str | None = None
+            for part in without_proof.split(","):  # (the last of each counts)
+                name, equals, value = part.partition("=")
+                if not equals:
+                    raise ValueError("SCRAM attribute without a value")
+                if name == "r":
+                    nonce = value
+                elif name == "c":
+                    channel = value
+            if channel is None:
+                raise KeyError("c")
             proof = base64.b64decode(proof_part, validate=True)
-            binding = base64.b64decode(attributes["c"], validate=True).decode()
+            binding = base64.b64decode(channel, validate=True).decode()
         except (UnicodeDecodeError, ValueError, KeyError) as exc:
             raise AuthFailed("malformed SCRAM client-final message") from exc
-        if attributes.get("r") != self._nonce or binding != self._gs2_header:
+        if nonce != self._nonce or binding != self._gs2_header:
             raise AuthFailed("SCRAM nonce or channel binding mismatch")
         verifier = self._verifier
         auth_message = (self._auth_prefix + without_proof).encode()

@@ -650,7 +650,8 @@ class ClientConnection:
             message = self._login_message()
             if message is None:
                 return
-            greeting = self._auth_step(exchange, *message)
+            msg_type, body = message  # (compiled: *message would build a list and a tuple)
+            greeting = self._auth_step(exchange, msg_type, body)
             if greeting is None:
                 return
             login.password = None

@@ -61,6 +61,7 @@ class Credentials:
         self._cache: dict[str, tuple[float, str | None]] = {}
         self._inflight: dict[str, asyncio.Task[str | None]] = {}
         self._keys: dict[str, ScramKeys] = {}
+        self._keys_from: dict[str, str] = {}  # user -> the secret its keys were learned against
 
     # -- auth_query ----------------------------------------------------------------------------
     async def lookup(self, user: str, database: str) -> str | None:
@@ -122,8 +123,11 @@ class Credentials:
     # -- SCRAM pass-through --------------------------------------------------------------------
     def learned(self, user: str, secret: str, client_key: bytes) -> None:
         """A client proved itself with SCRAM against `secret`: keep the keys for server logins."""
+        if self._keys_from.get(user) == secret:
+            return  # learned against this secret already: a proof that checks out gives the same keys
         if auth.is_scram(secret):
             self._keys[user] = ScramKeys.learned(auth.parse_scram_secret(secret), client_key)
+            self._keys_from[user] = secret
 
     def server_secret(self, user: str) -> str | ScramKeys | None:
         """What the pool logs in to PostgreSQL with as `user`: auth_file's secret, else the one
