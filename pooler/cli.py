@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -147,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     # Set by the supervisor on the worker processes it starts (workers > 1).
     parser.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)
     parser.add_argument("--control-dir", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return _run(parser.parse_args(argv))
 
+
+def _run(args: argparse.Namespace) -> int:
     path = args.check_config or args.config
     slot: WorkerSlot | None = None
     if args.worker:
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import client, pooler  # noqa: F401
 
         global _read_for_workers
-        worker_path = _worker_command(args)[1]
+        worker_path = _worker_config_path(args)
         if _self_contained(worker_path):
             with contextlib.suppress(ConfigError):  # then each worker reads it, and says what is wrong
                 _read_for_workers = (worker_path, text, load_config(worker_path, workers=config.workers, text=text))
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_uvloop:
             with contextlib.suppress(ImportError):
                 import uvloop
-        main_coro = supervise(config, path, _worker_command(args), Zygote.fork(main))
+        main_coro = supervise(config, path, _worker_command(args), Zygote.fork(functools.partial(_worker_main, args)))
     else:
         _load_extensions()  # the workers' (and a single pooler's) HTTP port
         main_coro = serve(config, path, slot)
@@ -246,10 +249,36 @@ def _version() -> str:
     return f"pgfleet-pooler {ours} ({BUILD}); admin console of PgBouncer 1.25"
 
 
+def _worker_main(supervisor: argparse.Namespace, argv: list[str]) -> int:
+    """main(argv) in a worker the zygote forked (zygote.py).
+
+    `argv` is the supervisor's worker command (_worker_command) and `--worker I/N
+    --control-dir DIR` after it (supervisor.Worker): everything but those two the
+    supervisor has parsed already (`supervisor`). A parser built again in each worker
+    cost about 0.4 MB of its private memory (benchmarks/results/2026-12-03-workers-memory.md).
+    """
+    command = _worker_command(supervisor)
+    tail = argv[len(command) :]
+    if argv[: len(command)] != command or len(tail) != 4 or tail[0::2] != ["--worker", "--control-dir"]:
+        return main(argv)  # not that layout: argparse makes sense of it
+    worker, control_dir = tail[1::2]
+    parsed = {
+        **vars(supervisor),
+        "config": _worker_config_path(supervisor),
+        "worker": worker,
+        "control_dir": control_dir,
+    }
+    return _run(argparse.Namespace(**parsed))
+
+
 def _worker_command(args: argparse.Namespace) -> list[str]:
     """The arguments a worker runs with: this config file, this event loop."""
-    argv = ["--config", os.path.abspath(args.config)]
+    argv = ["--config", _worker_config_path(args)]
     return argv + (["--no-uvloop"] if args.no_uvloop else [])
+
+
+def _worker_config_path(args: argparse.Namespace) -> str:
+    return os.path.abspath(str(args.config))
 
 
 def _die_with_parent() -> None:
