@@ -266,16 +266,13 @@ class _Login:
     """What a client holds only while it logs in: dropped with it at ReadyForQuery (10,000
     idle clients would otherwise carry 10,000 sets of empty fields)."""
 
-    __slots__ = ("database", "opened", "password", "peer", "reader", "task", "user", "waiter")
+    __slots__ = ("database", "opened", "password", "reader", "task", "user", "waiter")
 
     def __init__(self) -> None:
         # The startup packet's user and database; once logged in the pool's (see
         # ClientConnection.user).
         self.user = ""
         self.database = ""
-        # The peer's (host, port) as the transport gave it; once logged in the client asks
-        # its transport again (see ClientConnection.address).
-        self.peer: tuple[str, int] = ("", 0)
         self.reader: StartupReader | MessageReader | None = StartupReader()
         # A first packet has been read: a TLS handshake record can only open the connection.
         self.opened = False
@@ -353,7 +350,8 @@ class ClientConnection:
         "wait_notified",
     )
 
-    def __init__(self, pooler: Pooler) -> None:
+    def __init__(self, pooler: Pooler, unix: bool = False) -> None:
+        """`unix`: accepted on a unix socket, whose peer has no address."""
         # The flags first: the compiled build lays fields out in this order, and its
         # one-byte flags packed together take one word instead of one each.
         self.is_admin = False
@@ -392,6 +390,8 @@ class ClientConnection:
         self._pending = b""
         self._logging_in: _Login | None = _Login()  # None once logged in
         self._aside: _Aside | None = None  # see _Aside
+        if unix:
+            self._set_aside().peer = ("unix", 0)
 
     @property
     def cancel_key(self) -> tuple[int, int]:
@@ -404,18 +404,23 @@ class ClientConnection:
 
     @property
     def address(self) -> tuple[str, int]:
-        """(host, port) of the peer; ("unix", 0) over a unix socket. Not kept by an idle
-        client: a TCP transport keeps the peer's address, also after the close."""
-        login = self._logging_in
-        if login is not None:
-            return login.peer
+        """(host, port) of the peer; ("unix", 0) over a unix socket. Not kept by the client:
+        asked of the transport when needed (uvloop asks the kernel at the first question, two
+        system calls a storm's login without hba or log lines never makes), which keeps the
+        answer, also after the close. Asked first after the close, a transport may not
+        know: ("", 0) (the logout line's address is asked for at the welcome, see _welcome)."""
         aside = self._aside
         if aside is not None and aside.peer is not None:
             return aside.peer
         transport = self.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
+        try:
+            peer = transport.get_extra_info("peername") if transport is not None else None
+        except (AttributeError, OSError):
+            peer = None  # (uvloop's transport, closed before the question)
         if isinstance(peer, tuple):
             return str(peer[0]), int(peer[1])
+        if isinstance(peer, str):
+            return "unix", 0  # a unix socket's peer: ""
         return "", 0
 
     @property
@@ -479,13 +484,6 @@ class ClientConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
-        login = self._logging_in
-        assert login is not None
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            login.peer = (str(peer[0]), int(peer[1]))
-        else:
-            login.peer = self._set_aside().peer = ("unix", 0)
         if not self.pooler.client_connected(self):  # (which also times its login)
             self.terminate(sqlstate.PROTOCOL_VIOLATION, _NO_MORE_CONNECTIONS)
 
@@ -895,6 +893,8 @@ class ClientConnection:
         pool.client_logged_in(self, login.user)
         if self.pooler.log_connections:
             log.info("login: %s@%s from %s:%s", self.user, self.database, *self.address)
+        elif self.pooler.log_disconnections:
+            self.address  # noqa: B018  (asked while the transport knows it: the logout line says it)
         if self._pending:
             self._need_server(self.pooler.clock())
 
@@ -917,22 +917,21 @@ class ClientConnection:
             raise ClientError(sqlstate.PROTOCOL_VIOLATION, "received unencrypted data after SSL request")
         assert self.transport is not None
         pooler = self.pooler
+        peer = self.address  # a TLS transport forgets it at the close
         try:
             self.transport = await tls.upgrade_client(
                 pooler.loop, self.transport, self.as_protocol(), ctx, pooler.tls_stats, pooler.config.client_login_timeout or None,
                 hello,
             )  # fmt: skip
         except (OSError, TimeoutError) as exc:
-            log.info("TLS handshake with client %s:%s failed: %s", *self.address, exc)
+            log.info("TLS handshake with client %s:%s failed: %s", *peer, exc)
             self.transport.abort()
             if self.state is not ClientState.CLOSED:
                 self.connection_lost(exc)
             raise asyncio.CancelledError from None
         aside = self._set_aside()
         aside.tls = tls.describe(self.transport)
-        login = self._logging_in
-        if login is not None:
-            aside.peer = login.peer  # a TLS transport forgets it at the close
+        aside.peer = peer
 
     def _peer_is_this_os_user(self) -> bool:
         assert self.transport is not None

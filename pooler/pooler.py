@@ -160,6 +160,9 @@ class Pooler:
         def factory() -> asyncio.Protocol:
             return ClientConnection(self).as_protocol()
 
+        def unix_factory() -> asyncio.Protocol:
+            return ClientConnection(self, unix=True).as_protocol()
+
         host: str | None = None if config.listen_addr in ("*", "") else config.listen_addr
         slot = self.slot
         # Workers share the port; the kernel spreads new connections among them.
@@ -170,13 +173,13 @@ class Pooler:
         if not slot.single:
             path = slot.cancel_socket(slot.index)
             path.unlink(missing_ok=True)
-            self._servers.append(await self.loop.create_unix_server(factory, str(path), backlog=1024))
+            self._servers.append(await self.loop.create_unix_server(unix_factory, str(path), backlog=1024))
             self._unix_servers.append(self._servers[-1])
         if config.unix_socket_dir and slot.index == 0:
             # A unix socket path cannot be shared; the first worker alone listens there.
             path = Path(config.unix_socket_dir) / f".s.PGSQL.{config.listen_port}"
             path.unlink(missing_ok=True)
-            self._servers.append(await self.loop.create_unix_server(factory, str(path), backlog=4096))
+            self._servers.append(await self.loop.create_unix_server(unix_factory, str(path), backlog=4096))
             self._unix_servers.append(self._servers[-1])
         self._schedule_janitor()
         self._open_forced_pools()
@@ -296,6 +299,9 @@ class Pooler:
         pending = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
         for key in pending:
             log.warning("%s changed: takes effect after a restart", key)
+        if new.log_disconnections and not self.log_disconnections:
+            for client in list(self.clients):
+                client.address  # noqa: B018  (asked while known: their logout lines say it, see ClientConnection.address)
         self.config = new
         self._config_applied(new)
         self.userlist = userlist

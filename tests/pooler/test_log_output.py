@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+import struct
 from collections.abc import Callable
 
 import asyncpg
 from pgfleet.devtools.testing import wait_until
 from pgfleet.pooler.logoutput import BatchingStreamHandler, StampCachingFormatter
+from pgfleet.pooler.protocol.startup import build_startup_message
 
 from .conftest import PoolerProcess
 
@@ -78,3 +81,24 @@ async def test_log_connections_lines_come_promptly(pooler_process: Callable[...,
     finally:
         await conn.close()
     await wait_until(lambda: "INFO pgfleet.pooler: logout: postgres@app from 127.0.0.1:" in proc.log())
+
+
+async def test_the_logout_line_says_the_address_without_a_login_line(
+    pooler_process: Callable[..., PoolerProcess],
+) -> None:
+    """log_disconnections alone: the peer's address, which no login line asked for, is in
+    the logout line, also of a client that went away with a reset (after which the
+    kernel no longer tells a socket's peer)."""
+    proc = pooler_process(auth_type="trust", log_connections=False, log_disconnections=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+    try:
+        writer.write(build_startup_message({"user": "postgres", "database": "app"}))
+        async with asyncio.timeout(10):
+            await reader.readuntil(b"Z\x00\x00\x00\x05I")
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # the close resets
+    finally:
+        writer.close()
+    logout = re.compile(r"INFO pgfleet\.pooler: logout: postgres@app from 127\.0\.0\.1:[1-9]\d*$", re.M)
+    await wait_until(lambda: logout.search(proc.log()) is not None)
+    assert "login: postgres@app" not in proc.log()
