@@ -222,7 +222,7 @@ class _VersionAction(argparse.Action):
 
     The lookup (importlib.metadata) scans the installation and parses the package's
     metadata; every worker forked from the supervisor made it again on its way through
-    main(), about 0.65 MB of private pages each (benchmarks/results/2026-12-03-workers-memory.md).
+    main(), about 0.8 MB of private pages each (benchmarks/results/2026-12-03-workers-memory.md).
     """
 
     def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS) -> None:
