@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from . import auth, hba, params, prepared, sqlscan, tls, turns
 from .config import AuthType, PoolerConfig
-from .protocol import backend
+from .protocol import backend, frontend
 from .protocol import errors as sqlstate
 from .protocol.backend import IDLE
 from .protocol.errors import ProtocolError, StartupLengthError
@@ -101,6 +101,7 @@ _QUEUED_BUFFER_LIMIT: Final = 64 * 1024
 _STREAM_AFTER: Final = 256 * 1024
 # PostgreSQL refuses these message types beyond 10000 bytes (PQ_SMALL_MESSAGE_LIMIT).
 _SMALL_LIMIT: Final = 10_000
+_LONE_FLUSH: Final = frontend.FLUSH
 _SMALL_ONLY: Final = type_table(b"CDEHSXcf")
 _QUERY_OR_CALL: Final = type_table(b"QF")
 # What most clients hold, shared rather than allocated per client (10,000 idle clients
@@ -1088,7 +1089,7 @@ class ClientConnection:
         if pending[0] == _X:
             self.close()
             return
-        if pending[0] == _H and len(pending) == 5:
+        if pending == _LONE_FLUSH:
             # A lone Flush asks nothing of a server.
             self._pending = b""
             return
@@ -1277,7 +1278,12 @@ class ClientConnection:
                         server.write(data[:pos] if out is None else b"".join(out) + data[seg:pos])
                     self.close()
                     return
-                elif msg_type != _H and not _COPY[msg_type]:
+                elif msg_type == _H:
+                    if length != 4:
+                        # PostgreSQL would answer it with an error, then ignore all up to
+                        # a Sync: a server deaf in a way no reply count shows.
+                        raise _Violation("invalid message format")
+                elif not _COPY[msg_type]:
                     raise _Violation(f"invalid frontend message type {msg_type}")
                 if new is not None:
                     if out is None:

@@ -77,6 +77,9 @@ MALFORMED = {
     "Parse name not UTF-8": frame(b"P", b"\xff\xfe\x00select 1\x00\x00\x00"),
     "empty Bind": frame(b"B"),
     "Bind name unterminated": frame(b"B", b"\x00stmt"),
+    # PostgreSQL would answer with an error and then ignore everything up to a Sync, a
+    # state the proxy cannot see from a Flush that asks for no reply.
+    "Flush with a body": frame(b"H", b"\x00"),
 }
 
 
@@ -116,6 +119,38 @@ async def test_a_good_message_before_a_bad_one_leaves_no_server_half_used(start_
     pool = pooler.pools[("app", "postgres")]
     client.send(extended.parse("s1", "select 1"), extended.describe(extended.STATEMENT, "s1"), frame(b"C"))
     assert (await closed_with_error(client))["C"] == "08P01"
+    await still_serves(pooler.port, pool)
+
+
+@pytest.mark.parametrize("in_transaction", [False, True], ids=["between transactions", "inside a transaction"])
+async def test_a_client_leaving_after_a_flush_with_a_body_leaves_no_server_deaf(
+    start_pooler: StartPooler, in_transaction: bool
+) -> None:
+    # Found by test_fuzz_pooler_after_login: the server, ignoring all until a Sync, went
+    # back to the pool as clean, and the next client's query got no answer.
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1)
+    client = await RawClient.connect(pooler.port)
+    pool = pooler.pools[("app", "postgres")]
+    if in_transaction:
+        client.send(frontend.query("BEGIN"))
+        await client.until_ready()
+    client.send(frame(b"H", b"\x00"))
+    await client.close()
+    await still_serves(pooler.port, pool)
+
+
+async def test_a_flush_whose_body_comes_later_is_framed_whole(start_pooler: StartPooler) -> None:
+    # Its five bytes of head alone were once taken for a lone Flush and dropped, and the
+    # body that followed read as the next message.
+    pooler = await start_pooler(auth_type="trust", default_pool_size=1)
+    client = await RawClient.connect(pooler.port)
+    pool = pooler.pools[("app", "postgres")]
+    message = frame(b"H", b"\x00\x00\x00\x00")
+    client.send(message[:5])
+    await wait_until(lambda: bool(pool.active))  # the head alone asks for a server
+    client.send(message[5:])
+    fields = await closed_with_error(client)
+    assert (fields["C"], fields["M"]) == ("08P01", "invalid message format")
     await still_serves(pooler.port, pool)
 
 
