@@ -589,7 +589,7 @@ class ClientConnection:
             while self._pending:
                 if not login.opened and tls_context is not None and self._pending[:1] == _TLS_HANDSHAKE:
                     # PostgreSQL 17's direct negotiation: a ClientHello opens the connection.
-                    self._hand_off_tls(direct=True)
+                    self._hand_off_tls(tls_context, direct=True)
                     return
                 data, self._pending = self._pending, b""
                 got = reader.feed(data)
@@ -605,7 +605,7 @@ class ClientConnection:
                     break
                 packet = parse_startup_packet(body)
                 if isinstance(packet, SSLRequest) and tls_context is not None and not self.tls:
-                    self._hand_off_tls(direct=False)
+                    self._hand_off_tls(tls_context, direct=False)
                     return
                 # Two tests: compiled, each a type check, where a union is made per call.
                 if isinstance(packet, SSLRequest) or isinstance(packet, GSSENCRequest):  # noqa: SIM101
@@ -675,12 +675,16 @@ class ClientConnection:
         remaining = self._login_time_left()
         login.task = self.pooler.loop.create_task(self._run_handshake(startup_params, greeting, remaining))
 
-    def _hand_off_tls(self, direct: bool) -> None:
-        """The TLS handshake in a task (it waits for the client); the login then comes back inline."""
+    def _hand_off_tls(self, context: ssl.SSLContext, direct: bool) -> None:
+        """The TLS handshake in a task (it waits for the client); the login then comes back inline.
+
+        The task is given the context TLS was offered with: a RELOAD that turns client TLS
+        off before the task's first step must not leave the client half way.
+        """
         login = self._logging_in
         assert login is not None
         remaining = self._login_time_left()
-        login.task = self.pooler.loop.create_task(self._run_tls(direct, remaining))
+        login.task = self.pooler.loop.create_task(self._run_tls(context, direct, remaining))
 
     def _login_time_left(self) -> float | None:
         """What is left of client_login_timeout for this login (None: no limit)."""
@@ -721,13 +725,11 @@ class ClientConnection:
             log.error("unexpected error during login of client %s", self.address, exc_info=exc)
             self.terminate(sqlstate.INTERNAL_ERROR, "pgfleet: internal error during login")
 
-    async def _run_tls(self, direct: bool, timeout: float | None) -> None:
+    async def _run_tls(self, context: ssl.SSLContext, direct: bool, timeout: float | None) -> None:
         """Upgrade to TLS (after SSLRequest, or `direct`: the client opened with its
         ClientHello), then hand the login back to _login_inline and the timer."""
         login = self._logging_in
         assert login is not None
-        context = self.pooler.tls.client
-        assert context is not None
         try:
             async with asyncio.timeout(timeout):
                 if direct:

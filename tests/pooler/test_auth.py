@@ -207,6 +207,43 @@ async def test_client_login_timeout_ends_each_login_at_its_own_deadline(start_po
         await admin.close()
 
 
+@pytest.mark.parametrize("before", [0, 60], ids=["none before", "a longer one before"])
+async def test_a_reload_that_sets_client_login_timeout_ends_logins_under_way(
+    start_pooler: StartPooler, before: float
+) -> None:
+    """The new limit counts from each login's start, as if it had always been in force."""
+    pooler = await start_pooler(client_login_timeout=before)
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.port)
+    writer.write(build_startup_message({"user": "md5user", "database": "app"}))
+    async with asyncio.timeout(10):
+        assert (await reader.readexactly(1)) == b"R"  # asked for a password: the login is under way
+    pooler.apply_config(pooler.config.model_copy(update={"client_login_timeout": 0.5}))
+    assert b"client_login_timeout" in await read_until_closed(reader)
+    writer.close()
+
+
+async def test_a_reload_that_changes_the_databases_moves_new_logins(start_pooler: StartPooler) -> None:
+    """A login's pool is looked up once per database and user, until the config changes:
+    a database taken out of it, or given a forced user, is so for the next login."""
+    pooler = await start_pooler(auth_type="trust")
+    before = [await connect(pooler.port, "postgres", None, database) for database in ("app", "postgres")]
+    try:
+        assert [await conn.fetchval("SELECT current_user") for conn in before] == ["postgres", "postgres"]
+        databases = {name: db for name, db in pooler.config.databases.items() if name != "postgres"}
+        databases["app"] = databases["app"].model_copy(update={"user": "md5user", "password": "md5pass"})
+        pooler.apply_config(pooler.config.model_copy(update={"databases": databases}))
+        with pytest.raises(asyncpg.InvalidCatalogNameError):
+            await connect(pooler.port, "postgres", None, "postgres")
+        after = await connect(pooler.port, "postgres", None)
+        try:
+            assert await after.fetchval("SELECT current_user") == "md5user"
+        finally:
+            await after.close()
+    finally:
+        for conn in before:
+            await conn.close()
+
+
 async def test_trust_login_in_pieces_is_greeted_once_whole(start_pooler: StartPooler) -> None:
     """A startup packet that arrives a few bytes at a time logs in; the greeting is
     AuthenticationOk, ParameterStatus..., BackendKeyData, ReadyForQuery, in that order."""

@@ -25,6 +25,9 @@ from pgfleet.devtools.certs import Certs
 from pgfleet.devtools.tempdb import TempPostgres
 from pgfleet.devtools.testing import client_env, run_cmd, wait_until
 from pgfleet.pooler import cli
+from pgfleet.pooler.client import ClientConnection
+from pgfleet.pooler.compiled import COMPILED
+from pgfleet.pooler.config import SslMode
 from pgfleet.pooler.metrics import make_registry
 from pgfleet.pooler.protocol.startup import build_ssl_request, build_startup_message
 from prometheus_client import generate_latest
@@ -494,6 +497,31 @@ async def test_reload_reads_rotated_certificates_and_refuses_broken_ones(
         assert "client_tls_cert_file/client_tls_key_file" in proc.log()
         code, out, err = await psql(proc.port, new_ca)
         assert (code, out.strip()) == (0, "1"), err
+
+
+@pytest.mark.skipif(COMPILED, reason="patches a method that the compiled class calls directly")
+async def test_a_reload_turning_tls_off_as_a_handshake_is_handed_off_leaves_no_client_hanging(
+    certs: Certs, start_pooler: StartPooler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLS was offered to the SSLRequest, then a RELOAD turns it off before the handshake's
+    task takes its first step: that handshake goes on with the context it was offered."""
+    pooler = await start_pooler(**client_tls(certs), client_login_timeout=30)
+    hand_off = ClientConnection._hand_off_tls
+
+    def hand_off_then_reload(client: ClientConnection, *args: Any, **kwargs: Any) -> None:
+        hand_off(client, *args, **kwargs)
+        pooler.apply_config(pooler.config.model_copy(update={"client_tls_sslmode": SslMode.DISABLE}))
+
+    monkeypatch.setattr(ClientConnection, "_hand_off_tls", hand_off_then_reload)
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=pooler.port, user="md5user", password="md5pass", database="app", ssl="require",
+        statement_cache_size=0, timeout=10,
+    )  # fmt: skip
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+    assert pooler.client_tls_context is None  # the reload took: later clients are refused TLS
 
 
 async def test_certificates_rotated_on_disk_serve_new_handshakes_without_a_reload(
