@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,15 @@ def user_sys_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
-def start_combo(combo: Combo, pg: TempPostgres, workroot: Path, secret: str) -> PoolerProcess:
+def start_combo(
+    combo: Combo,
+    pg: TempPostgres,
+    workroot: Path,
+    secret: str,
+    wrapper: Sequence[str] = (),
+    ready_timeout: float = 30.0,
+) -> PoolerProcess:
+    """The combination's pooler in front of `pg`; `wrapper` runs it (instructions.py: valgrind)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{combo.variant}-", dir=workroot))
     workdir.chmod(0o755)
     config: dict[str, Any] = transaction_pool_config(
@@ -121,17 +129,16 @@ def start_combo(combo: Combo, pg: TempPostgres, workroot: Path, secret: str) -> 
         auth_file.write_text(dump_userlist({USER: secret}))
         config["auth_file"] = str(auth_file)
     if combo.build == "pgbouncer":
-        return start_pgbouncer(config, workdir)
+        return start_pgbouncer(config, workdir, ready_timeout=ready_timeout, wrapper=wrapper)
     if combo.build == "floor":
         port = int(config["listen_port"])
         argv = [sys.executable, "-P", str(ROOT / "benchmarks" / "loginfloor.py"), "--port", str(port)]
-        return spawn("floor", argv, "127.0.0.1", port, workdir, config)
+        return spawn("floor", argv, "127.0.0.1", port, workdir, config, ready_timeout=ready_timeout, wrapper=wrapper)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if combo.build != "sources":
         env["PYTHONPATH"] = str(Path(combo.build).resolve())
     config["workers"] = 1
-    proc = start_pgfleet(config, workdir, env=env)
-    return proc
+    return start_pgfleet(config, workdir, env=env, ready_timeout=ready_timeout, wrapper=wrapper)
 
 
 def settle_time_wait(max_wait: float) -> None:

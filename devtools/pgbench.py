@@ -31,19 +31,17 @@ class PgbenchArgs:
     mode: str = "simple"  # -M: simple | extended | prepared
     select_only: bool = True  # -S; False runs the TPC-B-like default script
     connect: bool = False  # -C: a new connection for every transaction
+    transactions: int = 0  # -t: this many per client instead of `duration`
     extra: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
         if self.mode not in QUERY_MODES:
             raise ValueError(f"unknown pgbench query mode {self.mode!r}; expected one of {QUERY_MODES}")
-        args = [
-            "-c",
-            str(self.clients),
-            "-j",
-            str(min(self.jobs, self.clients)),
-            "-T",
-            str(max(1, round(self.duration))),
-        ]
+        args = ["-c", str(self.clients), "-j", str(min(self.jobs, self.clients))]
+        if self.transactions:
+            args += ["-t", str(self.transactions)]
+        else:
+            args += ["-T", str(max(1, round(self.duration)))]
         args += ["-M", self.mode, "-n"]  # -n: no vacuum before the run (it would not pass a pooler unchanged)
         if self.select_only:
             args.append("-S")

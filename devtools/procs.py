@@ -233,12 +233,15 @@ def spawn(
     user: str | None = None,
     env: Mapping[str, str] | None = None,
     ready_timeout: float = 30.0,
+    wrapper: Sequence[str] = (),
 ) -> PoolerProcess:
-    """Start `argv` in its own session with output to workdir/<name>.log and wait for host:port."""
+    """Start `argv` in its own session with output to workdir/<name>.log and wait for host:port.
+
+    `wrapper` goes before argv: a program that runs it (e.g. valgrind and its options)."""
     log_path = workdir / f"{name}.log"
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
-            list(argv),
+            [*wrapper, *argv],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -308,6 +311,7 @@ def start_pgfleet(
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     ready_timeout: float = 30.0,
+    wrapper: Sequence[str] = (),
 ) -> PoolerProcess:
     """Write `config` as workdir/pgfleet.yaml, run `pgfleet-pooler --config` on it, wait for its port.
 
@@ -322,7 +326,7 @@ def start_pgfleet(
     host = str(config.get("listen_addr", "127.0.0.1"))
     port = int(config.get("listen_port", 6432))
     argv = [*pgfleet_command(), "--config", str(path), *extra_args]
-    return spawn("pgfleet", argv, host, port, workdir, config, env=env, ready_timeout=ready_timeout)
+    return spawn("pgfleet", argv, host, port, workdir, config, env=env, ready_timeout=ready_timeout, wrapper=wrapper)
 
 
 # -- PgBouncer ---------------------------------------------------------------------------
@@ -371,6 +375,7 @@ def start_pgbouncer(
     *,
     users: Mapping[str, str] | None = None,
     ready_timeout: float = 30.0,
+    wrapper: Sequence[str] = (),
 ) -> PoolerProcess:
     """Run PgBouncer with `config` rendered as INI in workdir; wait for its port.
 
@@ -397,7 +402,10 @@ def start_pgbouncer(
             os.chown(path, uid, gid)
     host = str(config.get("listen_addr", "127.0.0.1"))
     port = int(config.get("listen_port", 6432))
-    return spawn("pgbouncer", [exe, str(ini)], host, port, workdir, config, user=run_as, ready_timeout=ready_timeout)
+    argv = [exe, str(ini)]
+    return spawn(
+        "pgbouncer", argv, host, port, workdir, config, user=run_as, ready_timeout=ready_timeout, wrapper=wrapper
+    )
 
 
 def _tcp_sockets() -> Iterator[tuple[int, str]]:
