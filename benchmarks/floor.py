@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,10 +129,11 @@ def user_system_seconds(pid: int) -> tuple[float, float]:
     return user / CLK_TCK, system / CLK_TCK
 
 
-def start_floor(db_port: int, workdir: Path) -> PoolerProcess:
+def start_floor(db_port: int, workdir: Path, wrapper: Sequence[str] = (), ready_timeout: float = 30.0) -> PoolerProcess:
+    """The forwarder in front of PostgreSQL on db_port; `wrapper` runs it (instructions.py: valgrind)."""
     port = free_port()
     argv = [sys.executable, "-P", str(Path(__file__).resolve()), "--serve", str(db_port), str(port)]
-    return spawn("floor", argv, "127.0.0.1", port, workdir, {})
+    return spawn("floor", argv, "127.0.0.1", port, workdir, {}, wrapper=wrapper, ready_timeout=ready_timeout)
 
 
 def main() -> int:

@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgfleet.devtools.pgbench import PgbenchArgs, pgbench_init, run_pgbench
-from pgfleet.devtools.procs import PoolerProcess, free_port, pgbouncer_path, spawn
+from pgfleet.devtools.procs import PoolerProcess, pgbouncer_path
 from pgfleet.devtools.tempdb import TempPostgres
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor import start_floor  # the transaction floor, as floor.py runs it
 from login import DB, PASSWORD, ROOT, USER, Combo, scram_secret, start_combo  # the storm's set-up, as login.py's
 
 CASES = ("login-trust", "login-scram", "simple", "extended")
@@ -72,9 +73,7 @@ def start(
     if build == "floor" and not case.startswith("login"):
         # The transaction floor: floor.py's forwarder, one server connection per client.
         workdir = Path(tempfile.mkdtemp(prefix="forwarder-", dir=workroot))
-        port = free_port()
-        argv = [sys.executable, "-P", str(ROOT / "benchmarks" / "floor.py"), "--serve", str(pg.port), str(port)]
-        return spawn("floor", argv, "127.0.0.1", port, workdir, {}, ready_timeout=300, wrapper=wrapper)
+        return start_floor(pg.port, workdir, wrapper=wrapper, ready_timeout=300)
     return start_combo(Combo(label, build, auth, False), pg, workroot, secret, wrapper=wrapper, ready_timeout=300)
 
 

@@ -101,8 +101,8 @@ _QUEUED_BUFFER_LIMIT: Final = 64 * 1024
 _STREAM_AFTER: Final = 256 * 1024
 # PostgreSQL refuses these message types beyond 10000 bytes (PQ_SMALL_MESSAGE_LIMIT).
 _SMALL_LIMIT: Final = 10_000
-_LONE_FLUSH: Final = frontend.FLUSH
 _SMALL_ONLY: Final = type_table(b"CDEHSXcf")
+_LONE_FLUSH: Final = frontend.FLUSH
 _QUERY_OR_CALL: Final = type_table(b"QF")
 # What most clients hold, shared rather than allocated per client (10,000 idle clients
 # are 10,000 copies of each): they are only ever replaced, never changed in place.
